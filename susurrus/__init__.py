@@ -1,0 +1,34 @@
+"""susurrus: Whisper speech recognition in PyTorch, a drop-in for the `whisper` package."""
+
+from .audio import load_audio
+from .decoding import DecodingOptions, DecodingResult, decode, detect_language
+from .download import available_models
+from .errors import SusurrusError
+from .features import log_mel_spectrogram, pad_or_trim
+from .load import load_model
+from .model import ModelDimensions, Whisper
+from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
+from .transcribe import transcribe
+from .writers import get_writer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecodingOptions",
+    "DecodingResult",
+    "LANGUAGES",
+    "ModelDimensions",
+    "SusurrusError",
+    "TO_LANGUAGE_CODE",
+    "Whisper",
+    "available_models",
+    "decode",
+    "detect_language",
+    "get_tokenizer",
+    "get_writer",
+    "load_audio",
+    "load_model",
+    "log_mel_spectrogram",
+    "pad_or_trim",
+    "transcribe",
+]

@@ -1,0 +1,349 @@
+"""The `susurrus` command: the reference `whisper` command's flags, plus `susurrus probe`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+
+from . import __version__
+from .errors import SusurrusError
+
+MODEL_DEFAULT = "base"
+FORMATS = ["txt", "vtt", "srt", "tsv", "json", "all"]
+WORD_OPTIONS = ["highlight_words", "max_line_count", "max_line_width", "max_words_per_line"]
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text == "None" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_bool(group, name: str, default: bool, help: str) -> None:
+    """`--name True|False` as the reference, `--name` alone for True, `--no-name` for False."""
+    group.add_argument(
+        f"--{name}",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=default,
+        metavar="BOOL",
+        help=help,
+    )
+    for spelling in {f"--no-{name}", f"--no-{name.replace('_', '-')}"}:
+        group.add_argument(spelling, dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .download import available_models
+    from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+    parser = argparse.ArgumentParser(
+        prog="susurrus",
+        description="Transcribe or translate speech in audio and video files with Whisper. "
+        "`susurrus probe FILE` describes a media file's streams.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("audio", nargs="+", help="audio or video file(s) to transcribe")
+    parser.add_argument("--version", action="version", version=f"susurrus {__version__}")
+
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=MODEL_DEFAULT,
+        help=f"model name ({', '.join(available_models())}) or path to a checkpoint "
+        "file or model directory",
+    )
+    g.add_argument(
+        "--model_dir",
+        default=None,
+        help="where downloaded models are kept (default: $SUSURRUS_CACHE_DIR or ~/.cache/susurrus)",
+    )
+    g.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    _add_bool(g, "fp16", True, "half precision on a GPU; the CPU always uses float32")
+    g.add_argument(
+        "--threads",
+        type=_optional(int),
+        default=0,
+        help="CPU threads for torch; 0 leaves torch's default",
+    )
+
+    g = parser.add_argument_group("input and output")
+    g.add_argument(
+        "--audio_stream",
+        type=int,
+        default=None,
+        help="which audio stream of the file to use, counting audio streams from 0",
+    )
+    g.add_argument("--output_dir", "-o", default=".", help="directory to save the outputs")
+    g.add_argument(
+        "--output_format",
+        "-f",
+        default="all",
+        choices=FORMATS,
+        help="format of the output file; 'all' writes every format",
+    )
+    _add_bool(g, "verbose", True, "print segments as they are decoded; False shows a progress bar")
+
+    g = parser.add_argument_group("language and task")
+    languages = sorted(LANGUAGES) + sorted(k.title() for k in TO_LANGUAGE_CODE)
+    g.add_argument(
+        "--task",
+        default="transcribe",
+        choices=["transcribe", "translate"],
+        help="'transcribe' in the spoken language, or 'translate' to English",
+    )
+    g.add_argument(
+        "--language",
+        type=_optional(str),
+        default=None,
+        metavar="LANGUAGE",
+        help="spoken language, as a code or English name (e.g. zh, Chinese); "
+        f"None detects it. One of: {', '.join(languages)}",
+    )
+
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--temperature", type=float, default=0, help="sampling temperature")
+    g.add_argument(
+        "--best_of",
+        type=_optional(int),
+        default=5,
+        help="candidates to sample when the temperature is above zero",
+    )
+    g.add_argument(
+        "--beam_size",
+        type=_optional(int),
+        default=5,
+        help="beams in beam search at temperature zero; None for greedy",
+    )
+    g.add_argument(
+        "--patience",
+        type=float,
+        default=None,
+        help="beam search patience (1.0 is conventional beam search)",
+    )
+    g.add_argument(
+        "--length_penalty",
+        type=float,
+        default=None,
+        help="length penalty alpha; None ranks by log-probability / length",
+    )
+    g.add_argument(
+        "--suppress_tokens",
+        default="-1",
+        help="comma-separated token ids to suppress; -1 suppresses non-speech symbols",
+    )
+    g.add_argument(
+        "--initial_prompt",
+        default=None,
+        help="text to condition the first window on (names, spellings, style)",
+    )
+    _add_bool(
+        g,
+        "carry_initial_prompt",
+        False,
+        "prepend the initial prompt to every window's context, not only the first",
+    )
+    _add_bool(
+        g,
+        "condition_on_previous_text",
+        True,
+        "give the previous window's text as context to the next",
+    )
+    g.add_argument(
+        "--clip_timestamps",
+        default="0",
+        help="comma-separated start,end,... seconds of the parts to transcribe",
+    )
+
+    g = parser.add_argument_group("fallback and silence")
+    g.add_argument(
+        "--temperature_increment_on_fallback",
+        type=_optional(float),
+        default=0.2,
+        help="temperature step when a window fails the thresholds below",
+    )
+    g.add_argument(
+        "--compression_ratio_threshold",
+        type=_optional(float),
+        default=2.4,
+        help="retry when the text's gzip compression ratio exceeds this",
+    )
+    g.add_argument(
+        "--logprob_threshold",
+        type=_optional(float),
+        default=-1.0,
+        help="retry when the average token log-probability is below this",
+    )
+    g.add_argument(
+        "--no_speech_threshold",
+        type=_optional(float),
+        default=0.6,
+        help="a window whose no-speech probability exceeds this, with low "
+        "log-probability, is treated as silence",
+    )
+
+    g = parser.add_argument_group("word timestamps and subtitles")
+    _add_bool(g, "word_timestamps", False, "word-level timestamps from cross-attention")
+    g.add_argument(
+        "--prepend_punctuations", default="\"'“¿([{-", help="punctuation merged with the next word"
+    )
+    g.add_argument(
+        "--append_punctuations",
+        default="\"'.。,，!！?？:：”)]}、",
+        help="punctuation merged with the previous word",
+    )
+    _add_bool(g, "highlight_words", False, "underline each word as it is spoken (srt, vtt)")
+    g.add_argument(
+        "--max_line_width",
+        type=_optional(int),
+        default=None,
+        help="most characters in a subtitle line",
+    )
+    g.add_argument(
+        "--max_line_count", type=_optional(int), default=None, help="most lines in a subtitle cue"
+    )
+    g.add_argument(
+        "--max_words_per_line",
+        type=_optional(int),
+        default=None,
+        help="most words in a subtitle line",
+    )
+    g.add_argument(
+        "--hallucination_silence_threshold",
+        type=_optional(float),
+        default=None,
+        help="skip silences longer than this (seconds) around likely hallucinations",
+    )
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"susurrus: error: {message}", file=sys.stderr, flush=True)
+
+
+def probe_main(argv: list[str]) -> int:
+    from .audio import format_probe, probe
+
+    parser = argparse.ArgumentParser(prog="susurrus probe", description="Describe a media file.")
+    parser.add_argument("files", nargs="+", help="audio or video file(s)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    status = 0
+    for path in args.files:
+        try:
+            info = probe(path)
+        except SusurrusError as exc:
+            _error(str(exc))
+            status = 1
+            continue
+        print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_probe(info))
+    return status
+
+
+def transcribe_main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    from .tokenizer import language_code
+
+    model_name = args.pop("model")
+    model_dir = args.pop("model_dir")
+    device = args.pop("device")
+    output_dir = args.pop("output_dir")
+    output_format = args.pop("output_format")
+    audio_stream = args.pop("audio_stream")
+
+    if not args["word_timestamps"]:
+        for option in WORD_OPTIONS:
+            if args[option]:
+                parser.error(f"--{option} requires --word_timestamps True")
+    if args["max_line_count"] and not args["max_line_width"]:
+        warnings.warn("--max_line_count has no effect without --max_line_width", stacklevel=1)
+    if args["max_words_per_line"] and args["max_line_width"]:
+        warnings.warn("--max_words_per_line has no effect with --max_line_width", stacklevel=1)
+    writer_options = {option: args.pop(option) for option in WORD_OPTIONS}
+
+    try:
+        if args["language"] is not None:
+            args["language"] = language_code(args["language"])
+        temperature = args.pop("temperature")
+        increment = args.pop("temperature_increment_on_fallback")
+        if increment is not None and increment > 0:
+            temperature = tuple(np.arange(temperature, 1.0 + 1e-6, increment).tolist())
+        threads = args.pop("threads")
+
+        import torch
+
+        from .load import load_model
+        from .writers import get_writer
+
+        if threads:
+            torch.set_num_threads(threads)
+        model = load_model(model_name, device=device, download_root=model_dir)
+        if not model.is_multilingual and args["language"] not in (None, "en"):
+            warnings.warn(
+                f"{model_name} is an English-only model but got language "
+                f"{args['language']!r}; using English instead",
+                stacklevel=1,
+            )
+            args["language"] = "en"
+        writer = get_writer(output_format, output_dir)
+    except SusurrusError as exc:
+        _error(str(exc))
+        return 2
+
+    from .audio import load_audio
+    from .transcribe import transcribe
+
+    failed = 0
+    for path in args.pop("audio"):
+        try:
+            audio = load_audio(path, stream=audio_stream)
+            result = transcribe(model, audio, temperature=temperature, **args)
+            if not result["segments"] or not result["text"].strip():
+                print(f"susurrus: {path}: no speech found", file=sys.stderr, flush=True)
+            writer(result, path, writer_options)
+        except SusurrusError as exc:
+            _error(str(exc))
+            failed += 1
+        except (ValueError, NotImplementedError) as exc:
+            _error(f"{path}: {exc}")
+            failed += 1
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda message, *args, **kwargs: f"susurrus: warning: {message}\n"
+    try:
+        if argv and argv[0] == "probe" and not os.path.exists("probe"):
+            status = probe_main(argv[1:])
+        else:
+            status = transcribe_main(argv)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        status = 130
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

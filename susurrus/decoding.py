@@ -1,0 +1,460 @@
+"""Decoding one 30-second window (or a batch of them) into tokens.
+
+`decode` runs greedy search, sampling (`best_of` candidates at temperature > 0) or beam
+search against a key/value cache that is allocated once per call. The timestamp rules and
+token suppression are tensor operations over the whole batch, done once per step.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .features import CHUNK_LENGTH
+from .model import KVCache, Whisper
+from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
+
+
+def compression_ratio(text: str) -> float:
+    """How well the text compresses: repetitive (looping) output scores high."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    task: str = "transcribe"  # or "translate" (to English)
+    language: str | None = None  # None: detect from the audio
+    temperature: float = 0.0
+    sample_len: int | None = None  # most tokens to sample; default half the text context
+    best_of: int | None = None  # independent samples to pick from at temperature > 0
+    beam_size: int | None = None  # beams at temperature 0; None is greedy
+    patience: float | None = None  # beam search: finished candidates = beam_size * patience
+    length_penalty: float | None = None  # None: rank by log-probability / length
+    prompt: str | list[int] | None = None  # previous text, as context
+    prefix: str | list[int] | None = None  # forced start of this window's text
+    suppress_tokens: str | Iterable[int] | None = "-1"  # "-1": non-speech symbols
+    suppress_blank: bool = True  # no blank or end of text as the first token
+    without_timestamps: bool = False
+    max_initial_timestamp: float | None = 1.0
+    fp16: bool = True
+
+
+@dataclass(frozen=True)
+class DecodingResult:
+    audio_features: Tensor
+    language: str
+    language_probs: dict[str, float] | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    avg_logprob: float = np.nan
+    no_speech_prob: float = np.nan
+    temperature: float = np.nan
+    compression_ratio: float = np.nan
+
+
+def _encode_if_needed(model: Whisper, mel: Tensor) -> Tensor:
+    """Accept either a log-mel batch or audio features already encoded."""
+    dims = model.dims
+    mel = mel.to(model.device)
+    if mel.shape[-2:] == (dims.n_audio_ctx, dims.n_audio_state):
+        return mel.to(model.dtype)
+    return model.encoder(mel.to(model.dtype))
+
+
+@torch.inference_mode()
+def detect_language(
+    model: Whisper, mel: Tensor, tokenizer: Tokenizer | None = None
+) -> tuple[Tensor, dict[str, float] | list[dict[str, float]]]:
+    """Most likely language token and the probability of every language.
+
+    `mel` is (n_mels, 3000) or a batch (batch, n_mels, 3000), or encoded audio features.
+    Returns (token, {code: probability}) for one window, lists of them for a batch.
+    """
+    if tokenizer is None:
+        tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+    if tokenizer.language is None or tokenizer.language_token not in tokenizer.sot_sequence:
+        raise ValueError(
+            "this model is English-only: it has no language tokens, so it cannot detect the "
+            "language"
+        )
+    single = mel.ndim == 2
+    features = _encode_if_needed(model, mel.unsqueeze(0) if single else mel)
+    tokens, probs = _language_probs(model, features, tokenizer)
+    if single:
+        return tokens[0], probs[0]
+    return tokens, probs
+
+
+def _language_probs(
+    model: Whisper, features: Tensor, tokenizer: Tokenizer
+) -> tuple[Tensor, list[dict[str, float]]]:
+    sot = torch.full((features.shape[0], 1), tokenizer.sot, device=features.device)
+    logits = model.logits(sot, features)[:, 0]
+    language_tokens = torch.tensor(tokenizer.all_language_tokens, device=logits.device)
+    only_languages = torch.full_like(logits, -np.inf)
+    only_languages[:, language_tokens] = logits[:, language_tokens]
+    best = only_languages.argmax(dim=-1)
+    probs = only_languages.softmax(dim=-1)[:, language_tokens].cpu()
+    codes = tokenizer.all_language_codes
+    return best, [dict(zip(codes, row.tolist())) for row in probs]
+
+
+class LogitFilter:
+    """Sets to -inf the logits of tokens not allowed next, for a whole batch at once."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, options: DecodingOptions, sample_begin: int, n_vocab: int
+    ):
+        self.sample_begin = sample_begin
+        self.eot = tokenizer.eot
+        self.timestamp_begin = tokenizer.timestamp_begin
+        self.no_timestamps = tokenizer.no_timestamps
+        self.suppress = torch.zeros(n_vocab, dtype=torch.bool)
+        if options.suppress_tokens:
+            self.suppress[list(_suppress_tokens(tokenizer, options.suppress_tokens))] = True
+        self.blank = torch.zeros(n_vocab, dtype=torch.bool)
+        if options.suppress_blank:
+            self.blank[tokenizer.encode(" ") + [tokenizer.eot]] = True
+        self.timestamps = not options.without_timestamps
+        self.max_initial_timestamp_index = None
+        if options.max_initial_timestamp is not None:
+            precision = CHUNK_LENGTH / 1500  # seconds per audio position (20 ms)
+            self.max_initial_timestamp_index = round(options.max_initial_timestamp / precision)
+
+    def to(self, device: torch.device) -> LogitFilter:
+        self.suppress = self.suppress.to(device)
+        self.blank = self.blank.to(device)
+        return self
+
+    def apply(self, logits: Tensor, tokens: Tensor) -> None:
+        at_start = tokens.shape[1] == self.sample_begin
+        if at_start:
+            logits.masked_fill_(self.blank, -np.inf)
+        logits.masked_fill_(self.suppress, -np.inf)
+        if self.timestamps:
+            self._timestamp_rules(logits, tokens[:, self.sample_begin :], at_start)
+
+    def _timestamp_rules(self, logits: Tensor, sampled: Tensor, at_start: bool) -> None:
+        tb = self.timestamp_begin
+        logits[:, self.no_timestamps] = -np.inf
+        if sampled.shape[1] > 0:
+            is_ts = sampled >= tb
+            last = is_ts[:, -1]
+            penultimate = is_ts[:, -2] if sampled.shape[1] > 1 else torch.ones_like(last)
+            # Timestamps come in pairs: after a closing pair only text, after one only a
+            # timestamp (or the end).
+            logits[last & penultimate, tb:] = -np.inf
+            logits[last & ~penultimate, : self.eot] = -np.inf
+            # Timestamps never go back; a new segment must start after the last one ended.
+            last_ts = torch.where(is_ts, sampled, torch.full_like(sampled, -1)).amax(dim=1)
+            floor = torch.where(last & ~penultimate, last_ts, last_ts + 1)
+            floor = torch.where(last_ts >= tb, floor, torch.full_like(floor, tb))
+            vocab = torch.arange(logits.shape[1], device=logits.device)
+            logits.masked_fill_((vocab >= tb) & (vocab < floor[:, None]), -np.inf)
+        if at_start:
+            logits[:, :tb] = -np.inf
+            if self.max_initial_timestamp_index is not None:
+                logits[:, tb + self.max_initial_timestamp_index + 1 :] = -np.inf
+        # When the timestamps together outweigh every single text token, emit a timestamp.
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        timestamp_logprob = logprobs[:, tb:].logsumexp(dim=-1)
+        max_text_logprob = logprobs[:, :tb].max(dim=-1).values
+        logits[timestamp_logprob > max_text_logprob, :tb] = -np.inf
+
+
+def _suppress_tokens(tokenizer: Tokenizer, suppress_tokens: str | Iterable[int]) -> list[int]:
+    if isinstance(suppress_tokens, str):
+        suppress_tokens = [int(t) for t in suppress_tokens.split(",") if t.strip()]
+    tokens = list(suppress_tokens)
+    if -1 in tokens:
+        tokens = [t for t in tokens if t >= 0] + list(tokenizer.non_speech_tokens)
+    # Control tokens are never text.
+    tokens += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev]
+    tokens += [tokenizer.sot_lm, tokenizer.no_speech]
+    return sorted(set(tokens))
+
+
+class GreedyDecoder:
+    """Argmax at temperature 0, else one sample from the softened distribution per row."""
+
+    def __init__(self, temperature: float, eot: int) -> None:
+        self.temperature = temperature
+        self.eot = eot
+
+    def update(
+        self, tokens: Tensor, logits: Tensor, sum_logprobs: Tensor, cache: KVCache
+    ) -> tuple[Tensor, bool]:
+        if self.temperature == 0:
+            next_tokens = logits.argmax(dim=-1)
+        else:
+            next_tokens = torch.distributions.Categorical(logits=logits / self.temperature).sample()
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        current = logprobs.gather(1, next_tokens[:, None])[:, 0]
+        finished = tokens[:, -1] == self.eot
+        sum_logprobs += current * ~finished
+        next_tokens[finished] = self.eot
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
+        return tokens, bool((tokens[:, -1] == self.eot).all())
+
+    def finalize(self, tokens: Tensor, sum_logprobs: Tensor, n_group: int):
+        tokens = F.pad(tokens, (0, 1), value=self.eot)  # every row ends with eot
+        n_audio = tokens.shape[0] // n_group
+        rows = tokens.reshape(n_audio, n_group, -1).cpu()
+        scores = sum_logprobs.reshape(n_audio, n_group).cpu()
+        return [list(group) for group in rows], [group.tolist() for group in scores]
+
+
+class BeamSearchDecoder:
+    """Beam search over `beam_size` rows per audio, all in one batch.
+
+    Rows are reordered in the cache in place. Finished candidates are collected until each
+    audio has `round(beam_size * patience)` of them.
+    """
+
+    def __init__(self, beam_size: int, eot: int, patience: float | None = None) -> None:
+        self.beam_size = beam_size
+        self.eot = eot
+        self.max_candidates = round(beam_size * (patience or 1.0))
+        self.finished: list[dict[tuple[int, ...], float]] | None = None
+
+    def update(
+        self, tokens: Tensor, logits: Tensor, sum_logprobs: Tensor, cache: KVCache
+    ) -> tuple[Tensor, bool]:
+        n_audio = tokens.shape[0] // self.beam_size
+        if self.finished is None:
+            self.finished = [{} for _ in range(n_audio)]
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        # Only the top beam_size + 1 of each row can survive: one of them may be eot.
+        top_logprobs, top_tokens = logprobs.topk(self.beam_size + 1, dim=-1)
+        candidate_scores = (sum_logprobs[:, None] + top_logprobs).tolist()
+        top_tokens = top_tokens.tolist()
+        prefixes = tokens.tolist()
+        next_tokens, sources = [], []
+        for audio in range(n_audio):
+            scores: dict[tuple[int, ...], float] = {}
+            origin: dict[tuple[int, ...], int] = {}
+            for row in range(audio * self.beam_size, (audio + 1) * self.beam_size):
+                prefix = tuple(prefixes[row])
+                for score, token in zip(candidate_scores[row], top_tokens[row]):
+                    # Identical sequences (all beams start the same) collapse to one.
+                    sequence = (*prefix, token)
+                    scores[sequence] = score
+                    origin[sequence] = row
+            kept = 0
+            newly_finished = {}
+            for sequence in sorted(scores, key=scores.get, reverse=True):
+                if sequence[-1] == self.eot:
+                    newly_finished[sequence] = scores[sequence]
+                    continue
+                sum_logprobs[len(next_tokens)] = scores[sequence]
+                next_tokens.append(sequence)
+                sources.append(origin[sequence])
+                kept += 1
+                if kept == self.beam_size:
+                    break
+            done = self.finished[audio]
+            for sequence in sorted(newly_finished, key=newly_finished.get, reverse=True):
+                if len(done) >= self.max_candidates:
+                    break
+                done[sequence] = newly_finished[sequence]
+        tokens = torch.tensor(next_tokens, device=tokens.device)
+        if sources != list(range(len(sources))):
+            cache.reorder(torch.tensor(sources, device=tokens.device))
+        completed = all(len(done) >= self.max_candidates for done in self.finished)
+        return tokens, completed
+
+    def finalize(self, tokens: Tensor, sum_logprobs: Tensor, n_group: int):
+        n_audio = tokens.shape[0] // n_group
+        rows = tokens.reshape(n_audio, n_group, -1).cpu()
+        scores = sum_logprobs.reshape(n_audio, n_group).cpu()
+        assert self.finished is not None
+        for audio, done in enumerate(self.finished):
+            # Too few finished: the best unfinished beams count, closed with eot.
+            if len(done) < self.beam_size:
+                for j in scores[audio].argsort(descending=True).tolist():
+                    done[(*rows[audio, j].tolist(), self.eot)] = scores[audio, j].item()
+                    if len(done) >= self.beam_size:
+                        break
+        candidates = [[torch.tensor(seq) for seq in done] for done in self.finished]
+        return candidates, [list(done.values()) for done in self.finished]
+
+
+def _rank(lengths: list[int], sum_logprobs: list[float], length_penalty: float | None) -> int:
+    """Index of the best candidate by length-normalised log-probability."""
+    scores = []
+    for logprob, length in zip(sum_logprobs, lengths):
+        penalty = length if length_penalty is None else ((5 + length) / 6) ** length_penalty
+        scores.append(logprob / penalty)
+    return int(np.argmax(scores))
+
+
+class DecodingTask:
+    def __init__(self, model: Whisper, options: DecodingOptions) -> None:
+        _check_options(options)
+        if options.language is not None:
+            options = replace(options, language=language_code(options.language))
+        self.model = model
+        self.options = options
+        self.tokenizer = get_tokenizer(
+            model.is_multilingual,
+            num_languages=model.num_languages,
+            language=options.language,
+            task=options.task,
+        )
+        self.n_group = options.beam_size or options.best_of or 1
+        self.n_ctx = model.dims.n_text_ctx
+        self.sample_len = options.sample_len or self.n_ctx // 2
+        sot_sequence = self.tokenizer.sot_sequence
+        if options.without_timestamps:
+            sot_sequence = self.tokenizer.sot_sequence_including_notimestamps
+        self.sot_sequence = sot_sequence
+        self.initial_tokens = self._initial_tokens()
+        self.sample_begin = len(self.initial_tokens)
+        self.sot_index = self.initial_tokens.index(self.tokenizer.sot)
+        self.logit_filter = LogitFilter(
+            self.tokenizer, options, self.sample_begin, model.dims.n_vocab
+        ).to(model.device)
+
+    def _initial_tokens(self) -> tuple[int, ...]:
+        tokens = list(self.sot_sequence)
+        if prefix := self.options.prefix:
+            prefix_tokens = (
+                self.tokenizer.encode(" " + prefix.strip())
+                if isinstance(prefix, str)
+                else list(prefix)
+            )
+            # As the reference: keep the prefix within the first half of the context.
+            max_prefix_len = self.n_ctx // 2 - self.sample_len
+            tokens += prefix_tokens[-max_prefix_len:]
+        if prompt := self.options.prompt:
+            prompt_tokens = (
+                self.tokenizer.encode(" " + prompt.strip())
+                if isinstance(prompt, str)
+                else list(prompt)
+            )
+            tokens = [self.tokenizer.sot_prev, *prompt_tokens[-(self.n_ctx // 2 - 1) :], *tokens]
+        return tuple(tokens)
+
+    def _new_decoder(self):
+        if self.options.beam_size is not None:
+            return BeamSearchDecoder(
+                self.options.beam_size, self.tokenizer.eot, self.options.patience
+            )
+        return GreedyDecoder(self.options.temperature, self.tokenizer.eot)
+
+    def _main_loop(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, list[float]]:
+        batch = tokens.shape[0]
+        decoder = self._new_decoder()
+        cache = self.model.decoder.new_cache(
+            batch, n_ctx=min(self.n_ctx, tokens.shape[1] + self.sample_len)
+        )
+        # Cross-attention keys/values once per audio, shared by its beams or samples.
+        self.model.decoder.fill_cross_cache(cache, features)
+        if self.n_group > 1:
+            cache.cross_k = [k.repeat_interleave(self.n_group, dim=0) for k in cache.cross_k]
+            cache.cross_v = [v.repeat_interleave(self.n_group, dim=0) for v in cache.cross_v]
+        sum_logprobs = torch.zeros(batch, device=tokens.device)
+        no_speech_probs = [np.nan] * batch
+        step_input = tokens
+        for i in range(self.sample_len):
+            hidden = self.model.decoder(step_input, cache)
+            if i == 0:
+                # No-speech probability: what the model predicts right after <|startoftranscript|>.
+                logits = self.model.decoder.logits(hidden[:, [self.sot_index, -1]])
+                no_speech_probs = logits[:, 0].softmax(dim=-1)[:, self.tokenizer.no_speech].tolist()
+                logits = logits[:, 1]
+            else:
+                logits = self.model.decoder.logits(hidden[:, -1])
+            self.logit_filter.apply(logits, tokens)
+            tokens, completed = decoder.update(tokens, logits, sum_logprobs, cache)
+            if completed or tokens.shape[-1] > self.n_ctx:
+                break
+            step_input = tokens[:, -1:]
+        self._decoder = decoder
+        return tokens, sum_logprobs, no_speech_probs
+
+    @torch.inference_mode()
+    def run(self, mel: Tensor) -> list[DecodingResult]:
+        tokenizer = self.tokenizer
+        features = _encode_if_needed(self.model, mel)
+        n_audio = features.shape[0]
+        tokens = torch.tensor([self.initial_tokens], device=features.device).repeat(n_audio, 1)
+
+        languages = [self.options.language] * n_audio
+        language_probs = None
+        if self.options.language is None or self.options.task == "lang_id":
+            best, language_probs = _language_probs(self.model, features, tokenizer)
+            languages = [max(p, key=p.get) for p in language_probs]
+            if self.options.language is None:
+                tokens[:, self.sot_index + 1] = best
+        if self.options.task == "lang_id":
+            return [
+                DecodingResult(audio_features=f, language=lang, language_probs=p)
+                for f, lang, p in zip(features, languages, language_probs)
+            ]
+        if not self.model.is_multilingual:
+            languages = ["en"] * n_audio
+
+        tokens = tokens.repeat_interleave(self.n_group, dim=0)
+        tokens, sum_logprobs, no_speech_probs = self._main_loop(features, tokens)
+        no_speech_probs = no_speech_probs[:: self.n_group]
+        candidates, scores = self._decoder.finalize(tokens, sum_logprobs, self.n_group)
+
+        results = []
+        for i in range(n_audio):
+            texts = []
+            for t in candidates[i]:
+                t = t.tolist()[self.sample_begin :]
+                texts.append(t[: t.index(tokenizer.eot)] if tokenizer.eot in t else t)
+            best = _rank([len(t) for t in texts], scores[i], self.options.length_penalty)
+            chosen = texts[best]
+            text = tokenizer.decode(chosen).strip()
+            results.append(
+                DecodingResult(
+                    audio_features=features[i],
+                    language=languages[i],
+                    language_probs=language_probs[i] if language_probs else None,
+                    tokens=chosen,
+                    text=text,
+                    avg_logprob=scores[i][best] / (len(chosen) + 1),
+                    no_speech_prob=no_speech_probs[i],
+                    temperature=self.options.temperature,
+                    compression_ratio=compression_ratio(text),
+                )
+            )
+        return results
+
+
+def _check_options(options: DecodingOptions) -> None:
+    if options.beam_size is not None and options.best_of is not None:
+        raise ValueError("beam_size and best_of can't be given together")
+    if options.temperature == 0 and options.best_of is not None:
+        raise ValueError("best_of with greedy sampling (T=0) is not compatible")
+    if options.patience is not None and options.beam_size is None:
+        raise ValueError("patience requires beam_size to be given")
+    if options.length_penalty is not None and not 0 <= options.length_penalty <= 1:
+        raise ValueError("length_penalty (alpha) should be a value between 0 and 1")
+    if options.task not in ("transcribe", "translate", "lang_id"):
+        raise ValueError(f"unknown task {options.task!r}: use 'transcribe' or 'translate'")
+    if options.language is not None and options.language not in LANGUAGES:
+        language_code(options.language)  # raises a clear error for unknown languages
+
+
+def decode(
+    model: Whisper, mel: Tensor, options: DecodingOptions | None = None, **kwargs
+) -> DecodingResult | list[DecodingResult]:
+    """Decode one window (n_mels, 3000) or a batch (batch, n_mels, 3000) of log-mel frames.
+
+    Options come as a DecodingOptions and/or keyword arguments that override its fields.
+    """
+    options = replace(options or DecodingOptions(), **kwargs)
+    single = mel.ndim == 2
+    results = DecodingTask(model, options).run(mel.unsqueeze(0) if single else mel)
+    return results[0] if single else results

@@ -1,0 +1,90 @@
+"""Log-mel spectrogram: the model's view of the audio.
+
+Numerically the reference definition: 400-point STFT with a Hann window and hop 160 at
+16 kHz, power spectrum, Slaney mel filters, log10 clamped to 8 below the maximum, then
+scaled to roughly [-1, 1] by (x + 4) / 4.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30  # seconds of audio per model window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
+N_SAMPLES_PER_TOKEN = HOP_LENGTH * 2  # the encoder's second conv has stride 2
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
+TOKENS_PER_SECOND = SAMPLE_RATE // N_SAMPLES_PER_TOKEN  # 50: one timestamp step = 20 ms
+
+
+@cache
+def _mel_filters_cpu(n_mels: int) -> torch.Tensor:
+    if n_mels not in (80, 128):
+        raise ValueError(f"n_mels must be 80 or 128, not {n_mels}")
+    with (resources.files("susurrus") / "assets" / "mel_filters.npz").open("rb") as f:
+        return torch.from_numpy(np.load(f)[f"mel_{n_mels}"]).float()
+
+
+def mel_filters(device: torch.device | str, n_mels: int) -> torch.Tensor:
+    """The (n_mels, 201) Slaney mel filter bank, shipped as package data."""
+    return _mel_filters_cpu(n_mels).to(device)
+
+
+def pad_or_trim(array, length: int = N_SAMPLES, *, axis: int = -1):
+    """Zero-pad or cut `array` (NumPy or torch) along `axis` to exactly `length`."""
+    if torch.is_tensor(array):
+        if array.shape[axis] > length:
+            array = array.narrow(axis, 0, length)
+        elif array.shape[axis] < length:
+            pad = [0] * (2 * array.ndim)
+            pad[2 * (array.ndim - 1 - axis % array.ndim) + 1] = length - array.shape[axis]
+            array = F.pad(array, pad)
+        return array
+    if array.shape[axis] > length:
+        array = array.take(indices=range(length), axis=axis)
+    elif array.shape[axis] < length:
+        widths = [(0, 0)] * array.ndim
+        widths[axis] = (0, length - array.shape[axis])
+        array = np.pad(array, widths)
+    return array
+
+
+def log_mel_spectrogram(
+    audio,
+    n_mels: int = 80,
+    padding: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Log-mel spectrogram of 16 kHz mono audio.
+
+    `audio` is a path, a NumPy array or a tensor of samples; `padding` zero samples are
+    appended first (transcription appends a full window so the last one is complete).
+    Returns a float32 tensor of shape (n_mels, n_frames), n_frames = samples // 160.
+    """
+    if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__"):
+        from .audio import load_audio
+
+        audio = load_audio(audio)
+    if not torch.is_tensor(audio):
+        audio = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+    if device is not None:
+        audio = audio.to(device)
+    audio = audio.float()
+    if padding > 0:
+        audio = F.pad(audio, (0, padding))
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    # The reference drops the last STFT frame so that frames = samples // hop.
+    power = stft[..., :-1].abs() ** 2
+    mel = mel_filters(audio.device, n_mels) @ power
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
+    return (log_spec + 4.0) / 4.0

@@ -1,0 +1,303 @@
+"""The Whisper network: an audio encoder and a text decoder with cached attention.
+
+Parameter names follow the original checkpoints, so an OpenAI `.pt` state dict loads as is.
+Decoding runs against a `KVCache` that is allocated once per decode: each step writes its
+keys and values in place, and the cross-attention keys and values of the audio are computed
+once per window rather than once per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in float32 whatever the model's dtype: half precision loses the variance."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(
+            x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+        ).type(x.dtype)
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """The encoder's fixed positional encoding: sines then cosines over geometric timescales."""
+    assert channels % 2 == 0
+    step = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-step * torch.arange(channels // 2, dtype=torch.float32))
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class KVCache:
+    """Preallocated keys and values for one decode.
+
+    Self-attention: one (batch, heads, n_ctx, head_dim) buffer per layer for keys and one for
+    values, filled left to right. Cross-attention: the audio's keys and values per layer,
+    computed once. `reorder` moves rows in place for beam search.
+    """
+
+    def __init__(self, self_k: list[Tensor], self_v: list[Tensor]) -> None:
+        self.self_k = self_k
+        self.self_v = self_v
+        self.cross_k: list[Tensor] = []
+        self.cross_v: list[Tensor] = []
+        self.length = 0  # positions filled so far
+
+    @property
+    def batch_size(self) -> int:
+        return self.self_k[0].shape[0]
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i of the cache becomes the old row index[i] (beam search bookkeeping)."""
+        # Cross-attention rows never need moving: every beam of one audio shares its audio.
+        for buffers in (self.self_k, self.self_v):
+            for buf in buffers:
+                buf[:, :, : self.length].copy_(buf[:, :, : self.length].index_select(0, index))
+
+    def rewind(self, length: int) -> None:
+        self.length = length
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_head, -1).transpose(1, 2)
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        batch, _, length, _ = x.shape
+        return x.transpose(1, 2).reshape(batch, length, -1)
+
+    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+        """Self-attention without a cache (the encoder, or a full decoder pass)."""
+        q, k, v = (self.split_heads(f(x)) for f in (self.query, self.key, self.value))
+        return self.out(self.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
+
+    def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.key(xa)), self.split_heads(self.value(xa))
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        q = self.split_heads(self.query(x))
+        return self.out(self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+
+    def attention_weights(self, x: Tensor, k: Tensor) -> Tensor:
+        """Softmax(QK^T) for alignment heads: what SDPA computes but does not return."""
+        q = self.split_heads(self.query(x))
+        return (q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+
+    def cached_self_attention(
+        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, offset: int
+    ) -> Tensor:
+        """Write this step's keys/values at `offset` and attend over everything so far."""
+        length = x.shape[1]
+        end = offset + length
+        cache_k[:, :, offset:end] = self.split_heads(self.key(x))
+        cache_v[:, :, offset:end] = self.split_heads(self.value(x))
+        q = self.split_heads(self.query(x))
+        k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+        if length == 1:
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif offset == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            allowed = torch.ones(length, end, dtype=torch.bool, device=x.device).tril(offset)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.out(self.merge_heads(out))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
+        self.mlp = nn.Sequential(
+            nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state)
+        )
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encoder block."""
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer))
+        self.ln_post = LayerNorm(n_state)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """(batch, n_mels, 3000) log-mel -> (batch, 1500, n_state) audio features."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        if x.shape[1] != self.positional_embedding.shape[0]:
+            raise ValueError(
+                f"the encoder takes {2 * self.positional_embedding.shape[0]} mel frames "
+                f"(30 s), got {mel.shape[-1]}"
+            )
+        x = x + self.positional_embedding.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)
+        )
+        self.ln = LayerNorm(n_state)
+
+    def new_cache(self, batch_size: int, n_ctx: int | None = None) -> KVCache:
+        n_ctx = n_ctx or self.positional_embedding.shape[0]
+        n_state = self.positional_embedding.shape[1]
+        n_head = self.blocks[0].attn.n_head
+        weight = self.token_embedding.weight
+        shape = (batch_size, n_head, n_ctx, n_state // n_head)
+
+        def zeros() -> list[Tensor]:
+            return [weight.new_zeros(shape) for _ in self.blocks]
+
+        return KVCache(zeros(), zeros())
+
+    def fill_cross_cache(self, cache: KVCache, audio_features: Tensor) -> None:
+        """Project the audio once per window into every layer's cross-attention keys/values."""
+        cache.cross_k, cache.cross_v = [], []
+        for block in self.blocks:
+            k, v = block.cross_attn.cross_kv(audio_features)
+            cache.cross_k.append(k)
+            cache.cross_v.append(v)
+
+    def forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """Hidden states (batch, new_tokens, n_state) of `tokens`, which continue the cache."""
+        offset = cache.length
+        length = tokens.shape[1]
+        if offset + length > self.positional_embedding.shape[0]:
+            raise ValueError(f"decoder context of {self.positional_embedding.shape[0]} exceeded")
+        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + length]
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn.cached_self_attention(
+                block.attn_ln(x), cache.self_k[i], cache.self_v[i], offset
+            )
+            x = x + block.cross_attn.attend(
+                block.cross_attn_ln(x), cache.cross_k[i], cache.cross_v[i]
+            )
+            x = x + block.mlp(block.mlp_ln(x))
+        cache.length = offset + length
+        return self.ln(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Output projection tied to the token embedding, in float32."""
+        return (hidden @ self.token_embedding.weight.to(hidden.dtype).T).float()
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDimensions) -> None:
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer
+        )
+        self.decoder = TextDecoder(
+            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer
+        )
+        # Cross-attention heads that follow the audio closely; used for word timestamps.
+        self.register_buffer("alignment_heads", self.default_alignment_heads(), persistent=False)
+        self.name: str | None = None  # registry name or path it was loaded from
+
+    def default_alignment_heads(self) -> Tensor:
+        """All heads of the last half of the decoder layers, for checkpoints without a list."""
+        heads = torch.zeros(self.dims.n_text_layer, self.dims.n_text_head, dtype=torch.bool)
+        heads[self.dims.n_text_layer // 2 :] = True
+        return heads
+
+    def set_alignment_heads(self, heads) -> None:
+        """Set from a bool (n_layer, n_head) mask or a list of [layer, head] pairs."""
+        mask = torch.zeros(self.dims.n_text_layer, self.dims.n_text_head, dtype=torch.bool)
+        heads = torch.as_tensor(heads)
+        if heads.dtype == torch.bool:
+            mask[:] = heads.reshape(mask.shape)
+        else:
+            for layer, head in heads.reshape(-1, 2).tolist():
+                mask[layer, head] = True
+        self.register_buffer("alignment_heads", mask, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.token_embedding.weight.dtype
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.dims.n_vocab >= 51865
+
+    @property
+    def num_languages(self) -> int:
+        return self.dims.n_vocab - 51765 - int(self.is_multilingual)
+
+    def embed_audio(self, mel: Tensor) -> Tensor:
+        return self.encoder(mel)
+
+    def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
+        """Logits of every position of `tokens` (batch, length) given encoded audio."""
+        cache = self.decoder.new_cache(tokens.shape[0], n_ctx=tokens.shape[1])
+        self.decoder.fill_cross_cache(cache, audio_features)
+        return self.decoder.logits(self.decoder(tokens, cache))
+
+    def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
+        return self.logits(tokens, self.embed_audio(mel))
+
+    # Decoding entry points live in their own modules; these keep the reference API.
+    def detect_language(self, mel: Tensor, tokenizer=None):
+        from .decoding import detect_language
+
+        return detect_language(self, mel, tokenizer)
+
+    def decode(self, mel: Tensor, options=None, **kwargs):
+        from .decoding import decode
+
+        return decode(self, mel, options, **kwargs)
+
+    def transcribe(self, audio, **kwargs):
+        from .transcribe import transcribe
+
+        return transcribe(self, audio, **kwargs)
