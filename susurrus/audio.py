@@ -407,3 +407,13 @@ def format_probe(info: dict[str, Any]) -> str:
         if s.get("title"):
             lines.append(f"    title: {s['title']}")
     return "\n".join(lines)
+
+
+# Below -60 dBFS no sample is audible: such a file is digital silence or idle-line noise,
+# and decoding it only invites hallucinated text.
+SILENCE_PEAK = 10 ** (-60 / 20)
+
+
+def is_silent(samples: np.ndarray) -> bool:
+    """True when no sample reaches -60 dBFS (or there are no samples at all)."""
+    return samples.size == 0 or float(np.abs(samples).max()) < SILENCE_PEAK

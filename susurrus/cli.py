@@ -310,13 +310,18 @@ def transcribe_main(argv: list[str]) -> int:
         _error(str(exc))
         return 2
 
-    from .audio import load_audio
+    from .audio import is_silent, load_audio
     from .transcribe import transcribe
 
     failed = 0
     for path in args.pop("audio"):
         try:
             audio = load_audio(path, stream=audio_stream)
+            if is_silent(audio):
+                raise SusurrusError(
+                    f"{path}: the audio is silent (no sample reaches -60 dBFS); nothing to "
+                    "transcribe"
+                )
             result = transcribe(model, audio, temperature=temperature, **args)
             if not result["segments"] or not result["text"].strip():
                 print(f"susurrus: {path}: no speech found", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import ct2
+from . import ct2, hf
 from .download import _MODELS, alignment_heads_for, available_models, download_model
 from .errors import SusurrusError
 from .model import ModelDimensions, Whisper
@@ -174,6 +174,8 @@ def load_model(
         model = load_ct2_dir(config_dir, parts, EMBEDDED[name].sha256)
     elif name in _MODELS:
         model = load_openai_checkpoint(download_model(name, download_root))
+    elif hf.looks_like_repo_id(str(name)):
+        model = hf.load_hf_dir(hf.download_repo(str(name), download_root))
     else:
         if os.sep in str(name) or str(name).endswith((".pt", ".bin")):
             raise SusurrusError(f"model file not found: {name}")
@@ -194,6 +196,8 @@ def _load_path(path: Path) -> Whisper:
     if path.is_dir():
         if (path / "model.bin").is_file():
             return load_ct2_dir(path)
+        if hf.is_hf_dir(path):
+            return hf.load_hf_dir(path)
         raise SusurrusError(f"{path}: no model.bin (CTranslate2) found in this directory")
     if path.suffix == ".bin" and (path.parent / "config.json").is_file():
         return load_ct2_dir(path.parent)

@@ -148,7 +148,8 @@ def _write_media(
             vst.metadata["language"] = "eng"
         ast = []
         for codec, rate, layout, signal, lang in audio_streams:
-            options = {"b": "64000"} if codec in ("libmp3lame", "libopus") else None
+            bitrates = {"libmp3lame": "64000", "libopus": "64000", "aac": "160000"}
+            options = {"b": bitrates[codec]} if codec in bitrates else None
             st = out.add_stream(codec, rate=rate, layout=layout, options=options)
             if lang:
                 st.metadata["language"] = lang

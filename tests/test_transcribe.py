@@ -1,0 +1,150 @@
+"""Transcripts of real speech with the embedded weights, against the reference outputs."""
+
+from __future__ import annotations
+
+import re
+
+import jiwer
+import numpy as np
+import pytest
+import torch
+from whisper_normalizer.basic import BasicTextNormalizer
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from susurrus import decode, detect_language, load_audio, log_mel_spectrogram, pad_or_trim
+from susurrus.decoding import DecodingOptions
+
+from .conftest import AUDIO, manifest, parity, requires_shared
+
+pytestmark = requires_shared
+
+SETTINGS = {"greedy": {}, "beam5": {"beam_size": 5}}
+
+
+def run_parity(model, model_name: str, setting: str) -> tuple[list, list]:
+    """Transcribe every file of a parity set as the reference did; return (ours, refs)."""
+    refs = parity(model_name, setting)
+    ours = []
+    for ref in refs:
+        result = model.transcribe(
+            str(AUDIO / ref["file"]),
+            temperature=0.0,
+            condition_on_previous_text=True,
+            language=ref["language"],
+            **SETTINGS[setting],
+        )
+        ours.append(result)
+    return ours, refs
+
+
+def tokens_of(result: dict) -> list[int]:
+    return [t for s in result["segments"] for t in s["tokens"]]
+
+
+def english_wer(texts: list[str], files: list[str]) -> float:
+    truth = {row["file"]: row["transcript"] for row in manifest()}
+    norm = EnglishTextNormalizer()
+    return jiwer.wer([norm(truth[f]) for f in files], [norm(t) for t in texts])
+
+
+def check_parity(ours: list[dict], refs: list[dict]) -> None:
+    identical = [tokens_of(o) == tokens_of(r["result"]) for o, r in zip(ours, refs)]
+    assert sum(identical) / len(identical) >= 0.9, [
+        r["file"] for r, ok in zip(refs, identical) if not ok
+    ]
+    for o, r, same in zip(ours, refs, identical):
+        if not same:
+            continue
+        assert o["text"] == r["result"]["text"]
+        for a, b in zip(o["segments"], r["result"]["segments"]):
+            assert (a["start"], a["end"], a["seek"]) == pytest.approx(
+                (b["start"], b["end"], b["seek"])
+            )
+            assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], abs=1e-3)
+            assert a["no_speech_prob"] == pytest.approx(b["no_speech_prob"], abs=1e-3)
+            assert a["compression_ratio"] == pytest.approx(b["compression_ratio"])
+    english = [(o, r) for o, r in zip(ours, refs) if r["language"] == "en"]
+    files = [r["file"] for _, r in english]
+    ours_wer = english_wer([o["text"] for o, _ in english], files)
+    ref_wer = english_wer([r["result"]["text"] for _, r in english], files)
+    assert ours_wer <= ref_wer + 1e-9
+
+
+@pytest.mark.parametrize("setting", ["greedy", "beam5"])
+def test_tiny_en_matches_reference(tiny_en, setting):
+    check_parity(*run_parity(tiny_en, "tiny.en", setting))
+
+
+@pytest.mark.parametrize("setting", ["greedy", "beam5"])
+def test_base_matches_reference(base, setting):
+    ours, refs = run_parity(base, "base", setting)
+    check_parity(ours, refs)
+    # Mandarin: character error rate no worse than the reference's.
+    truth = {row["file"]: row["transcript"] for row in manifest()}
+    zh = [(o, r) for o, r in zip(ours, refs) if r["language"] == "zh"]
+    assert len(zh) >= 5
+
+    def cer(texts):
+        norm = BasicTextNormalizer()
+        clean = [re.sub(r"\s", "", norm(t)) for t in texts]
+        return jiwer.cer([re.sub(r"\s", "", norm(truth[r["file"]])) for _, r in zh], clean)
+
+    assert cer([o["text"] for o, _ in zh]) <= cer([r["result"]["text"] for _, r in zh]) + 1e-9
+
+
+def test_detect_language_matches_reference(base):
+    for ref in parity("base", "detect"):
+        mel = log_mel_spectrogram(load_audio(AUDIO / ref["file"]), 80, padding=480000)
+        token, probs = detect_language(base, pad_or_trim(mel, 3000))
+        top = sorted(probs.items(), key=lambda kv: -kv[1])[:5]
+        expected = ref["top5"]
+        assert top[0][0] == expected[0][0], ref["file"]
+        for (code, p), (ref_code, ref_p) in zip(top, expected):
+            assert p == pytest.approx(ref_p, abs=2e-3)
+
+
+def test_detect_language_refuses_english_only_model(tiny_en):
+    mel = torch.zeros(80, 3000)
+    with pytest.raises(ValueError, match="English-only"):
+        detect_language(tiny_en, mel)
+
+
+def test_batch_decode_equals_single_decodes(base):
+    files = [r["file"] for r in manifest() if r["category"] == "short"][:8]
+    mels = torch.stack(
+        [pad_or_trim(log_mel_spectrogram(load_audio(AUDIO / f)), 3000) for f in files]
+    )
+    options = DecodingOptions(temperature=0.0)  # language detected per window
+    batch = decode(base, mels, options)
+    singles = [decode(base, m, options) for m in mels]
+    assert [b.tokens for b in batch] == [s.tokens for s in singles]
+    assert [b.language for b in batch] == [s.language for s in singles]
+    assert np.allclose([b.avg_logprob for b in batch], [s.avg_logprob for s in singles], atol=1e-4)
+
+
+def test_translate_task_gives_english(base):
+    result = base.transcribe(
+        str(AUDIO / "de_picovoice_test_de.flac"), task="translate", language="de", temperature=0.0
+    )
+    text = result["text"].lower()
+    assert result["language"] == "de"
+    # "The room behind this portal was used as a morgue": English words, not German ones.
+    assert re.search(r"\b(the|was|used)\b", text) and "wurde" not in text
+
+
+def test_initial_prompt_conditions_spelling(tiny_en):
+    plain = tiny_en.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)
+    prompted = tiny_en.transcribe(
+        str(AUDIO / "jfk.flac"), temperature=0.0, initial_prompt="AND SO MY FELLOW AMERICANS"
+    )
+    # The model follows the prompt's style (all capitals here) ...
+    assert plain["text"] != plain["text"].upper()
+    assert prompted["text"] == prompted["text"].upper() and "FELLOW AMERICANS" in prompted["text"]
+    # ... and the prompt itself is not part of the transcript.
+    assert prompted["text"].count("AMERICANS") == 1
+
+
+def test_clip_timestamps_limit_the_transcript(tiny_en):
+    result = tiny_en.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0, clip_timestamps="0,4")
+    assert result["segments"] and result["segments"][-1]["end"] <= 4.5
+    assert "country" not in result["text"].split("do for you")[-1]
