@@ -1,5 +1,7 @@
 """susurrus: Whisper speech recognition in PyTorch, a drop-in for the `whisper` package."""
 
+# Submodules the reference exposes as attributes (whisper.utils.get_writer, ...).
+from . import audio, decoding, features, model, tokenizer, utils  # noqa: F401
 from .audio import load_audio
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language
 from .download import available_models

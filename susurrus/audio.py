@@ -19,9 +19,20 @@ import numpy as np
 
 from susurrus.errors import SusurrusError
 
-__all__ = ["SAMPLE_RATE", "load_audio", "iter_audio", "probe", "format_probe"]
+# The model-side constants and functions live in features.py; the reference package keeps them
+# in `whisper.audio`, so they are importable from here too.
+from susurrus.features import (  # noqa: F401
+    CHUNK_LENGTH,
+    HOP_LENGTH,
+    N_FFT,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    log_mel_spectrogram,
+    pad_or_trim,
+)
 
-SAMPLE_RATE = 16000
+__all__ = ["SAMPLE_RATE", "load_audio", "iter_audio", "probe", "format_probe"]
 
 # int16 -> float32 scale; a power of two, so the conversion is exact.
 _SCALE = np.float32(1.0 / 32768.0)
