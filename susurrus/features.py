@@ -57,17 +57,54 @@ def pad_or_trim(array, length: int = N_SAMPLES, *, axis: int = -1):
     return array
 
 
+# Frames per STFT call: one minute. Bounds the temporary complex spectrogram, so an hour of
+# audio costs its log-mel output (115 MB at 80 bins) and little more.
+CHUNK_FRAMES = 60 * FRAMES_PER_SECOND
+
+
+def _reflect_padded(audio: torch.Tensor, total: int, start: int, stop: int) -> torch.Tensor:
+    """Samples [start, stop) of `audio` followed by zeros up to `total` samples, reflect-padded
+    at both ends as a centred STFT pads, without materialising the padded signal."""
+    index = torch.arange(start, stop, device=audio.device)
+    index = torch.where(index < 0, -index, index)
+    index = torch.where(index >= total, 2 * (total - 1) - index, index).clamp(min=0)
+    inside = index < audio.shape[0]
+    return torch.where(inside, audio[index.clamp(max=audio.shape[0] - 1)], 0.0)
+
+
+def _log10_mel(audio: torch.Tensor, n_mels: int, padding: int, chunk_frames: int) -> torch.Tensor:
+    total = audio.shape[0] + padding
+    n_frames = total // HOP_LENGTH  # the reference drops the STFT's final frame
+    half = N_FFT // 2
+    window = torch.hann_window(N_FFT, device=audio.device)
+    filters = mel_filters(audio.device, n_mels)
+    out = torch.empty(n_mels, n_frames, device=audio.device)
+    for first in range(0, n_frames, chunk_frames):
+        last = min(first + chunk_frames, n_frames)
+        # Frame f is centred on sample f * hop: it spans [f * hop - 200, f * hop + 200).
+        samples = _reflect_padded(
+            audio, total, first * HOP_LENGTH - half, (last - 1) * HOP_LENGTH + half
+        )
+        stft = torch.stft(
+            samples, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True
+        )
+        out[:, first:last] = (filters @ stft.abs().square()).clamp_(min=1e-10).log10_()
+    return out
+
+
 def log_mel_spectrogram(
     audio,
     n_mels: int = 80,
     padding: int = 0,
     device: torch.device | str | None = None,
+    *,
+    chunk_frames: int = CHUNK_FRAMES,
 ) -> torch.Tensor:
     """Log-mel spectrogram of 16 kHz mono audio.
 
-    `audio` is a path, a NumPy array or a tensor of samples; `padding` zero samples are
-    appended first (transcription appends a full window so the last one is complete).
-    Returns a float32 tensor of shape (n_mels, n_frames), n_frames = samples // 160.
+    `audio` is a path, a NumPy array or a tensor of samples, or a batch of equal-length clips;
+    `padding` zero samples are appended first (transcription appends a full window so the last
+    one is complete). Returns float32 (n_mels, n_frames), n_frames = samples // 160.
     """
     if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__"):
         from .audio import load_audio
@@ -78,13 +115,11 @@ def log_mel_spectrogram(
     if device is not None:
         audio = audio.to(device)
     audio = audio.float()
-    if padding > 0:
-        audio = F.pad(audio, (0, padding))
-    window = torch.hann_window(N_FFT, device=audio.device)
-    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
-    # The reference drops the last STFT frame so that frames = samples // hop.
-    power = stft[..., :-1].abs() ** 2
-    mel = mel_filters(audio.device, n_mels) @ power
-    log_spec = torch.clamp(mel, min=1e-10).log10()
-    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
-    return (log_spec + 4.0) / 4.0
+    if audio.ndim > 1:
+        return torch.stack(
+            [log_mel_spectrogram(a, n_mels, padding, chunk_frames=chunk_frames) for a in audio]
+        )
+    log_spec = _log10_mel(audio, n_mels, padding, chunk_frames)
+    # Everything more than 80 dB below the loudest bin is floored there.
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    return log_spec.add_(4.0).div_(4.0)

@@ -49,3 +49,28 @@ def test_pad_or_trim_numpy_and_torch():
     assert pad_or_trim(m, N_FRAMES).shape == (80, N_FRAMES)
     assert pad_or_trim(m, N_FRAMES)[:, 100:].abs().sum() == 0
     assert pad_or_trim(torch.ones(2, 80, 5000), N_FRAMES).shape == (2, 80, N_FRAMES)
+
+
+@requires_shared
+def test_chunked_equals_whole():
+    """Long audio is transformed a chunk at a time; the seams must not show."""
+    audio = load_audio(AUDIO / "jfk.flac")
+    whole = log_mel_spectrogram(audio, 80, padding=N_SAMPLES, chunk_frames=10**9)
+    chunked = log_mel_spectrogram(audio, 80, padding=N_SAMPLES, chunk_frames=333)
+    assert torch.equal(whole, chunked)
+    window = torch.hann_window(400)
+    stft = torch.stft(
+        torch.nn.functional.pad(torch.from_numpy(audio), (0, N_SAMPLES)),
+        400,
+        160,
+        window=window,
+        return_complex=True,
+    )
+    assert stft.shape[-1] - 1 == whole.shape[-1]
+
+
+def test_batch_of_clips():
+    clips = torch.randn(3, 16000) * 0.1
+    batch = log_mel_spectrogram(clips)
+    assert batch.shape == (3, 80, 100)
+    assert torch.allclose(batch[1], log_mel_spectrogram(clips[1]))
