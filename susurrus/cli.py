@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import sys
 import warnings
@@ -16,6 +18,8 @@ from .errors import SusurrusError
 MODEL_DEFAULT = "base"
 FORMATS = ["txt", "vtt", "srt", "tsv", "json", "all"]
 WORD_OPTIONS = ["highlight_words", "max_line_count", "max_line_width", "max_words_per_line"]
+# Subtitle timing limits beyond the reference: they need word timestamps and turn them on.
+CUE_OPTIONS = ["max_cps", "min_cue_duration", "max_cue_duration"]
 
 
 def _bool(text: str) -> bool:
@@ -200,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a window whose no-speech probability exceeds this, with low "
         "log-probability, is treated as silence",
     )
+    _add_bool(
+        g,
+        "vad",
+        False,
+        "find speech with Silero voice activity detection first and decode only that",
+    )
 
     g = parser.add_argument_group("word timestamps and subtitles")
     _add_bool(g, "word_timestamps", False, "word-level timestamps from cross-attention")
@@ -226,6 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=_optional(int),
         default=None,
         help="most words in a subtitle line",
+    )
+    g.add_argument(
+        "--max_cps",
+        type=_optional(float),
+        default=None,
+        help="most characters per second a subtitle cue asks to read (srt, vtt); cues last "
+        "into the following pause, or briefly delay the next one; turns on --word_timestamps",
+    )
+    g.add_argument(
+        "--min_cue_duration",
+        type=_optional(float),
+        default=None,
+        help="fewest seconds a subtitle cue stays on screen (srt, vtt); turns on --word_timestamps",
+    )
+    g.add_argument(
+        "--max_cue_duration",
+        type=_optional(float),
+        default=None,
+        help="most seconds a subtitle cue lasts; longer ones are split between words (srt, "
+        "vtt); turns on --word_timestamps",
     )
     g.add_argument(
         "--hallucination_silence_threshold",
@@ -271,6 +301,24 @@ def transcribe_main(argv: list[str]) -> int:
     output_format = args.pop("output_format")
     audio_stream = args.pop("audio_stream")
 
+    from .transcribe import transcribe
+
+    vad = args.pop("vad")
+    if "vad" in inspect.signature(transcribe).parameters:
+        args["vad"] = vad
+    elif vad:
+        parser.error("--vad is not supported by this version's transcribe()")
+    for option in CUE_OPTIONS:
+        value = args[option]
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{option} must be a positive number")
+    shortest, longest = args["min_cue_duration"], args["max_cue_duration"]
+    if shortest is not None and longest is not None and shortest > longest:
+        parser.error("--min_cue_duration is longer than --max_cue_duration")
+    cue_options = {option: args.pop(option) for option in CUE_OPTIONS}
+    if any(value is not None for value in cue_options.values()):
+        args["word_timestamps"] = True
+
     if not args["word_timestamps"]:
         for option in WORD_OPTIONS:
             if args[option]:
@@ -280,6 +328,7 @@ def transcribe_main(argv: list[str]) -> int:
     if args["max_words_per_line"] and args["max_line_width"]:
         warnings.warn("--max_words_per_line has no effect with --max_line_width", stacklevel=1)
     writer_options = {option: args.pop(option) for option in WORD_OPTIONS}
+    writer_options.update(cue_options)
 
     try:
         if args["language"] is not None:
@@ -297,6 +346,11 @@ def transcribe_main(argv: list[str]) -> int:
 
         if threads:
             torch.set_num_threads(threads)
+        if vad:
+            from .vad import ensure_available
+
+            # Fail before loading the model rather than once per file.
+            ensure_available()
         model = load_model(model_name, device=device, download_root=model_dir)
         if not model.is_multilingual and args["language"] not in (None, "en"):
             warnings.warn(
@@ -311,7 +365,6 @@ def transcribe_main(argv: list[str]) -> int:
         return 2
 
     from .audio import is_silent, load_audio
-    from .transcribe import transcribe
 
     failed = 0
     for path in args.pop("audio"):

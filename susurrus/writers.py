@@ -5,22 +5,35 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
+import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .errors import SusurrusError
 
 # Options that shape word-level subtitles, accepted in the options dict or as keyword arguments.
 WORD_OPTIONS = ("max_line_width", "max_line_count", "highlight_words", "max_words_per_line")
+# Cue timing limits for srt and vtt, beyond the reference; each is off unless set. See
+# SubtitlesWriter.iterate_result.
+CUE_OPTIONS = ("max_cps", "min_cue_duration", "max_cue_duration")
+
+# To give fast speech its reading time, a cue may appear at most this long after its first word;
+# beyond that the previous cue is cut short instead (and may then break max_cps).
+MAX_CUE_DELAY_S = 2.0
 
 # A word starting more than this many seconds after the previous one opens a new cue (only when
 # both max_line_width and max_line_count are set, as in the reference).
 _LONG_PAUSE_S = 3.0
 _UNLIMITED = 1000
 _LEADING_SPACE_RE = re.compile(r"^(\s*)(.*)$")
+# Word endings that make a good place to split a cue, best first.
+_SENTENCE_END = tuple(".?!…。？！")
+_CLAUSE_END = tuple(",;:，、；：")
 
 
 def format_timestamp(
@@ -143,39 +156,89 @@ class SubtitlesWriter(ResultWriter):
         max_line_count: int | None = None,
         highlight_words: bool = False,
         max_words_per_line: int | None = None,
+        max_cps: float | None = None,
+        min_cue_duration: float | None = None,
+        max_cue_duration: float | None = None,
     ) -> Iterator[tuple[str, str, str]]:
-        """Yield (start, end, text) for each cue."""
+        """Yield (start, end, text) for each cue.
+
+        With none of the cue options set, the cues are the reference tool's (except that cues
+        with no text are left out, and "-->" never reaches the text). The cue options:
+
+        max_cps: most characters per second (line breaks not counted) a cue may ask a viewer
+            to read. Cues get their reading time by lasting into the pause after them; in fast
+            speech the next cue then appears a little late (at most MAX_CUE_DELAY_S after its
+            first word). Where even that is not enough, the earlier cue keeps a higher rate.
+        min_cue_duration: seconds every cue stays on screen, got the same way.
+        max_cue_duration: longer cues are split between words, preferring sentence and clause
+            ends and pauses; lengthening never takes a cue past it. A single word spoken for
+            longer, or a segment without word timestamps, stays one cue.
+        Splitting needs word timestamps (segments with "words"); without them the segments
+            are retimed whole.
+        """
         options = options or {}
         # Falsy keyword values fall back to the options dict, matching the reference.
         max_line_width = max_line_width or options.get("max_line_width")
         max_line_count = max_line_count or options.get("max_line_count")
         highlight_words = highlight_words or bool(options.get("highlight_words", False))
         max_words_per_line = max_words_per_line or options.get("max_words_per_line")
+        limits = _CueLimits.from_options(
+            max_cps or options.get("max_cps"),
+            min_cue_duration or options.get("min_cue_duration"),
+            max_cue_duration or options.get("max_cue_duration"),
+        )
         # Segment boundaries are kept unless both line width and line count are given.
         preserve_segments = max_line_count is None or max_line_width is None
         max_line_width = max_line_width or _UNLIMITED
         max_words_per_line = max_words_per_line or _UNLIMITED
 
         segments = result["segments"]
-        if not segments or "words" not in segments[0]:
-            for segment in segments:
-                yield (
-                    self.format_timestamp(segment["start"]),
-                    self.format_timestamp(segment["end"]),
-                    segment["text"].strip().replace("-->", "->"),
+        # Word cues as the reference: when the first segment has words. Unlike the reference,
+        # a segment with text but no words (a mixed result) falls back to segment cues rather
+        # than silently losing that text.
+        word_mode = bool(segments) and "words" in segments[0]
+        if word_mode and any("words" not in s for s in segments if s["text"].strip()):
+            word_mode = False
+        if not word_mode:
+            if limits is None:
+                for segment in segments:
+                    text = _cue_text(segment["text"].strip())
+                    # The reference writes an empty cue for a cleared segment; players and
+                    # parsers disagree on what that means, so it is left out.
+                    if text:
+                        start = self.format_timestamp(segment["start"])
+                        yield start, self.format_timestamp(segment["end"]), text
+                return
+            cues = [
+                _Cue(_ms(segment["start"]), _ms(segment["end"]), text, [])
+                for segment in segments
+                if (text := _cue_text(segment["text"].strip()))
+            ]
+            if limits.max_ms is not None and any(c.end - c.start > limits.max_ms for c in cues):
+                warnings.warn(
+                    "max_cue_duration needs word timestamps to split cues; "
+                    "longer segments are kept whole",
+                    stacklevel=2,
                 )
+            for cue in _retime(cues, limits):
+                yield self._ms_timestamp(cue.start), self._ms_timestamp(cue.end), cue.text
             return
 
-        cues = _word_cues(
+        word_cues = _word_cues(
             segments, max_line_width, max_line_count, max_words_per_line, preserve_segments
         )
-        for cue in cues:
-            cue_start = self.format_timestamp(cue[0]["start"])
-            cue_end = self.format_timestamp(cue[-1]["end"])
+        if limits is not None:
+            yield from self._limited_cues(word_cues, limits, highlight_words)
+            return
+        for cue in word_cues:
             words = [timing["word"] for timing in cue]
             text = "".join(words)
+            if not text.strip():
+                continue
+            cue_start = self.format_timestamp(cue[0]["start"])
+            cue_end = self.format_timestamp(cue[-1]["end"])
             if not highlight_words:
-                yield cue_start, cue_end, text
+                yield cue_start, cue_end, _cue_text(text)
                 continue
             # One cue per word with that word underlined, plus plain cues filling any gaps.
             previous_end = cue_start
@@ -183,10 +246,180 @@ class SubtitlesWriter(ResultWriter):
                 start = self.format_timestamp(timing["start"])
                 end = self.format_timestamp(timing["end"])
                 if previous_end != start:
-                    yield previous_end, start, text
+                    yield previous_end, start, _cue_text(text)
                 marked = "".join(_underline(w) if j == i else w for j, w in enumerate(words))
-                yield start, end, marked
+                yield start, end, _cue_text(marked)
                 previous_end = end
+
+    def _ms_timestamp(self, ms: int) -> str:
+        return self.format_timestamp(ms / 1000.0)
+
+    def _limited_cues(
+        self, word_cues: Iterator[list[dict]], limits: _CueLimits, highlight_words: bool
+    ) -> Iterator[tuple[str, str, str]]:
+        cues = []
+        for words in word_cues:
+            cue = _Cue.from_words(words)
+            if cue.text.strip():
+                cues.extend(_split(cue, limits))
+        for cue in _retime(cues, limits):
+            start, end = self._ms_timestamp(cue.start), self._ms_timestamp(cue.end)
+            if not highlight_words:
+                yield start, end, _cue_text(cue.text)
+                continue
+            # As the reference, but word times follow the cue when retiming moved it, and stay
+            # inside it, so highlighted cues never overlap their neighbours.
+            shift = cue.start - _ms(cue.words[0]["start"])
+            texts = [w["word"] for w in cue.words]
+            previous = cue.start
+            for i, timing in enumerate(cue.words):
+                word_start = min(max(_ms(timing["start"]) + shift, previous), cue.end)
+                word_end = min(max(_ms(timing["end"]) + shift, word_start), cue.end)
+                if word_end == word_start:
+                    continue
+                if word_start > previous:
+                    gap_start, gap_end = (
+                        self._ms_timestamp(previous),
+                        self._ms_timestamp(word_start),
+                    )
+                    yield gap_start, gap_end, _cue_text(cue.text)
+                marked = "".join(_underline(w) if j == i else w for j, w in enumerate(texts))
+                word_times = self._ms_timestamp(word_start), self._ms_timestamp(word_end)
+                yield *word_times, _cue_text(marked)
+                previous = word_end
+            if previous < cue.end:
+                yield self._ms_timestamp(previous), end, _cue_text(cue.text)
+
+
+def _cue_text(text: str) -> str:
+    # "-->" in a cue would read as a timing line.
+    return text.replace("-->", "->")
+
+
+def _ms(seconds: float) -> int:
+    # The same rounding as format_timestamp, so limits hold on the written times.
+    return round(float(seconds) * 1000.0)
+
+
+def _chars(text: str) -> int:
+    """Characters a viewer reads: line breaks do not count."""
+    return len(text) - text.count("\n")
+
+
+@dataclass
+class _CueLimits:
+    max_cps: float | None
+    min_ms: int
+    max_ms: int | None
+
+    @classmethod
+    def from_options(
+        cls, max_cps: float | None, min_duration: float | None, max_duration: float | None
+    ) -> _CueLimits | None:
+        if not (max_cps or min_duration or max_duration):
+            return None
+        for name, value in (
+            ("max_cps", max_cps),
+            ("min_cue_duration", min_duration),
+            ("max_cue_duration", max_duration),
+        ):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if min_duration and max_duration and min_duration > max_duration:
+            raise ValueError(
+                f"min_cue_duration ({min_duration}) is longer than max_cue_duration "
+                f"({max_duration})"
+            )
+        return cls(
+            float(max_cps) if max_cps else None,
+            _ms(min_duration) if min_duration else 0,
+            _ms(max_duration) if max_duration else None,
+        )
+
+    def need(self, cue: _Cue) -> int:
+        """Milliseconds the cue should stay on screen: reading time or minimum duration."""
+        reading = math.ceil(_chars(cue.text) * 1000 / self.max_cps) if self.max_cps else 0
+        return max(reading, self.min_ms)
+
+
+@dataclass
+class _Cue:
+    """A cue in integer milliseconds; words are its word timings (display text in "word")."""
+
+    start: int
+    end: int
+    text: str
+    words: list[dict]
+
+    @classmethod
+    def from_words(cls, words: list[dict]) -> _Cue:
+        start = _ms(words[0]["start"])
+        end = max(start, _ms(words[-1]["end"]))
+        return cls(start, end, "".join(w["word"] for w in words), words)
+
+
+def _split(cue: _Cue, limits: _CueLimits) -> list[_Cue]:
+    """Split a cue between words until every part fits max_cue_duration, spoken and read."""
+    if limits.max_ms is None or len(cue.words) < 2:
+        return [cue]
+
+    def fits(part: _Cue) -> bool:
+        return max(part.end - part.start, limits.need(part)) <= limits.max_ms
+
+    if fits(cue):
+        return [cue]
+
+    def parts(k: int) -> tuple[_Cue, _Cue]:
+        rest = [dict(cue.words[k], word=cue.words[k]["word"].lstrip()), *cue.words[k + 1 :]]
+        return _Cue.from_words(cue.words[:k]), _Cue.from_words(rest)
+
+    def span(part: _Cue) -> int:
+        return max(part.end - part.start, limits.need(part))
+
+    def niceness(k: int) -> tuple[int, int]:
+        before, after = cue.words[k - 1]["word"].rstrip(), cue.words[k]["word"]
+        if before.endswith(_SENTENCE_END):
+            rank = 3
+        elif before.endswith(_CLAUSE_END):
+            rank = 2
+        elif after.startswith("\n"):
+            rank = 1  # an existing line break
+        else:
+            rank = 0
+        return rank, _ms(cue.words[k]["start"]) - _ms(cue.words[k - 1]["end"])
+
+    candidates = [(k, *parts(k)) for k in range(1, len(cue.words))]
+    fitting = [c for c in candidates if fits(c[1]) and fits(c[2])]
+    if fitting:
+        # One split does it: take the most natural place, then the most even one.
+        _, left, right = max(fitting, key=lambda c: (*niceness(c[0]), -max(span(c[1]), span(c[2]))))
+        return [left, right]
+    # Several splits needed: halve as evenly as possible and go on with each half.
+    _, left, right = min(candidates, key=lambda c: max(span(c[1]), span(c[2])))
+    return _split(left, limits) + _split(right, limits)
+
+
+def _retime(cues: list[_Cue], limits: _CueLimits) -> list[_Cue]:
+    """Give each cue its reading time / minimum duration without overlapping its neighbours.
+
+    A cue lasts into the pause after it; when there is none, the next cue starts later, by at
+    most MAX_CUE_DELAY_S, after which the earlier cue is cut short. Lengthening never takes a
+    cue past max_cue_duration, and never shortens the time its words are spoken.
+    """
+    max_delay = _ms(MAX_CUE_DELAY_S)
+    out: list[_Cue] = []
+    for cue in cues:
+        start = cue.start
+        if out and out[-1].end > start:
+            start = out[-1].end
+            if start - cue.start > max_delay:
+                start = max(cue.start + max_delay, out[-1].start + 1)
+                out[-1].end = start
+        end = max(cue.end, start + limits.need(cue), start + 1)
+        if limits.max_ms is not None:
+            end = max(min(end, start + limits.max_ms), cue.end, start + 1)
+        out.append(_Cue(start, end, cue.text, cue.words))
+    return out
 
 
 def _word_cues(
