@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -303,11 +302,7 @@ def transcribe_main(argv: list[str]) -> int:
 
     from .transcribe import transcribe
 
-    vad = args.pop("vad")
-    if "vad" in inspect.signature(transcribe).parameters:
-        args["vad"] = vad
-    elif vad:
-        parser.error("--vad is not supported by this version's transcribe()")
+    vad = args["vad"]
     for option in CUE_OPTIONS:
         value = args[option]
         if value is not None and not (math.isfinite(value) and value > 0):

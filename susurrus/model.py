@@ -107,10 +107,14 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.query(x))
         return self.out(self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
-    def attention_weights(self, x: Tensor, k: Tensor) -> Tensor:
-        """Softmax(QK^T) for alignment heads: what SDPA computes but does not return."""
+    def attention_logits(self, x: Tensor, k: Tensor) -> Tensor:
+        """Scaled QK^T before the softmax, in float32: what SDPA computes but does not return.
+
+        Word timestamps need the logits rather than the weights: they take the softmax over
+        the frames of real audio only.
+        """
         q = self.split_heads(self.query(x))
-        return (q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+        return q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
 
     def cached_self_attention(
         self, x: Tensor, cache_k: Tensor, cache_v: Tensor, offset: int
@@ -285,6 +289,39 @@ class Whisper(nn.Module):
 
     def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
         return self.logits(tokens, self.embed_audio(mel))
+
+    def alignment_logits(self, tokens: Tensor, audio_features: Tensor) -> tuple[Tensor, Tensor]:
+        """One decoder pass over `tokens` that also returns the alignment heads' attention.
+
+        Returns the logits (batch, length, n_vocab) and the cross-attention logits before the
+        softmax (batch, n_alignment_heads, length, n_audio_ctx), heads in (layer, head) order.
+        """
+        heads = self.alignment_heads.nonzero().tolist()
+        if not heads:
+            raise ValueError("this model has no alignment heads set")
+        layers = sorted({layer for layer, _ in heads})
+        cache = self.decoder.new_cache(tokens.shape[0], n_ctx=tokens.shape[1])
+        self.decoder.fill_cross_cache(cache, audio_features)
+        # The queries are made from the cross-attention LayerNorm's output: capture it, so the
+        # pass itself stays the ordinary decoder forward.
+        normed: dict[int, Tensor] = {}
+        hooks = [
+            self.decoder.blocks[i].cross_attn_ln.register_forward_hook(
+                lambda _module, _args, out, i=i: normed.__setitem__(i, out)
+            )
+            for i in layers
+        ]
+        try:
+            logits = self.decoder.logits(self.decoder(tokens, cache))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        per_layer = {
+            i: self.decoder.blocks[i].cross_attn.attention_logits(normed[i], cache.cross_k[i])
+            for i in layers
+        }
+        qk = torch.stack([per_layer[layer][:, head] for layer, head in heads], dim=1)
+        return logits, qk
 
     # Decoding entry points live in their own modules; these keep the reference API.
     def detect_language(self, mel: Tensor, tokenizer=None):

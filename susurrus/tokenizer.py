@@ -8,6 +8,7 @@ timestamps, then 1501 timestamp tokens <|0.00|> ... <|30.00|> in 20 ms steps.
 from __future__ import annotations
 
 import base64
+import string
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from importlib import resources
@@ -237,7 +238,8 @@ class Tokenizer:
         for subword, pieces in zip(subwords, subword_tokens):
             special = pieces[0] >= self.eot
             starts_word = subword.startswith(" ")
-            is_punct = subword.strip() in _PUNCTUATION
+            # A substring test, as the reference: whitespace-only pieces count as punctuation.
+            is_punct = subword.strip() in string.punctuation
             if special or starts_word or is_punct or not words:
                 words.append(subword)
                 word_tokens.append(list(pieces))
@@ -245,9 +247,6 @@ class Tokenizer:
                 words[-1] += subword
                 word_tokens[-1].extend(pieces)
         return words, word_tokens
-
-
-_PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
 @cache

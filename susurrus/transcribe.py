@@ -7,6 +7,8 @@ Failed windows (repetitive or improbable text) are retried at higher temperature
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .audio import SILENCE_PEAK, load_audio
 from .decoding import DecodingOptions, DecodingResult, decode
 from .features import (
     FRAMES_PER_SECOND,
@@ -25,7 +28,9 @@ from .features import (
     pad_or_trim,
 )
 from .model import Whisper
-from .tokenizer import LANGUAGES, get_tokenizer, language_code
+from .timing import add_word_timestamps, get_end, is_segment_anomaly, next_words_segment
+from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
+from .vad import clip_timestamps_for, speech_regions
 from .writers import format_timestamp
 
 
@@ -51,9 +56,14 @@ def _decode_with_fallback(
             and result.compression_ratio > compression_ratio_threshold
         )
         too_unlikely = logprob_threshold is not None and result.avg_logprob < logprob_threshold
-        # Improbable text over silence is expected: the window will be skipped, not retried.
-        silent = no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
-        if not too_repetitive and (not too_unlikely or silent):
+        # Improbable text over silence is expected: the window will be skipped, not retried,
+        # however repetitive the text.
+        silent = (
+            too_unlikely
+            and no_speech_threshold is not None
+            and result.no_speech_prob > no_speech_threshold
+        )
+        if silent or not (too_repetitive or too_unlikely):
             break
     assert result is not None
     return result
@@ -66,6 +76,47 @@ def _parse_clips(clip_timestamps: str | list[float], content_frames: int) -> lis
     if len(points) % 2 == 1:
         points.append(content_frames)
     return list(zip(points[::2], points[1::2]))
+
+
+def _is_suspect(
+    result: DecodingResult,
+    compression_ratio_threshold: float | None,
+    logprob_threshold: float | None,
+    no_speech_threshold: float | None,
+) -> bool:
+    """Whether any threshold flags the window even after fallback: text a reader should
+    double-check (repetitive, improbable, or probably over silence)."""
+    return bool(
+        (
+            compression_ratio_threshold is not None
+            and result.compression_ratio > compression_ratio_threshold
+        )
+        or (logprob_threshold is not None and result.avg_logprob < logprob_threshold)
+        or (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold)
+    )
+
+
+def _empty_result(model: Whisper, decode_options: dict) -> dict:
+    language = decode_options.get("language") or (None if model.is_multilingual else "en")
+    return {"text": "", "segments": [], "language": language}
+
+
+def _intersect_clips(user: str | list[float], speech: list[float]) -> list[float]:
+    """Speech regions inside the user's clips (all when the user gave none)."""
+    if isinstance(user, str):
+        user = [float(t) for t in user.split(",") if t.strip()]
+    user = list(user)
+    if user in ([], [0.0]):
+        return speech
+    if len(user) % 2 == 1:
+        user.append(float("inf"))
+    clips = []
+    for a, b in zip(user[::2], user[1::2]):
+        for c, d in zip(speech[::2], speech[1::2]):
+            start, end = max(a, c), min(b, d)
+            if start < end:
+                clips += [start, end]
+    return clips or [0.0, 0.0]
 
 
 def transcribe(
@@ -85,6 +136,7 @@ def transcribe(
     append_punctuations: str = "\"'.。,，!！?？:：”)]}、",
     clip_timestamps: str | list[float] = "0",
     hallucination_silence_threshold: float | None = None,
+    vad: bool = False,
     progress_callback: Callable[[int, int], None] | None = None,
     **decode_options,
 ) -> dict:
@@ -93,19 +145,29 @@ def transcribe(
     `audio` is a path, or 16 kHz mono samples as a NumPy array or tensor. `verbose=True`
     prints each segment as it is decoded, `False` shows a progress bar, `None` neither.
     Other keyword arguments are DecodingOptions fields (language, task, beam_size, ...).
+    `vad=True` decodes only the speech regions Silero VAD finds (times stay on the
+    original time line); audio with no sample above -60 dBFS returns no segments.
     Returns {"text", "segments", "language"} as the reference `whisper.transcribe` does.
     """
-    if word_timestamps or hallucination_silence_threshold is not None:
-        raise NotImplementedError("word timestamps are not available yet")
-    del prepend_punctuations, append_punctuations
     fp16 = decode_options.pop("fp16", True)
-    # Half precision only on an accelerator; fp16=False there asks for full precision.
-    if model.device.type == "cpu" or not fp16:
-        if model.dtype != torch.float32:
-            model.float()
+    if not fp16 and model.dtype != torch.float32:
+        model.float()  # fp16=False asks for full precision, as in the reference
+
+    if isinstance(audio, (str, os.PathLike)):
+        audio = load_audio(audio)
+    samples = audio if torch.is_tensor(audio) else torch.from_numpy(np.asarray(audio))
+    if samples.numel() == 0 or samples.abs().max() < SILENCE_PEAK:
+        # Nothing audible: decoding would only invite hallucinated words.
+        return _empty_result(model, decode_options)
+    if vad:
+        regions = speech_regions(samples)
+        if not regions:
+            return _empty_result(model, decode_options)
+        clip_timestamps = _intersect_clips(clip_timestamps, clip_timestamps_for(regions))
 
     mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
     content_frames = mel.shape[-1] - N_FRAMES
+    content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)
 
     if decode_options.get("language") is None:
         if not model.is_multilingual:
@@ -124,6 +186,9 @@ def transcribe(
     language = language_code(decode_options["language"])
     decode_options["language"] = language
     task = decode_options.get("task", "transcribe")
+    if word_timestamps and task == "translate":
+        # Translated words need not follow the order or timing of the spoken ones.
+        warnings.warn("word-level timestamps on translations may not be reliable", stacklevel=2)
     tokenizer = get_tokenizer(
         model.is_multilingual, num_languages=model.num_languages, language=language, task=task
     )
@@ -146,6 +211,7 @@ def transcribe(
 
     clip_index = 0
     seek = clips[0][0]
+    last_speech_timestamp = 0.0  # where the last word ended, with word timestamps
     with tqdm(total=content_frames, unit="frames", disable=verbose is not False) as bar:
         while clip_index < len(clips):
             clip_start, clip_end = clips[clip_index]
@@ -194,19 +260,43 @@ def transcribe(
                     input_stride,
                     time_precision,
                 )
-                if verbose:
+                discard = False
+                if word_timestamps:
+                    seek, last_speech_timestamp, discard = _add_words_and_skip_hallucinations(
+                        model,
+                        tokenizer,
+                        result,
+                        segments,
+                        previous_seek=previous_seek,
+                        segment_size=segment_size,
+                        content_frames=content_frames,
+                        content_duration=content_duration,
+                        seek=seek,
+                        last_speech_timestamp=last_speech_timestamp,
+                        prepend_punctuations=prepend_punctuations,
+                        append_punctuations=append_punctuations,
+                        hallucination_silence_threshold=hallucination_silence_threshold,
+                    )
+                if discard:
+                    # A likely hallucination after a long silence: decode again from later on.
+                    segments = []
+                elif verbose:
                     for s in segments:
                         start, end = format_timestamp(s["start"]), format_timestamp(s["end"])
                         print(f"[{start} --> {end}] {s['text']}", flush=True)
+                suspect = _is_suspect(
+                    result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
+                )
                 for s in segments:
                     # A zero-length or empty segment keeps its place but carries nothing.
                     if s["start"] == s["end"] or not s["text"].strip():
-                        s["text"], s["tokens"] = "", []
+                        s["text"], s["tokens"], s["words"] = "", [], []
+                    s["suspect"] = suspect
                 all_segments.extend(
                     {"id": i, **s} for i, s in enumerate(segments, start=len(all_segments))
                 )
                 all_tokens.extend(t for s in segments for t in s["tokens"])
-                if not condition_on_previous_text or result.temperature > 0.5:
+                if not discard and (not condition_on_previous_text or result.temperature > 0.5):
                     # A high-temperature window is unreliable context for the next one.
                     prompt_reset_since = len(all_tokens)
 
@@ -219,6 +309,105 @@ def transcribe(
         "segments": all_segments,
         "language": language,
     }
+
+
+def _add_words_and_skip_hallucinations(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    result: DecodingResult,
+    segments: list[dict],
+    *,
+    previous_seek: int,
+    segment_size: int,
+    content_frames: int,
+    content_duration: float,
+    seek: int,
+    last_speech_timestamp: float,
+    prepend_punctuations: str,
+    append_punctuations: str,
+    hallucination_silence_threshold: float | None,
+) -> tuple[int, float, bool]:
+    """Word timestamps for one window's segments, then where to continue.
+
+    Returns (next seek, last speech timestamp, discard): `discard` means the window's
+    segments are a likely hallucination preceded by silence and must be dropped; the seek
+    then points past the silence so that the audio after it is decoded afresh.
+    """
+    time_offset = previous_seek * HOP_LENGTH / SAMPLE_RATE
+    window_end_time = (previous_seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
+    segment_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+    is_ts = [t >= tokenizer.timestamp_begin for t in result.tokens]
+    single_timestamp_ending = is_ts[-2:] == [False, True]
+
+    add_word_timestamps(
+        segments=segments,
+        model=model,
+        tokenizer=tokenizer,
+        audio_features=result.audio_features,
+        num_frames=segment_size,
+        prepend_punctuations=prepend_punctuations,
+        append_punctuations=append_punctuations,
+        last_speech_timestamp=last_speech_timestamp,
+    )
+    if not single_timestamp_ending:
+        # Resume where the last word ended rather than at the last timestamp token.
+        last_word_end = get_end(segments)
+        if last_word_end is not None and last_word_end > time_offset:
+            seek = round(last_word_end * FRAMES_PER_SECOND)
+
+    if hallucination_silence_threshold is not None:
+        threshold = hallucination_silence_threshold
+        if not single_timestamp_ending:
+            last_word_end = get_end(segments)
+            if last_word_end is not None and last_word_end > time_offset:
+                # A long silence after the last word: skip to it; else take the whole window.
+                remaining = window_end_time - last_word_end
+                if remaining > threshold:
+                    seek = round(last_word_end * FRAMES_PER_SECOND)
+                else:
+                    seek = previous_seek + segment_size
+
+        # A suspicious first segment after a long leading silence: skip the silence only.
+        first = next_words_segment(segments)
+        if first is not None and is_segment_anomaly(first):
+            gap = first["start"] - time_offset
+            if gap > threshold:
+                return previous_seek + round(gap * FRAMES_PER_SECOND), last_speech_timestamp, True
+
+        # Drop a suspicious segment (and all after it) that silence or more suspicious
+        # segments surround, and resume at its start.
+        previous_end = last_speech_timestamp
+        for index, segment in enumerate(segments):
+            if not segment["words"]:
+                continue
+            if is_segment_anomaly(segment):
+                following = next_words_segment(segments[index + 1 :])
+                if following is not None:
+                    next_start = following["words"][0]["start"]
+                else:
+                    next_start = time_offset + segment_duration
+                silence_before = (
+                    segment["start"] - previous_end > threshold
+                    or segment["start"] < threshold
+                    or segment["start"] - time_offset < 2.0
+                )
+                silence_after = (
+                    next_start - segment["end"] > threshold
+                    or is_segment_anomaly(following)
+                    or window_end_time - segment["end"] < 2.0
+                )
+                if silence_before and silence_after:
+                    seek = round(max(time_offset + 1, segment["start"]) * FRAMES_PER_SECOND)
+                    if content_duration - segment["end"] < threshold:
+                        seek = content_frames
+                    del segments[index:]
+                    break
+            previous_end = segment["end"]
+
+    last_word_end = get_end(segments)
+    if last_word_end is not None:
+        last_speech_timestamp = last_word_end
+    return seek, last_speech_timestamp, False
 
 
 def _split_segments(

@@ -147,3 +147,14 @@ def test_clip_timestamps_limit_the_transcript(tiny_en):
     result = tiny_en.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0, clip_timestamps="0,4")
     assert result["segments"] and result["segments"][-1]["end"] <= 4.5
     assert "country" not in result["text"].split("do for you")[-1]
+
+
+def test_segments_carry_a_suspect_flag(base):
+    """The thresholds' verdict is kept on each segment instead of being dropped silently."""
+    speech = base.transcribe(str(AUDIO / "jfk.flac"), language="en", temperature=0.0)
+    assert [s["suspect"] for s in speech["segments"]] == [False, False]
+    # The non-speech clip: the reference writes a repeated Swedish sentence here.
+    noise = base.transcribe(
+        str(AUDIO / "sv_nst_u0016001_nonspeech.flac"), language="sv", temperature=0.0
+    )
+    assert noise["segments"] and all(s["suspect"] for s in noise["segments"])

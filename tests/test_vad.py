@@ -191,66 +191,37 @@ def test_thread_setting_is_restored() -> None:
         torch.set_num_threads(before)
 
 
-# --- the --vad flag ---
-
-
-class _Model:
-    is_multilingual = True
-
-
-def _run_cli(monkeypatch: pytest.MonkeyPatch, tmp_path, transcribe, *argv: str) -> int:
-    from susurrus import audio, load
-    from susurrus.cli import transcribe_main
-
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: _Model())
-    monkeypatch.setattr(audio, "load_audio", lambda *a, **k: np.full(SR, 0.1, np.float32))
-    monkeypatch.setattr(sys.modules["susurrus.transcribe"], "transcribe", transcribe)
-    return transcribe_main(["talk.wav", "-o", str(tmp_path), "-f", "txt", *argv])
-
-
-RESULT = {"text": " Hi.", "segments": [{"start": 0.0, "end": 1.0, "text": " Hi."}]}
-
-
-def test_cli_vad_needs_transcribe_support(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys):
-    calls = []
-
-    def without_vad(model, audio, *, temperature=0.0, **kwargs):
-        calls.append(kwargs)
-        return RESULT
-
-    with pytest.raises(SystemExit) as exc:
-        _run_cli(monkeypatch, tmp_path, without_vad, "--vad")
-    assert exc.value.code == 2
-    assert "--vad is not supported" in capsys.readouterr().err
-    # Without --vad nothing is passed on.
-    assert _run_cli(monkeypatch, tmp_path, without_vad) == 0
-    assert "vad" not in calls[-1]
+# --- transcription with --vad ---
 
 
 @requires_silero
-def test_cli_vad_is_passed_on(monkeypatch: pytest.MonkeyPatch, tmp_path):
-    calls = []
+def test_vad_transcript_keeps_the_original_time_line(tiny_en) -> None:
+    """Speech after 12 s of noise: decoded from the speech region, timed on the file's clock."""
+    from susurrus import load_audio
 
-    def with_vad(model, audio, *, temperature=0.0, vad=False, **kwargs):
-        calls.append(vad)
-        return RESULT
+    rng = np.random.default_rng(0)
+    speech = load_audio(AUDIO / "jfk.flac")
+    noise = (rng.standard_normal(12 * SR) * 0.003).astype(np.float32)
+    audio = np.concatenate([noise, speech, noise])
+    plain = tiny_en.transcribe(speech, temperature=0.0)
+    result = tiny_en.transcribe(audio, temperature=0.0, vad=True)
+    assert result["text"] == plain["text"]
+    assert result["segments"][0]["start"] >= 11.5
+    assert result["segments"][-1]["end"] == pytest.approx(
+        12 + plain["segments"][-1]["end"], abs=0.6
+    )
 
-    assert _run_cli(monkeypatch, tmp_path, with_vad, "--vad") == 0
-    assert _run_cli(monkeypatch, tmp_path, with_vad, "--vad", "False") == 0
-    assert _run_cli(monkeypatch, tmp_path, with_vad) == 0
-    assert calls == [True, False, False]
 
-
-def test_cli_vad_without_silero_fails_once_before_loading(
-    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys
-):
-    def with_vad(model, audio, *, temperature=0.0, vad=False, **kwargs):
-        raise AssertionError("not reached")
-
-    vad._load_model.cache_clear()
-    monkeypatch.setitem(sys.modules, "silero_vad", None)
-    try:
-        assert _run_cli(monkeypatch, tmp_path, with_vad, "--vad") == 2
-    finally:
-        vad._load_model.cache_clear()
-    assert "pip install silero-vad" in capsys.readouterr().err
+@requires_silero
+def test_vad_gives_no_text_on_silence_noise_and_tones(tiny_en) -> None:
+    rng = np.random.default_rng(1)
+    t = np.arange(60 * SR) / SR
+    tones = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 277.2, 329.6)) * 0.1
+    inputs = {
+        "silence": np.zeros(60 * SR, np.float32),
+        "noise": (rng.standard_normal(60 * SR) * 0.01).astype(np.float32),
+        "tones": tones.astype(np.float32),
+    }
+    for name, audio in inputs.items():
+        result = tiny_en.transcribe(audio, temperature=0.0, vad=True)
+        assert result["text"] == "" and result["segments"] == [], name
