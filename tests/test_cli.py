@@ -233,3 +233,24 @@ def test_version_and_help():
         "--threads",
     ):
         assert flag in proc.stdout
+
+
+def test_boolean_flag_spellings():
+    from susurrus.cli import build_parser
+
+    parse = build_parser().parse_args
+    args = parse(
+        ["a.wav", "--no-condition_on_previous_text", "--word_timestamps", "--fp16", "False"]
+    )
+    assert (args.condition_on_previous_text, args.word_timestamps, args.fp16) == (
+        False,
+        True,
+        False,
+    )
+    args = parse(["a.wav", "--no-condition-on-previous-text", "--verbose", "True"])
+    assert args.condition_on_previous_text is False and args.verbose is True
+    args = parse(["a.wav", "--beam_size", "None", "--language", "None", "--temperature", "0.2"])
+    assert args.beam_size is None and args.language is None and args.temperature == 0.2
+    assert parse(["a.wav"]).beam_size == 5 and parse(["a.wav"]).best_of == 5
+    with pytest.raises(SystemExit):
+        parse(["a.wav", "--fp16", "maybe"])
