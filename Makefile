@@ -28,5 +28,18 @@ test: install
 lint: install
 	$(BIN)/ruff check susurrus tests benchmarks
 
+# Speed and accuracy against openai-whisper and faster-whisper on the same weights; the peers
+# live in their own venv so they never touch ours. BENCH_ARGS=--quick for a smoke run.
+bench: install
+	@if [ ! -f benchmarks/.venv-peers/.installed ] || \
+	    [ benchmarks/requirements-peers.txt -nt benchmarks/.venv-peers/.installed ]; then \
+		set -e; \
+		$(PYTHON) -m venv benchmarks/.venv-peers; \
+		benchmarks/.venv-peers/bin/pip install -q $(TORCH); \
+		benchmarks/.venv-peers/bin/pip install -q --no-deps -r benchmarks/requirements-peers.txt; \
+		touch benchmarks/.venv-peers/.installed; \
+	fi
+	benchmarks/.venv-peers/bin/python benchmarks/run.py --our-python $(BIN)/python $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) out build *.egg-info
