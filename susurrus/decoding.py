@@ -357,9 +357,6 @@ class DecodingTask:
         )
         # Cross-attention keys/values once per audio, shared by its beams or samples.
         self.model.decoder.fill_cross_cache(cache, features)
-        if self.n_group > 1:
-            cache.cross_k = [k.repeat_interleave(self.n_group, dim=0) for k in cache.cross_k]
-            cache.cross_v = [v.repeat_interleave(self.n_group, dim=0) for v in cache.cross_v]
         sum_logprobs = torch.zeros(batch, device=tokens.device)
         no_speech_probs = [np.nan] * batch
         step_input = tokens

@@ -43,8 +43,12 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
     """The encoder's fixed positional encoding: sines then cosines over geometric timescales."""
     assert channels % 2 == 0
     step = math.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-step * torch.arange(channels // 2, dtype=torch.float32))
-    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    # Explicitly on the CPU: under a meta-device context arange would pull in torch._dynamo.
+    half = torch.arange(channels // 2, dtype=torch.float32, device="cpu")
+    inv_timescales = torch.exp(-step * half)
+    angles = (
+        torch.arange(length, dtype=torch.float32, device="cpu")[:, None] * inv_timescales[None, :]
+    )
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
@@ -103,9 +107,20 @@ class MultiHeadAttention(nn.Module):
     def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.key(xa)), self.split_heads(self.value(xa))
 
-    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    def attend(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Cross-attention. `x` may hold several rows (beams, samples) per row of `k`/`v`:
+        they become extra queries against one copy of the audio's keys, not copies of it."""
         q = self.split_heads(self.query(x))
-        return self.out(self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        batch, heads, length, dim = q.shape
+        group = batch // k.shape[0]
+        if group > 1:
+            q = q.view(k.shape[0], group, heads, length, dim).transpose(1, 2)
+            q = q.reshape(k.shape[0], heads, group * length, dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        if group > 1:
+            out = out.view(k.shape[0], heads, group, length, dim).transpose(1, 2)
+            out = out.reshape(batch, heads, length, dim)
+        return self.out(self.merge_heads(out))
 
     def attention_logits(self, x: Tensor, k: Tensor) -> Tensor:
         """Scaled QK^T before the softmax, in float32: what SDPA computes but does not return.
