@@ -54,6 +54,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _summary(result: dict, eot: int) -> dict:
+    """What the run report keeps of a whisper-style result: text, text tokens, segment count."""
+    return {
+        "text": result["text"],
+        "tokens": [t for s in result["segments"] for t in s["tokens"] if t < eot],
+        "segments": len(result["segments"]),
+    }
+
+
 class Susurrus:
     def __init__(self, model: str, setting: str, threads: int, batch_size: int | None = None):
         import torch
@@ -79,11 +88,7 @@ class Susurrus:
 
     def __call__(self, audio: np.ndarray, language: str) -> dict:
         result = self.susurrus.transcribe(self.model, audio, language=language, **self.options)
-        return {
-            "text": result["text"],
-            "tokens": [t for s in result["segments"] for t in s["tokens"] if t < self.eot],
-            "segments": len(result["segments"]),
-        }
+        return _summary(result, self.eot)
 
 
 class OpenAIWhisper:
@@ -113,11 +118,7 @@ class OpenAIWhisper:
 
     def __call__(self, audio: np.ndarray, language: str) -> dict:
         result = self.whisper.transcribe(self.model, audio, language=language, **self.options)
-        return {
-            "text": result["text"],
-            "tokens": [t for s in result["segments"] for t in s["tokens"] if t < self.eot],
-            "segments": len(result["segments"]),
-        }
+        return _summary(result, self.eot)
 
 
 class FasterWhisper:
