@@ -349,7 +349,9 @@ class DecodingTask:
             )
         return GreedyDecoder(self.options.temperature, self.tokenizer.eot)
 
-    def _main_loop(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, list[float]]:
+    def _main_loop(self, features: Tensor, tokens: Tensor):
+        """Decode until every row ends; returns the search (to finalize), tokens, scores and
+        no-speech probabilities."""
         batch = tokens.shape[0]
         decoder = self._new_decoder()
         cache = self.model.decoder.new_cache(
@@ -374,8 +376,7 @@ class DecodingTask:
             if completed or tokens.shape[-1] > self.n_ctx:
                 break
             step_input = tokens[:, -1:]
-        self._decoder = decoder
-        return tokens, sum_logprobs, no_speech_probs
+        return decoder, tokens, sum_logprobs, no_speech_probs
 
     @torch.inference_mode()
     def run(self, mel: Tensor) -> list[DecodingResult]:
@@ -400,9 +401,9 @@ class DecodingTask:
             languages = ["en"] * n_audio
 
         tokens = tokens.repeat_interleave(self.n_group, dim=0)
-        tokens, sum_logprobs, no_speech_probs = self._main_loop(features, tokens)
+        search, tokens, sum_logprobs, no_speech_probs = self._main_loop(features, tokens)
         no_speech_probs = no_speech_probs[:: self.n_group]
-        candidates, scores = self._decoder.finalize(tokens, sum_logprobs, self.n_group)
+        candidates, scores = search.finalize(tokens, sum_logprobs, self.n_group)
 
         results = []
         for i in range(n_audio):

@@ -67,19 +67,12 @@ class KVCache:
         self.cross_v: list[Tensor] = []
         self.length = 0  # positions filled so far
 
-    @property
-    def batch_size(self) -> int:
-        return self.self_k[0].shape[0]
-
     def reorder(self, index: Tensor) -> None:
         """Row i of the cache becomes the old row index[i] (beam search bookkeeping)."""
         # Cross-attention rows never need moving: every beam of one audio shares its audio.
         for buffers in (self.self_k, self.self_v):
             for buf in buffers:
                 buf[:, :, : self.length].copy_(buf[:, :, : self.length].index_select(0, index))
-
-    def rewind(self, length: int) -> None:
-        self.length = length
 
 
 class MultiHeadAttention(nn.Module):
