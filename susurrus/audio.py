@@ -425,6 +425,6 @@ def format_probe(info: dict[str, Any]) -> str:
 SILENCE_PEAK = 10 ** (-60 / 20)
 
 
-def is_silent(samples: np.ndarray) -> bool:
-    """True when no sample reaches -60 dBFS (or there are no samples at all)."""
-    return samples.size == 0 or float(np.abs(samples).max()) < SILENCE_PEAK
+def is_silent(samples: Any) -> bool:
+    """True when no sample reaches -60 dBFS (or there are none): a NumPy array or a tensor."""
+    return len(samples) == 0 or float(abs(samples).max()) < SILENCE_PEAK

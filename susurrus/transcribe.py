@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import SILENCE_PEAK, load_audio
+from .audio import is_silent, load_audio
 from .decoding import DecodingOptions, DecodingResult, decode
 from .features import (
     FRAMES_PER_SECOND,
@@ -156,7 +156,7 @@ def transcribe(
     if isinstance(audio, (str, os.PathLike)):
         audio = load_audio(audio)
     samples = audio if torch.is_tensor(audio) else torch.from_numpy(np.asarray(audio))
-    if samples.numel() == 0 or samples.abs().max() < SILENCE_PEAK:
+    if is_silent(samples):
         # Nothing audible: decoding would only invite hallucinated words.
         return _empty_result(model, decode_options)
     if vad:
