@@ -63,6 +63,19 @@ def _summary(result: dict, eot: int) -> dict:
     }
 
 
+def _whisper_options(setting: str) -> dict:
+    """The transcribe() options both whisper-API systems get: identical settings."""
+    return {
+        "temperature": TEMPERATURES,
+        "beam_size": BEAMS[setting],
+        "best_of": BEST_OF,
+        "condition_on_previous_text": True,
+        "without_timestamps": False,
+        "word_timestamps": False,
+        "fp16": False,
+    }
+
+
 class Susurrus:
     def __init__(self, model: str, setting: str, threads: int, batch_size: int | None = None):
         import torch
@@ -73,15 +86,7 @@ class Susurrus:
         self.susurrus = susurrus
         self.model = susurrus.load_model(model, device="cpu")
         self.eot = susurrus.get_tokenizer(self.model.is_multilingual).eot
-        self.options = {
-            "temperature": TEMPERATURES,
-            "beam_size": BEAMS[setting],
-            "best_of": BEST_OF,
-            "condition_on_previous_text": True,
-            "without_timestamps": False,
-            "word_timestamps": False,
-            "fp16": False,
-        }
+        self.options = _whisper_options(setting)
         if batch_size is not None:
             self.options["batch_size"] = batch_size
         self.version = susurrus.__version__
@@ -102,16 +107,7 @@ class OpenAIWhisper:
         self.eot = whisper.tokenizer.get_tokenizer(
             self.model.is_multilingual, num_languages=self.model.num_languages
         ).eot
-        self.options = {
-            "temperature": TEMPERATURES,
-            "beam_size": BEAMS[setting],
-            "best_of": BEST_OF,
-            "condition_on_previous_text": True,
-            "without_timestamps": False,
-            "word_timestamps": False,
-            "fp16": False,
-            "verbose": None,  # False would still draw a progress bar
-        }
+        self.options = {**_whisper_options(setting), "verbose": None}  # False draws a bar
         from importlib.metadata import version
 
         self.version = version("openai-whisper")
