@@ -30,14 +30,18 @@ ROOT = HERE.parent
 SYSTEMS = [
     "susurrus",
     "susurrus-b8",
+    "susurrus-int8",
+    "susurrus-int8-b8",
     "openai-whisper",
     "faster-whisper-fp32",
     "faster-whisper-int8",
 ]
-OURS = {"susurrus", "susurrus-b8"}
+OURS = {"susurrus", "susurrus-b8", "susurrus-int8", "susurrus-int8-b8"}
 PACKAGES = {
     "susurrus": "susurrus",
     "susurrus-b8": "susurrus",
+    "susurrus-int8": "susurrus",
+    "susurrus-int8-b8": "susurrus",
     "openai-whisper": "openai-whisper",
     "faster-whisper-fp32": "faster-whisper",
     "faster-whisper-int8": "faster-whisper",

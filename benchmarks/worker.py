@@ -4,7 +4,8 @@
     worker.py capabilities          # what this interpreter's susurrus supports
     worker.py prepare-model NAME DATA_DIR   # OpenAI checkpoint + CTranslate2 dir of NAME
 
-SYSTEM is susurrus, susurrus-b8 (batch_size=8), openai-whisper, faster-whisper-fp32 or
+SYSTEM is susurrus, susurrus-b8 (batch_size=8), susurrus-int8, susurrus-int8-b8,
+openai-whisper, faster-whisper-fp32 or
 faster-whisper-int8. The susurrus systems and the two helper commands run under the
 project's venv; the peers under benchmarks/.venv-peers. run.py sets OMP_NUM_THREADS and
 friends in the environment before this process starts, since they are read at import.
@@ -77,14 +78,21 @@ def _whisper_options(setting: str) -> dict:
 
 
 class Susurrus:
-    def __init__(self, model: str, setting: str, threads: int, batch_size: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        setting: str,
+        threads: int,
+        batch_size: int | None = None,
+        compute_type: str = "default",
+    ):
         import torch
 
         import susurrus
 
         torch.set_num_threads(threads)
         self.susurrus = susurrus
-        self.model = susurrus.load_model(model, device="cpu")
+        self.model = susurrus.load_model(model, device="cpu", compute_type=compute_type)
         self.eot = susurrus.get_tokenizer(self.model.is_multilingual).eot
         self.options = _whisper_options(setting)
         if batch_size is not None:
@@ -147,10 +155,14 @@ class FasterWhisper:
 
 
 def make_system(args: argparse.Namespace):
-    if args.system == "susurrus":
-        return Susurrus(args.model, args.setting, args.threads)
-    if args.system == "susurrus-b8":
-        return Susurrus(args.model, args.setting, args.threads, batch_size=8)
+    if args.system.startswith("susurrus"):
+        return Susurrus(
+            args.model,
+            args.setting,
+            args.threads,
+            batch_size=8 if args.system.endswith("-b8") else None,
+            compute_type="int8" if "-int8" in args.system else "default",
+        )
     if args.system == "openai-whisper":
         return OpenAIWhisper(args.checkpoint, args.setting, args.threads)
     if args.system in ("faster-whisper-fp32", "faster-whisper-int8"):

@@ -80,16 +80,23 @@ def _layer_count(variables: dict[str, np.ndarray], stack: str) -> int:
 
 
 def to_state_dict(
-    variables: dict[str, np.ndarray],
+    variables: dict[str, np.ndarray], native: bool = False
 ) -> tuple[ModelDimensions, dict[str, torch.Tensor]]:
-    """Map CTranslate2 Whisper variables onto this package's Whisper parameter names."""
+    """Map CTranslate2 Whisper variables onto this package's Whisper parameter names.
+
+    Tensors are float32 copies, or with `native` the stored type (float16), sharing the
+    buffer's memory where it is writable: quantizing to int8 then never holds a float32 copy.
+    """
     if any(k.endswith("weight_scale") for k in variables):
         raise SusurrusError(
             "int8-quantized CTranslate2 models are not supported; use a float model"
         )
 
     def t(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.array(variables[name], dtype=np.float32))
+        array = variables[name]
+        if native and array.flags.writeable:
+            return torch.from_numpy(array)
+        return torch.from_numpy(np.array(array, dtype=array.dtype if native else np.float32))
 
     def scalar(name: str) -> int:
         return int(np.asarray(variables[name]).reshape(-1)[0])

@@ -65,7 +65,12 @@ def _encode_if_needed(model: Whisper, mel: Tensor) -> Tensor:
     mel = mel.to(model.device)
     if mel.shape[-2:] == (dims.n_audio_ctx, dims.n_audio_state):
         return mel.to(model.dtype)
-    return model.encoder(mel.to(model.dtype))
+    mel = mel.to(model.dtype)
+    if mel.device.type == "cpu" and mel.ndim == 3:
+        # The CPU gains nothing from a batch here (the products are already large): one
+        # window at a time keeps the activations of one window in memory, not of the batch.
+        return torch.cat([model.encoder(m[None]) for m in mel])
+    return model.encoder(mel)
 
 
 @torch.inference_mode()

@@ -21,6 +21,7 @@ import torch
 
 from .errors import SusurrusError
 from .model import Whisper
+from .quantize import is_quantized
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -29,6 +30,8 @@ def export_openai_checkpoint(
     model: Whisper, path: str | os.PathLike, dtype: torch.dtype = torch.float16
 ) -> Path:
     """Save `model` to `path` as an OpenAI `.pt` checkpoint; returns the path written."""
+    if is_quantized(model):
+        raise SusurrusError("an int8 model cannot be exported: load it with a float compute type")
     path = Path(path)
     state = {}
     for name, tensor in model.state_dict().items():

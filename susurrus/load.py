@@ -19,6 +19,7 @@ from . import ct2, hf
 from .download import _MODELS, alignment_heads_for, available_models, download_model
 from .errors import SusurrusError
 from .model import ModelDimensions, Whisper
+from .quantize import quantize_int8, resolve_compute_type
 
 
 @dataclass(frozen=True)
@@ -105,15 +106,21 @@ def _build(dims: ModelDimensions, state: dict[str, torch.Tensor], source: str) -
 
 
 def load_ct2_dir(
-    directory: Path, parts: list[Path] | None = None, sha256: str | None = None
+    directory: Path,
+    parts: list[Path] | None = None,
+    sha256: str | None = None,
+    native: bool = False,
 ) -> Whisper:
-    """A CTranslate2 Whisper directory (model.bin + config.json); `parts` for split files."""
+    """A CTranslate2 Whisper directory (model.bin + config.json); `parts` for split files.
+
+    The weights are float32, or with `native` left in their stored type (for quantizing).
+    """
     parts = parts or [directory / "model.bin"]
     if sha256 is not None:
         data = read_verified(parts, sha256, str(directory))
     else:
         data = _read_bytes(parts[0])
-    dims, state = ct2.to_state_dict(ct2.read_model_bin(data, str(parts[0])))
+    dims, state = ct2.to_state_dict(ct2.read_model_bin(data, str(parts[0])), native)
     model = _build(dims, state, str(directory))
     config = ct2.read_config(directory)
     if config.get("alignment_heads"):
@@ -128,7 +135,7 @@ def _read_bytes(path: Path) -> bytes:
         raise SusurrusError(f"{path}: cannot read model file ({exc.strerror})") from None
 
 
-def load_openai_checkpoint(path: Path) -> Whisper:
+def load_openai_checkpoint(path: Path, native: bool = False) -> Whisper:
     """An OpenAI `.pt` checkpoint, read with weights_only=True (no pickle code runs)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,7 +144,8 @@ def load_openai_checkpoint(path: Path) -> Whisper:
     except Exception as exc:  # torch raises many types for a bad file; all mean the same
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise SusurrusError(f"{path}: not a readable Whisper checkpoint ({reason})") from None
-    state = {k: v.float() for k, v in state.items()}
+    if not native:
+        state = {k: v.float() for k, v in state.items()}
     model = _build(dims, state, str(path))
     if "alignment_heads" in checkpoint:
         model.set_alignment_heads(checkpoint["alignment_heads"])
@@ -155,22 +163,27 @@ def load_model(
     in_memory: bool = False,
     *,
     dtype: torch.dtype | None = None,
+    compute_type: str = "default",
 ) -> Whisper:
     """Load a Whisper model by official name (see `available_models()`) or path.
 
-    `device` defaults to CUDA when available; `dtype` to float16 on CUDA and float32 on
-    CPU. `download_root` is the cache directory for downloaded checkpoints.
+    `device` defaults to CUDA when available. `compute_type` is one of `COMPUTE_TYPES`:
+    `default` is float16 on CUDA and float32 on the CPU, as the reference; `int8` stores the
+    linear layers' weights in int8 (4x smaller, faster on the CPU); `auto` picks the fastest
+    for the device. `dtype`, when given, overrides the float type.
+    `download_root` is the cache directory for downloaded checkpoints.
     """
     del in_memory  # accepted for compatibility: checkpoints are always read into memory
     device = torch.device(device or default_device())
+    float_type, int8, attention_dtype = resolve_compute_type(compute_type, device)
     path = Path(os.path.expanduser(str(name)))
     if path.exists():
-        model = _load_path(path)
+        model = _load_path(path, native=int8)
     elif name in EMBEDDED and (files := embedded_model_files(name)) is not None:
         parts, config_dir = files
-        model = load_ct2_dir(config_dir, parts, EMBEDDED[name].sha256)
+        model = load_ct2_dir(config_dir, parts, EMBEDDED[name].sha256, native=int8)
     elif name in _MODELS:
-        model = load_openai_checkpoint(download_model(name, download_root))
+        model = load_openai_checkpoint(download_model(name, download_root), native=int8)
     elif hf.looks_like_repo_id(str(name)):
         model = hf.load_hf_dir(hf.download_repo(str(name), download_root))
     else:
@@ -184,18 +197,19 @@ def load_model(
         dims = model.dims
         model.set_alignment_heads(alignment_heads_for(name, dims.n_text_layer, dims.n_text_head))
     model.name = str(name)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return model.to(device=device, dtype=dtype).eval()
+    if int8:
+        quantize_int8(model)
+    model.set_attention_dtype(attention_dtype)
+    return model.to(device=device, dtype=dtype or float_type).eval()
 
 
-def _load_path(path: Path) -> Whisper:
+def _load_path(path: Path, native: bool = False) -> Whisper:
     if path.is_dir():
         if (path / "model.bin").is_file():
-            return load_ct2_dir(path)
+            return load_ct2_dir(path, native=native)
         if hf.is_hf_dir(path):
             return hf.load_hf_dir(path)
         raise SusurrusError(f"{path}: no model.bin (CTranslate2) found in this directory")
     if path.suffix == ".bin" and (path.parent / "config.json").is_file():
-        return load_ct2_dir(path.parent)
-    return load_openai_checkpoint(path)
+        return load_ct2_dir(path.parent, native=native)
+    return load_openai_checkpoint(path, native=native)

@@ -83,6 +83,15 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(n_state, n_state, bias=False)
         self.value = nn.Linear(n_state, n_state)
         self.out = nn.Linear(n_state, n_state)
+        # Attention can run in a narrower type than the rest (bfloat16 with int8 weights on
+        # the CPU): reading the audio's keys/values dominates a decoding step once the
+        # weights are int8, and half-width keys halve it.
+        self.attention_dtype: torch.dtype | None = None
+
+    def sdpa(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+        dtype = self.attention_dtype or q.dtype
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
+        return out.to(q.dtype)
 
     def split_heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -95,10 +104,13 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: Tensor, causal: bool = False) -> Tensor:
         """Self-attention without a cache (the encoder, or a full decoder pass)."""
         q, k, v = (self.split_heads(f(x)) for f in (self.query, self.key, self.value))
-        return self.out(self.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
+        return self.out(self.merge_heads(self.sdpa(q, k, v, is_causal=causal)))
 
     def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
-        return self.split_heads(self.key(xa)), self.split_heads(self.value(xa))
+        k, v = self.split_heads(self.key(xa)), self.split_heads(self.value(xa))
+        if self.attention_dtype is not None:
+            k, v = k.to(self.attention_dtype), v.to(self.attention_dtype)
+        return k, v
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Cross-attention. `x` may hold several rows (beams, samples) per row of `k`/`v`:
@@ -109,7 +121,7 @@ class MultiHeadAttention(nn.Module):
         if group > 1:
             q = q.view(k.shape[0], group, heads, length, dim).transpose(1, 2)
             q = q.reshape(k.shape[0], heads, group * length, dim)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.sdpa(q, k, v)
         if group > 1:
             out = out.view(k.shape[0], heads, group, length, dim).transpose(1, 2)
             out = out.reshape(batch, heads, length, dim)
@@ -135,12 +147,12 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.query(x))
         k, v = cache_k[:, :, :end], cache_v[:, :, :end]
         if length == 1:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = self.sdpa(q, k, v)
         elif offset == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = self.sdpa(q, k, v, is_causal=True)
         else:
             allowed = torch.ones(length, end, dtype=torch.bool, device=x.device).tril(offset)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            out = self.sdpa(q, k, v, attn_mask=allowed)
         return self.out(self.merge_heads(out))
 
 
@@ -200,7 +212,7 @@ class TextDecoder(nn.Module):
         n_ctx = n_ctx or self.positional_embedding.shape[0]
         n_state = self.positional_embedding.shape[1]
         n_head = self.blocks[0].attn.n_head
-        weight = self.token_embedding.weight
+        weight = self.positional_embedding
         shape = (batch_size, n_head, n_ctx, n_state // n_head)
 
         def zeros() -> list[Tensor]:
@@ -222,7 +234,8 @@ class TextDecoder(nn.Module):
         length = tokens.shape[1]
         if offset + length > self.positional_embedding.shape[0]:
             raise ValueError(f"decoder context of {self.positional_embedding.shape[0]} exceeded")
-        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + length]
+        positions = self.positional_embedding[offset : offset + length]
+        x = self.token_embedding(tokens).to(positions.dtype) + positions
         for i, block in enumerate(self.blocks):
             x = x + block.attn.cached_self_attention(
                 block.attn_ln(x), cache.self_k[i], cache.self_v[i], offset
@@ -236,6 +249,8 @@ class TextDecoder(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Output projection tied to the token embedding, in float32."""
+        if hasattr(self.token_embedding, "logits"):  # int8 (see quantize.py)
+            return self.token_embedding.logits(hidden).float()
         return (hidden @ self.token_embedding.weight.to(hidden.dtype).T).float()
 
 
@@ -270,13 +285,20 @@ class Whisper(nn.Module):
                 mask[layer, head] = True
         self.register_buffer("alignment_heads", mask, persistent=False)
 
+    def set_attention_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run every attention in `dtype` (None: the model's own float type)."""
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.attention_dtype = dtype
+
     @property
     def device(self) -> torch.device:
-        return self.decoder.token_embedding.weight.device
+        return self.decoder.positional_embedding.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.token_embedding.weight.dtype
+        """The float type activations run in (int8 models keep float32 or float16 here)."""
+        return self.decoder.positional_embedding.dtype
 
     @property
     def is_multilingual(self) -> bool:

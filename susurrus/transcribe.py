@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -31,7 +32,29 @@ from .model import Whisper
 from .timing import add_word_timestamps, get_end, is_segment_anomaly, next_words_segment
 from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
 from .vad import clip_timestamps_for, speech_regions
+from .windows import plan_windows
 from .writers import format_timestamp
+
+
+def _needs_retry(
+    result: DecodingResult,
+    compression_ratio_threshold: float | None,
+    logprob_threshold: float | None,
+    no_speech_threshold: float | None,
+) -> bool:
+    too_repetitive = (
+        compression_ratio_threshold is not None
+        and result.compression_ratio > compression_ratio_threshold
+    )
+    too_unlikely = logprob_threshold is not None and result.avg_logprob < logprob_threshold
+    # Improbable text over silence is expected: the window will be skipped, not retried,
+    # however repetitive the text.
+    silent = (
+        too_unlikely
+        and no_speech_threshold is not None
+        and result.no_speech_prob > no_speech_threshold
+    )
+    return (too_repetitive or too_unlikely) and not silent
 
 
 def _decode_with_fallback(
@@ -42,31 +65,33 @@ def _decode_with_fallback(
     compression_ratio_threshold: float | None,
     logprob_threshold: float | None,
     no_speech_threshold: float | None,
-) -> DecodingResult:
-    result = None
+) -> list[DecodingResult]:
+    """Decode a batch of windows (batch, n_mels, 3000); each window that fails the thresholds
+    is decoded again at the next temperature, alone or with the others that failed."""
+    results: list[DecodingResult | None] = [None] * mel.shape[0]
+    pending = list(range(mel.shape[0]))
+    features = None  # encoded once, reused by every retry
     for t in temperatures:
         # Beam search only at T=0; several samples only when sampling.
         if t > 0:
             attempt = replace(options, temperature=t, beam_size=None, patience=None)
         else:
             attempt = replace(options, temperature=t, best_of=None)
-        result = decode(model, mel, attempt)
-        too_repetitive = (
-            compression_ratio_threshold is not None
-            and result.compression_ratio > compression_ratio_threshold
-        )
-        too_unlikely = logprob_threshold is not None and result.avg_logprob < logprob_threshold
-        # Improbable text over silence is expected: the window will be skipped, not retried,
-        # however repetitive the text.
-        silent = (
-            too_unlikely
-            and no_speech_threshold is not None
-            and result.no_speech_prob > no_speech_threshold
-        )
-        if silent or not (too_repetitive or too_unlikely):
+        inputs = mel if features is None else features[pending]
+        decoded = decode(model, inputs, attempt)
+        if features is None:
+            features = torch.stack([r.audio_features for r in decoded])
+        retry = []
+        for index, result in zip(pending, decoded):
+            results[index] = result
+            if _needs_retry(
+                result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
+            ):
+                retry.append(index)
+        pending = retry
+        if not pending:
             break
-    assert result is not None
-    return result
+    return results  # type: ignore[return-value]
 
 
 def _parse_clips(clip_timestamps: str | list[float], content_frames: int) -> list[tuple[int, int]]:
@@ -137,6 +162,7 @@ def transcribe(
     clip_timestamps: str | list[float] = "0",
     hallucination_silence_threshold: float | None = None,
     vad: bool = False,
+    batch_size: int | None = None,
     progress_callback: Callable[[int, int], None] | None = None,
     **decode_options,
 ) -> dict:
@@ -147,6 +173,9 @@ def transcribe(
     Other keyword arguments are DecodingOptions fields (language, task, beam_size, ...).
     `vad=True` decodes only the speech regions Silero VAD finds (times stay on the
     original time line); audio with no sample above -60 dBFS returns no segments.
+    `batch_size=N` plans all windows first, cut at pauses (see windows.py), and decodes N
+    at a time: faster, with timestamps, per-window fallback and word timestamps kept, but
+    each window is decoded without the previous one's text as prompt.
     Returns {"text", "segments", "language"} as the reference `whisper.transcribe` does.
     """
     fp16 = decode_options.pop("fp16", True)
@@ -159,6 +188,7 @@ def transcribe(
     if is_silent(samples):
         # Nothing audible: decoding would only invite hallucinated words.
         return _empty_result(model, decode_options)
+    user_clips = clip_timestamps
     if vad:
         regions = speech_regions(samples)
         if not regions:
@@ -209,6 +239,38 @@ def transcribe(
         all_tokens.extend(initial_prompt_tokens)
         remaining_prompt_length -= len(initial_prompt_tokens)
 
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if hallucination_silence_threshold is not None:
+            warnings.warn(
+                "hallucination_silence_threshold is not applied with batch_size", stacklevel=2
+            )
+        # Speech regions may share a window; clips the user chose stay apart.
+        pack = vad and _parse_clips(user_clips, content_frames) == [(0, content_frames)]
+        windows = plan_windows(mel[:, :content_frames], clips, pack=pack)
+        segments = _transcribe_windows(
+            model,
+            mel,
+            windows,
+            batch_size,
+            tokenizer,
+            replace(options, prompt=initial_prompt_tokens or None),
+            temperatures,
+            thresholds=(compression_ratio_threshold, logprob_threshold, no_speech_threshold),
+            word_options=dict(
+                prepend_punctuations=prepend_punctuations,
+                append_punctuations=append_punctuations,
+            )
+            if word_timestamps
+            else None,
+            verbose=verbose,
+            progress_callback=progress_callback,
+        )
+        all_segments = [{"id": i, **seg} for i, seg in enumerate(segments)]
+        tokens = [t for seg in segments for t in seg["tokens"]]
+        return {"text": tokenizer.decode(tokens), "segments": all_segments, "language": language}
+
     clip_index = 0
     seek = clips[0][0]
     last_speech_timestamp = 0.0  # where the last word ended, with word timestamps
@@ -232,9 +294,9 @@ def transcribe(
                 prompt = initial_prompt_tokens + all_tokens[ignored:][-remaining_prompt_length:]
             else:
                 prompt = all_tokens[prompt_reset_since:]
-            result = _decode_with_fallback(
+            (result,) = _decode_with_fallback(
                 model,
-                window,
+                window[None],
                 replace(options, prompt=prompt),
                 temperatures,
                 compression_ratio_threshold,
@@ -309,6 +371,109 @@ def transcribe(
         "segments": all_segments,
         "language": language,
     }
+
+
+# A window whose text ends this long before the window does is decoded again from there:
+# Whisper stops early when it takes the last words for speech cut off by the window's edge.
+MIN_REMAINDER_FRAMES = FRAMES_PER_SECOND
+
+
+def _transcribe_windows(
+    model: Whisper,
+    mel: torch.Tensor,
+    windows: list[tuple[int, int]],
+    batch_size: int,
+    tokenizer: Tokenizer,
+    options: DecodingOptions,
+    temperatures: tuple[float, ...],
+    *,
+    thresholds: tuple[float | None, float | None, float | None],
+    word_options: dict | None,
+    verbose: bool | None,
+    progress_callback: Callable[[int, int], None] | None,
+) -> list[dict]:
+    """Decode planned windows `batch_size` at a time.
+
+    As in sequential decoding, a window whose last segment closes well before the window's
+    end is decoded again from that point: the remainder joins the queue as a new window,
+    with the text decoded so far as its prompt (so that it continues rather than repeats).
+    """
+    compression_ratio_threshold, logprob_threshold, no_speech_threshold = thresholds
+    input_stride = N_FRAMES // model.dims.n_audio_ctx
+    time_precision = input_stride * HOP_LENGTH / SAMPLE_RATE
+    total = sum(end - start for start, end in windows)
+    done = 0
+    # (start, end, prompt): planned windows share the caller's prompt, remainders have their own.
+    queue: deque[tuple[int, int, list[int] | None]] = deque((s, e, None) for s, e in windows)
+    all_segments: list[dict] = []
+    with tqdm(total=total, unit="frames", disable=verbose is not False) as bar:
+        while queue:
+            batch = [queue.popleft()]
+            prompt = batch[0][2]
+            while prompt is None and queue and queue[0][2] is None and len(batch) < batch_size:
+                batch.append(queue.popleft())
+            mels = torch.stack([pad_or_trim(mel[:, s:e], N_FRAMES) for s, e, _ in batch])
+            attempt = options if prompt is None else replace(options, prompt=prompt)
+            results = _decode_with_fallback(
+                model, mels.to(model.device), attempt, temperatures, *thresholds
+            )
+            for (start, end, _), result in zip(batch, results):
+                size = end - start
+                consumed = size
+                skip = (
+                    no_speech_threshold is not None
+                    and result.no_speech_prob > no_speech_threshold
+                    and not (
+                        logprob_threshold is not None and result.avg_logprob > logprob_threshold
+                    )
+                )
+                if not skip:
+                    offset = float(start * HOP_LENGTH / SAMPLE_RATE)
+                    duration = size * HOP_LENGTH / SAMPLE_RATE
+                    segments, seek = _split_segments(
+                        result,
+                        tokenizer,
+                        start,
+                        size,
+                        duration,
+                        offset,
+                        input_stride,
+                        time_precision,
+                        keep_tail=True,
+                    )
+                    if end - seek >= MIN_REMAINDER_FRAMES:
+                        context = [*(options.prompt or []), *result.tokens]
+                        queue.append((seek, end, context))
+                        consumed = seek - start
+                    if word_options is not None:
+                        # Windows finish out of order: the window's start stands in for the
+                        # end of the speech before it.
+                        add_word_timestamps(
+                            segments=segments,
+                            model=model,
+                            tokenizer=tokenizer,
+                            audio_features=result.audio_features,
+                            num_frames=size,
+                            last_speech_timestamp=offset,
+                            **word_options,
+                        )
+                    suspect = _is_suspect(
+                        result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
+                    )
+                    for seg in segments:
+                        if seg["start"] == seg["end"] or not seg["text"].strip():
+                            seg["text"], seg["tokens"], seg["words"] = "", [], []
+                        seg["suspect"] = suspect
+                        if verbose:
+                            a, b = format_timestamp(seg["start"]), format_timestamp(seg["end"])
+                            print(f"[{a} --> {b}] {seg['text']}", flush=True)
+                    all_segments.extend(segments)
+                done += consumed
+                bar.update(consumed)
+                if progress_callback is not None:
+                    progress_callback(done, total)
+    all_segments.sort(key=lambda seg: (seg["start"], seg["end"]))
+    return all_segments
 
 
 def _add_words_and_skip_hallucinations(
@@ -419,8 +584,14 @@ def _split_segments(
     time_offset: float,
     input_stride: int,
     time_precision: float,
+    keep_tail: bool = False,
 ) -> tuple[list[dict], int]:
-    """Cut a window's tokens into segments at timestamp pairs; return them and the next seek."""
+    """Cut a window's tokens into segments at timestamp pairs; return them and the next seek.
+
+    Text after the last complete segment is left for the next window to decode again, or
+    with `keep_tail` (batched windows, which end at a pause) kept as a last segment that ends
+    at its own timestamp or at the window's end.
+    """
     tokens = result.tokens
     tb = tokenizer.timestamp_begin
     is_ts = [t >= tb for t in tokens]
@@ -456,6 +627,18 @@ def _split_segments(
                 )
             )
             last = cut
+        tail = tokens[last:]
+        if keep_tail and not single_timestamp_ending and any(t < tb for t in tail):
+            end = tail[-1] if tail[-1] >= tb else None
+            segments.append(
+                segment(
+                    time_offset + (tail[0] - tb) * time_precision,
+                    time_offset
+                    + (segment_duration if end is None else (end - tb) * time_precision),
+                    tail,
+                )
+            )
+            return segments, seek + segment_size
         if single_timestamp_ending:
             # The window ended with speech finished: continue after the window.
             seek += segment_size

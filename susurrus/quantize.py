@@ -1,0 +1,180 @@
+"""Compute types: float32, float16, bfloat16, and int8 weights for the linear layers.
+
+int8 stores every linear layer's weight (and the output projection, tied to the token
+embedding) as int8 with one float scale per output row: a quarter of the float32 bytes. On
+the CPU the matrix products run in FBGEMM's int8 kernels with the activations quantized on
+the fly, per call (`quantized::linear_dynamic`); decoding one token is bound by memory
+bandwidth, so reading 4x fewer weight bytes is most of the gain. Elsewhere (CUDA) the weight
+is dequantized just before the product: the memory saving stays, the speed is the float one.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import SusurrusError
+
+COMPUTE_TYPES = (
+    "default",
+    "auto",
+    "float32",
+    "float16",
+    "bfloat16",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+)
+FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_compute_type(
+    compute_type: str, device: torch.device
+) -> tuple[torch.dtype, bool, torch.dtype | None]:
+    """(float dtype of the model, int8 linear weights?, attention dtype) for a compute type.
+
+    `default` keeps the reference behaviour (float16 on CUDA, float32 elsewhere); `auto` picks
+    the fastest type for the device: int8 on the CPU, float16 on CUDA. The float part of an
+    int8 type is float32 on the CPU, since the int8 kernels take float32; there
+    `int8_bfloat16` runs the attention in bfloat16 instead (on CPUs that have it natively:
+    about 10% faster, slightly less accurate).
+    """
+    if compute_type not in COMPUTE_TYPES:
+        raise SusurrusError(
+            f"unknown compute type {compute_type!r}: choose one of {', '.join(COMPUTE_TYPES)}"
+        )
+    cuda = device.type == "cuda"
+    if compute_type == "default":
+        return (torch.float16 if cuda else torch.float32), False, None
+    if compute_type == "auto":
+        return (torch.float16, False, None) if cuda else (torch.float32, True, None)
+    if compute_type in FLOAT_TYPES:
+        return FLOAT_TYPES[compute_type], False, None
+    float_name = compute_type.partition("_")[2] or ("float16" if cuda else "float32")
+    if cuda:
+        return FLOAT_TYPES[float_name], True, None
+    bf16_attention = float_name == "bfloat16" and device.type == "cpu" and native_bfloat16()
+    return torch.float32, True, torch.bfloat16 if bf16_attention else None
+
+
+def quantize_rows(weight: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output row: weight ~= int8 * scale[:, None].
+
+    Done `chunk` rows at a time, so that a large matrix (the 51865-row embedding) never
+    has a float32 copy in memory.
+    """
+    weight = weight.detach()
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], chunk):
+        rows = weight[start : start + chunk].float()
+        s = rows.abs().amax(dim=1).clamp_min(1e-12) / 127
+        q[start : start + chunk] = torch.round(rows / s[:, None]).clamp_(-127, 127)
+        scale[start : start + chunk] = s
+    return q, scale
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _fbgemm_available(device: torch.device) -> bool:
+    return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@functools.cache
+def _has_vnni() -> bool:
+    """Whether the CPU multiplies u8 x s8 into 32-bit sums without saturating (VNNI)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights (per-row scales) and a float bias."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, keep_int8: bool = False) -> None:
+        super().__init__()
+        # Once FBGEMM has its packed copy, the plain int8 matrix is dropped (and rebuilt from
+        # the packed one if the layer moves), unless something else reads it: `keep_int8`.
+        self.keep_int8 = keep_int8
+        q, scale = quantize_rows(weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.out_features, self.in_features = weight.shape
+        self._packed = None  # FBGEMM's prepacked copy, made on first CPU use
+
+    def _pack(self) -> object:
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():
+            # The quantized-tensor constructors are marked deprecated; the kernels are not.
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.weight_int8, self.scale.double(), zero, 0
+            )
+            bias = None if self.bias is None else self.bias.float()
+            return torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _fbgemm_available(x.device) and x.dtype == torch.float32:
+            if self._packed is None:
+                self._packed = self._pack()
+                if not self.keep_int8:
+                    self.weight_int8 = self.weight_int8.new_empty(0)
+            # Without VNNI the u8 x s8 pair sums saturate at 16 bits unless the activations
+            # keep to 7 bits (reduce_range), which costs accuracy: about 1 WER point on base.
+            return torch.ops.quantized.linear_dynamic(x, self._packed, not _has_vnni())
+        weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def _apply(self, fn, recurse=True):
+        # Moved or cast: restore the int8 matrix, and pack again on first CPU use.
+        if self._packed is not None and self.weight_int8.numel() == 0:
+            self.weight_int8 = torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """The token embedding in int8, serving both lookups and the tied output projection."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.projection = Int8Linear(weight, None, keep_int8=True)
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = self.projection.weight_int8[tokens].float()
+        return rows * self.projection.scale[tokens].unsqueeze(-1)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.projection(hidden)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear (and the token embedding) of `model` by int8, in place."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int8Linear(child.weight, child.bias))
+            elif isinstance(child, nn.Embedding) and name.endswith("decoder"):
+                setattr(module, child_name, Int8Embedding(child.weight))
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())

@@ -1,0 +1,99 @@
+"""Batched long-form transcription: windows planned at pauses, decoded several at a time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jiwer
+import pytest
+import torch
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from susurrus.features import N_FRAMES
+from susurrus.windows import pack_spans, plan_windows
+
+from .conftest import AUDIO, manifest, requires_shared
+
+LONG = "en_lj_LJ001-0001-0016_concat.flac"  # 111 s of continuous reading
+
+
+def test_windows_cut_at_the_quietest_point():
+    mel = torch.full((80, 7000), 0.5)
+    mel[:, 2500:2530] = -1.0  # a pause inside the search range of the first window
+    mel[:, 5200:5240] = -1.0
+    windows = plan_windows(mel, [(0, 7000)])
+    assert windows[0] == (0, pytest.approx(2515, abs=15))
+    assert all(0 < end - start <= N_FRAMES for start, end in windows)
+    # Contiguous and covering everything.
+    assert windows[0][0] == 0 and windows[-1][1] == 7000
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    assert 5200 <= windows[1][1] <= 5240
+
+
+def test_spans_are_packed_only_while_they_fit_a_window():
+    assert pack_spans([(0, 500), (700, 1500), (2000, 2900), (3100, 3500)]) == [
+        (0, 2900),
+        (3100, 3500),
+    ]
+    assert pack_spans([(0, 4000), (4100, 4200)]) == [(0, 4000), (4100, 4200)]
+
+
+@pytest.fixture(scope="module")
+def long_results(base):
+    audio = str(AUDIO / LONG)
+    sequential = base.transcribe(audio, language="en", temperature=0.0)
+    batched = base.transcribe(
+        audio, language="en", temperature=0.0, batch_size=4, word_timestamps=True
+    )
+    return sequential, batched
+
+
+@requires_shared
+def test_batched_wer_within_half_a_point_of_sequential(long_results):
+    truth = {r["file"]: r["transcript"] for r in manifest()}[LONG]
+    norm = EnglishTextNormalizer()
+    sequential, batched = long_results
+    seq_wer = jiwer.wer(norm(truth), norm(sequential["text"]))
+    batch_wer = jiwer.wer(norm(truth), norm(batched["text"]))
+    assert batch_wer <= seq_wer + 0.005, (seq_wer, batch_wer)
+
+
+@requires_shared
+def test_batched_segments_and_words_are_ordered_and_inside_the_audio(long_results):
+    _, batched = long_results
+    segments = batched["segments"]
+    assert [s["id"] for s in segments] == list(range(len(segments)))
+    starts = [s["start"] for s in segments]
+    assert starts == sorted(starts) and segments[-1]["end"] <= 111.0 + 0.02
+    words = [w for s in segments for w in s["words"]]
+    assert len(words) > 200
+    for s in segments:
+        for w in s["words"]:
+            assert s["start"] - 0.01 <= w["start"] <= w["end"] <= s["end"] + 0.01
+    assert all(a["start"] <= b["start"] for a, b in zip(words, words[1:]))
+
+
+@requires_shared
+def test_batched_with_vad_and_bad_batch_size(tiny_en, tmp_path):
+    result = tiny_en.transcribe(str(AUDIO / "jfk.flac"), batch_size=2, vad=True)
+    assert "ask what you can do for your country" in result["text"]
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        tiny_en.transcribe(str(AUDIO / "jfk.flac"), batch_size=0)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "susurrus",
+            str(AUDIO / "jfk.flac"),
+            "--model",
+            "tiny.en",
+            "--batch_size",
+            "0",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "--batch_size must be at least 1" in run.stderr

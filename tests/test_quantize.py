@@ -1,0 +1,129 @@
+"""Compute types: int8 weights, float types, and their errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jiwer
+import pytest
+import torch
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from susurrus import load_model
+from susurrus.errors import SusurrusError
+from susurrus.export import export_openai_checkpoint
+from susurrus.quantize import Int8Linear, quantize_rows, resolve_compute_type
+
+from .conftest import AUDIO, manifest, requires_shared
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_compute_type_names():
+    assert resolve_compute_type("default", CPU) == (torch.float32, False, None)
+    assert resolve_compute_type("default", CUDA) == (torch.float16, False, None)
+    assert resolve_compute_type("auto", CPU) == (torch.float32, True, None)
+    assert resolve_compute_type("auto", CUDA) == (torch.float16, False, None)
+    assert resolve_compute_type("bfloat16", CPU) == (torch.bfloat16, False, None)
+    assert resolve_compute_type("int8", CPU) == (torch.float32, True, None)
+    # The CPU's int8 kernels take float32 whatever float type was named with int8.
+    assert resolve_compute_type("int8_float16", CPU)[:2] == (torch.float32, True)
+    assert resolve_compute_type("int8_float16", CUDA) == (torch.float16, True, None)
+    with pytest.raises(SusurrusError, match="unknown compute type 'int4'"):
+        resolve_compute_type("int4", CPU)
+
+
+def test_quantize_rows_error_is_within_half_a_step():
+    weight = torch.randn(300, 64) * torch.linspace(0.01, 3, 300)[:, None]
+    q, scale = quantize_rows(weight, chunk=128)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    error = (q.float() * scale[:, None] - weight).abs()
+    assert (error <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_int8_linear_kernel_and_fallback_agree_with_float():
+    """The CPU kernel (FBGEMM, dynamic activations) and the dequantizing path other devices
+    take give the float layer's output to within int8 precision."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 256)
+    x = torch.randn(3, 7, 512)
+    expected = linear(x)
+    layer = Int8Linear(linear.weight, linear.bias)
+    fast = layer(x)  # FBGEMM
+    assert layer._packed is not None and layer.weight_int8.numel() == 0
+    layer.to(torch.float64)  # moving restores the int8 matrix from the packed copy
+    assert layer.weight_int8.shape == (256, 512)
+    plain = layer(x.double()).float()  # not float32: the dequantizing path
+    for out in (fast, plain):
+        relative = (out - expected).norm() / expected.norm()
+        assert relative < 0.02, relative
+    assert (fast - plain).norm() / plain.norm() < 0.02
+
+
+def test_int8_model_is_smaller_and_not_exportable(tmp_path):
+    def size(model):
+        tensors = [*model.parameters(), *model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    fp32 = load_model("tiny.en", device="cpu")
+    int8 = load_model("tiny.en", device="cpu", compute_type="int8")
+    assert size(int8) < 0.35 * size(fp32)
+    with pytest.raises(SusurrusError, match="int8 model cannot be exported"):
+        export_openai_checkpoint(int8, tmp_path / "m.pt")
+
+
+@requires_shared
+def test_int8_transcribes_jfk():
+    model = load_model("tiny.en", device="cpu", compute_type="int8")
+    text = model.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)["text"]
+    norm = EnglishTextNormalizer()
+    truth = {r["file"]: r["transcript"] for r in manifest()}["jfk.flac"]
+    assert jiwer.wer(norm(truth), norm(text)) == 0.0, text
+
+
+@requires_shared
+def test_int8_wer_within_half_a_point_of_float32(base):
+    """Every English file of the speech set: corpus WER of int8 within 0.5 points of fp32."""
+    rows = [r for r in manifest() if r["language"] == "en" and r["category"] != "nonspeech"]
+    int8 = load_model("base", device="cpu", compute_type="int8")
+    norm = EnglishTextNormalizer()
+    truth = [norm(r["transcript"]) for r in rows]
+    texts = {}
+    for name, model in (("float32", base), ("int8", int8)):
+        texts[name] = [
+            norm(model.transcribe(str(AUDIO / r["file"]), language="en")["text"]) for r in rows
+        ]
+    fp32_wer, int8_wer = (jiwer.wer(truth, texts[n]) for n in ("float32", "int8"))
+    assert int8_wer <= fp32_wer + 0.005, (fp32_wer, int8_wer)
+    assert int8_wer < 0.15  # and it is real speech recognised, not a degenerate output
+
+
+@requires_shared
+def test_cli_compute_type(tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "susurrus",
+            str(AUDIO / "jfk.flac"),
+            "--model",
+            "tiny.en",
+            "--compute_type",
+            "int8_bfloat16",
+            "--output_format",
+            "txt",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "ask what you can do for your country" in (tmp_path / "jfk.txt").read_text()
+    bad = subprocess.run(
+        [sys.executable, "-m", "susurrus", str(AUDIO / "jfk.flac"), "--compute_type", "int4"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
