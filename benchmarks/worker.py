@@ -271,7 +271,7 @@ def prepare_model(name: str, data_dir: str) -> dict:
         # faster-whisper wants one model.bin beside config.json and tokenizer.json.
         ct2_dir = data / f"{name}-ct2"
         target = ct2_dir / "model.bin"
-        if not target.is_file() or target.stat().st_size != EMBEDDED[name].size:
+        if not target.is_file() or target.stat().st_size != sum(p.stat().st_size for p in parts):
             ct2_dir.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256()
             with open(target, "wb") as out:
