@@ -31,6 +31,8 @@ WARMUP_SECONDS = 8.0
 IMPORTS = {
     "susurrus": ("torch", "susurrus"),
     "susurrus-b8": ("torch", "susurrus"),
+    "susurrus-int8": ("torch", "susurrus"),
+    "susurrus-int8-b8": ("torch", "susurrus"),
     "openai-whisper": ("torch", "whisper"),
     "faster-whisper-fp32": ("faster_whisper",),
     "faster-whisper-int8": ("faster_whisper",),
