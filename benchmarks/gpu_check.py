@@ -2,7 +2,9 @@
 
 The real checkpoints do not fit the GPU machine's transfer limit, so the network is built
 with seeded random weights of an official shape. Random weights decode nonsense; what is
-checked is that CUDA computes what the CPU computes, and how fast.
+checked is that CUDA computes what the CPU computes (and CUDA graphs what eager CUDA
+computes), and how fast, against openai-whisper and Hugging Face transformers running the
+same random network (each skipped with a note where it is not installed).
 
     python benchmarks/gpu_check.py [--shape large-v3] [--tokens 100] [--batch 1 8]
 """
@@ -12,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict, replace
 
 import torch
 
 from susurrus.decoding import DecodingOptions, decode
 from susurrus.model import ModelDimensions, Whisper
+from susurrus.quantize import quantize_int8
 
 SHAPES = {
     "tiny": ModelDimensions(80, 1500, 384, 6, 4, 51865, 448, 384, 6, 4),
@@ -38,7 +42,7 @@ def random_model(dims: ModelDimensions, seed: int = 0, device: str = "cpu") -> W
                 p.fill_(1.0)
             else:
                 p.normal_(0, 0.02 if p.ndim > 1 else 1.0)
-    return model.eval()
+    return model.to(device).eval()  # buffers made on the CPU (sinusoids) move too
 
 
 def fixed_length_options(model: Whisper, tokens: int) -> DecodingOptions:
@@ -76,8 +80,36 @@ def agreement(dims: ModelDimensions, tokens: int) -> dict:
     }
 
 
-def throughput(dims: ModelDimensions, dtype: torch.dtype, batch: int, tokens: int) -> dict:
-    model = random_model(dims, device="cuda").to(dtype)
+def graph_agreement(dims: ModelDimensions, tokens: int) -> dict:
+    """Greedy and beam 5 with and without CUDA graphs, float16: the same tokens."""
+    model = random_model(dims, device="cuda").half()
+    mel = torch.randn(2, dims.n_mels, 3000, device="cuda")
+    same = {}
+    for beam in (None, 5):
+        options = replace(fixed_length_options(model, tokens), beam_size=beam)
+        out = {}
+        for graphs in (True, False):
+            model.cuda_graphs = graphs
+            out[graphs] = [r.tokens for r in decode(model, mel, options)]
+        same["beam5" if beam else "greedy"] = out[True] == out[False]
+    return same
+
+
+def throughput(
+    dims: ModelDimensions,
+    dtype: torch.dtype,
+    batch: int,
+    tokens: int,
+    graphs: bool = True,
+    int8: bool = False,
+) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = random_model(dims, device="cuda")
+    if int8:
+        quantize_int8(model)
+    model = model.to(dtype)
+    model.cuda_graphs = graphs
     mel = torch.randn(batch, dims.n_mels, 3000, device="cuda")
     options = fixed_length_options(model, tokens)
     decode(model, mel, options)  # warm-up: kernels, allocator
@@ -93,7 +125,8 @@ def throughput(dims: ModelDimensions, dtype: torch.dtype, batch: int, tokens: in
     total_s = time.perf_counter() - start
     n_tokens = sum(len(r.tokens) for r in results)
     return {
-        "dtype": str(dtype).replace("torch.", ""),
+        "system": "susurrus" + ("" if graphs else " (eager)"),
+        "dtype": ("int8_" if int8 else "") + str(dtype).replace("torch.", ""),
         "batch": batch,
         "encode_s": round(encode_s, 4),
         "decode_total_s": round(total_s, 4),
@@ -102,6 +135,45 @@ def throughput(dims: ModelDimensions, dtype: torch.dtype, batch: int, tokens: in
         "windows_per_s": round(batch / total_s, 2),
         "audio_x_realtime": round(batch * 30 / total_s, 1),
         "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
+
+
+def openai_throughput(dims: ModelDimensions, batch: int, tokens: int) -> dict:
+    """The same random network in openai-whisper (float16), greedy through whisper.decode."""
+    import whisper
+    from whisper.model import ModelDimensions as OpenAIDims
+    from whisper.model import Whisper as OpenAIWhisper
+
+    ours = random_model(dims, device="cuda")
+    model = OpenAIWhisper(OpenAIDims(**asdict(dims))).cuda()
+    model.load_state_dict(ours.state_dict())
+    # As whisper.load_model leaves it: float32 weights, cast to float16 per call (fp16=True).
+    model = model.eval()
+    del ours
+    eot = 50257 if dims.n_vocab >= 51865 else 50256
+    options = whisper.DecodingOptions(
+        language="en",
+        temperature=0.0,
+        sample_len=tokens,
+        suppress_tokens=[-1, eot],
+        without_timestamps=True,
+        fp16=True,
+    )
+    mel = torch.randn(batch, dims.n_mels, 3000, device="cuda", dtype=torch.float16)
+    whisper.decode(model, mel, options)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = whisper.decode(model, mel, options)
+    torch.cuda.synchronize()
+    total_s = time.perf_counter() - start
+    return {
+        "system": "openai-whisper",
+        "dtype": "float16",
+        "batch": batch,
+        "decode_total_s": round(total_s, 4),
+        "tokens": sum(len(r.tokens) for r in results),
+        "windows_per_s": round(batch / total_s, 2),
+        "audio_x_realtime": round(batch * 30 / total_s, 1),
     }
 
 
@@ -177,18 +249,29 @@ def main() -> None:
         raise SystemExit("no CUDA device: nothing to check")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["agreement"] = agreement(SHAPES[args.agreement_shape], 50)
+    report["graphs_equal_eager"] = graph_agreement(SHAPES["base"], 50)
     print(json.dumps(report), flush=True)
+    shape = SHAPES[args.shape]
     runs = []
-    for dtype in (torch.float16, torch.bfloat16):
+    configs = [
+        (torch.float16, True, False),
+        (torch.float16, False, False),
+        (torch.bfloat16, True, False),
+        (torch.float16, True, True),
+    ]
+    for dtype, graphs, int8 in configs:
         for batch in args.batch:
-            runs.append(throughput(SHAPES[args.shape], dtype, batch, args.tokens))
+            runs.append(throughput(shape, dtype, batch, args.tokens, graphs=graphs, int8=int8))
             print(json.dumps(runs[-1]), flush=True)
-    for dtype in (torch.float16,):
+    for peer, name in ((openai_throughput, "openai-whisper"), (hf_throughput, "transformers")):
         for batch in args.batch:
             try:
-                runs.append(hf_throughput(SHAPES[args.shape], dtype, batch, args.tokens))
+                if peer is openai_throughput:
+                    runs.append(peer(shape, batch, args.tokens))
+                else:
+                    runs.append(peer(shape, torch.float16, batch, args.tokens))
             except Exception as exc:  # a peer failing must not lose our numbers
-                runs.append({"system": "transformers", "error": repr(exc)[:300]})
+                runs.append({"system": name, "error": repr(exc)[:300]})
             print(json.dumps(runs[-1]), flush=True)
     report["throughput"] = {"shape": args.shape, "runs": runs}
     print(json.dumps(report, indent=1))

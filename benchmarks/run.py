@@ -31,17 +31,19 @@ SYSTEMS = [
     "susurrus",
     "susurrus-b8",
     "susurrus-int8",
-    "susurrus-int8-b8",
+    "susurrus-auto",
+    "susurrus-auto-b8",
     "openai-whisper",
     "faster-whisper-fp32",
     "faster-whisper-int8",
 ]
-OURS = {"susurrus", "susurrus-b8", "susurrus-int8", "susurrus-int8-b8"}
+OURS = {"susurrus", "susurrus-b8", "susurrus-int8", "susurrus-auto", "susurrus-auto-b8"}
 PACKAGES = {
     "susurrus": "susurrus",
     "susurrus-b8": "susurrus",
     "susurrus-int8": "susurrus",
-    "susurrus-int8-b8": "susurrus",
+    "susurrus-auto": "susurrus",
+    "susurrus-auto-b8": "susurrus",
     "openai-whisper": "openai-whisper",
     "faster-whisper-fp32": "faster-whisper",
     "faster-whisper-int8": "faster-whisper",

@@ -4,7 +4,8 @@
     worker.py capabilities          # what this interpreter's susurrus supports
     worker.py prepare-model NAME DATA_DIR   # OpenAI checkpoint + CTranslate2 dir of NAME
 
-SYSTEM is susurrus, susurrus-b8 (batch_size=8), susurrus-int8, susurrus-int8-b8,
+SYSTEM is susurrus, susurrus-b8 (batch_size=8), susurrus-int8, susurrus-auto,
+susurrus-auto-b8 (compute_type int8 / auto),
 openai-whisper, faster-whisper-fp32 or
 faster-whisper-int8. The susurrus systems and the two helper commands run under the
 project's venv; the peers under benchmarks/.venv-peers. run.py sets OMP_NUM_THREADS and
@@ -32,7 +33,8 @@ IMPORTS = {
     "susurrus": ("torch", "susurrus"),
     "susurrus-b8": ("torch", "susurrus"),
     "susurrus-int8": ("torch", "susurrus"),
-    "susurrus-int8-b8": ("torch", "susurrus"),
+    "susurrus-auto": ("torch", "susurrus"),
+    "susurrus-auto-b8": ("torch", "susurrus"),
     "openai-whisper": ("torch", "whisper"),
     "faster-whisper-fp32": ("faster_whisper",),
     "faster-whisper-int8": ("faster_whisper",),
@@ -163,7 +165,7 @@ def make_system(args: argparse.Namespace):
             args.setting,
             args.threads,
             batch_size=8 if args.system.endswith("-b8") else None,
-            compute_type="int8" if "-int8" in args.system else "default",
+            compute_type=next((t for t in ("int8", "auto") if f"-{t}" in args.system), "default"),
         )
     if args.system == "openai-whisper":
         return OpenAIWhisper(args.checkpoint, args.setting, args.threads)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .features import CHUNK_LENGTH
+from .graphs import StaticStep
 from .model import KVCache, Whisper
 from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
 
@@ -359,29 +360,48 @@ class DecodingTask:
         no-speech probabilities."""
         batch = tokens.shape[0]
         decoder = self._new_decoder()
-        cache = self.model.decoder.new_cache(
-            batch, n_ctx=min(self.n_ctx, tokens.shape[1] + self.sample_len)
-        )
+        step = self._static_step(batch, features.shape[0])
+        if step is not None:
+            cache = step.cache
+            cache.length = 0
+        else:
+            cache = self.model.decoder.new_cache(
+                batch, n_ctx=min(self.n_ctx, tokens.shape[1] + self.sample_len)
+            )
         # Cross-attention keys/values once per audio, shared by its beams or samples.
         self.model.decoder.fill_cross_cache(cache, features)
         sum_logprobs = torch.zeros(batch, device=tokens.device)
         no_speech_probs = [np.nan] * batch
         step_input = tokens
         for i in range(self.sample_len):
-            hidden = self.model.decoder(step_input, cache)
             if i == 0:
+                hidden = self.model.decoder(step_input, cache)
                 # No-speech probability: what the model predicts right after <|startoftranscript|>.
                 logits = self.model.decoder.logits(hidden[:, [self.sot_index, -1]])
                 no_speech_probs = logits[:, 0].softmax(dim=-1)[:, self.tokenizer.no_speech].tolist()
                 logits = logits[:, 1]
+            elif step is not None:
+                logits = step(step_input)
             else:
-                logits = self.model.decoder.logits(hidden[:, -1])
+                logits = self.model.decoder.logits(self.model.decoder(step_input, cache)[:, -1])
             self.logit_filter.apply(logits, tokens)
             tokens, completed = decoder.update(tokens, logits, sum_logprobs, cache)
             if completed or tokens.shape[-1] > self.n_ctx:
                 break
             step_input = tokens[:, -1:]
         return decoder, tokens, sum_logprobs, no_speech_probs
+
+    def _static_step(self, batch: int, n_audio: int) -> StaticStep | None:
+        """The model's CUDA-graph step for this batch shape (made once, kept on the model)."""
+        model = self.model
+        if model.device.type != "cuda" or not model.cuda_graphs:
+            return None
+        step = getattr(model, "_static_step", None)
+        if step is None or step.key != (batch, n_audio):
+            model._static_step = None  # free the old graph's cache before making a new one
+            step = StaticStep(model.decoder, batch, n_audio, model.dims.n_audio_ctx)
+            model._static_step = step
+        return step
 
     @torch.inference_mode()
     def run(self, mel: Tensor) -> list[DecodingResult]:

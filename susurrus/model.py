@@ -221,12 +221,22 @@ class TextDecoder(nn.Module):
         return KVCache(zeros(), zeros())
 
     def fill_cross_cache(self, cache: KVCache, audio_features: Tensor) -> None:
-        """Project the audio once per window into every layer's cross-attention keys/values."""
-        cache.cross_k, cache.cross_v = [], []
-        for block in self.blocks:
-            k, v = block.cross_attn.cross_kv(audio_features)
-            cache.cross_k.append(k)
-            cache.cross_v.append(v)
+        """Project the audio once per window into every layer's cross-attention keys/values.
+
+        A cache that already holds buffers of the right shape (a CUDA graph's) is written in
+        place, so that the graph sees the new audio.
+        """
+        pairs = [block.cross_attn.cross_kv(audio_features) for block in self.blocks]
+        if len(cache.cross_k) == len(pairs) and all(
+            old.shape == k.shape and old.dtype == k.dtype
+            for old, (k, _) in zip(cache.cross_k, pairs)
+        ):
+            for old_k, old_v, (k, v) in zip(cache.cross_k, cache.cross_v, pairs):
+                old_k.copy_(k)
+                old_v.copy_(v)
+        else:
+            cache.cross_k = [k for k, _ in pairs]
+            cache.cross_v = [v for _, v in pairs]
 
     def forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """Hidden states (batch, new_tokens, n_state) of `tokens`, which continue the cache."""
@@ -267,6 +277,8 @@ class Whisper(nn.Module):
         # Cross-attention heads that follow the audio closely; used for word timestamps.
         self.register_buffer("alignment_heads", self.default_alignment_heads(), persistent=False)
         self.name: str | None = None  # registry name or path it was loaded from
+        # Replay decoding steps as CUDA graphs on a GPU (see graphs.py); False for eager.
+        self.cuda_graphs = True
 
     def default_alignment_heads(self) -> Tensor:
         """All heads of the last half of the decoder layers, for checkpoints without a list."""

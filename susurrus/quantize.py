@@ -30,6 +30,8 @@ COMPUTE_TYPES = (
     "int8_float16",
     "int8_bfloat16",
 )
+PER_ROW_MIN_ROWS = 64  # inputs with this many rows (encoder, prompts) get per-row scales
+REFINED_LOGITS = 64  # top logits recomputed without rounding the hidden state (int8 models)
 FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,7 +41,7 @@ def resolve_compute_type(
     """(float dtype of the model, int8 linear weights?, attention dtype) for a compute type.
 
     `default` keeps the reference behaviour (float16 on CUDA, float32 elsewhere); `auto` picks
-    the fastest type for the device: int8 on the CPU, float16 on CUDA. The float part of an
+    the fastest type for the device: int8_bfloat16 on the CPU, float16 on CUDA. The float part of an
     int8 type is float32 on the CPU, since the int8 kernels take float32; there
     `int8_bfloat16` runs the attention in bfloat16 instead (on CPUs that have it natively:
     about 10% faster, slightly less accurate).
@@ -52,7 +54,9 @@ def resolve_compute_type(
     if compute_type == "default":
         return (torch.float16 if cuda else torch.float32), False, None
     if compute_type == "auto":
-        return (torch.float16, False, None) if cuda else (torch.float32, True, None)
+        if cuda:
+            return torch.float16, False, None
+        compute_type = "int8_bfloat16"  # plain int8 where the CPU lacks native bfloat16
     if compute_type in FLOAT_TYPES:
         return FLOAT_TYPES[compute_type], False, None
     float_name = compute_type.partition("_")[2] or ("float16" if cuda else "float32")
@@ -100,19 +104,21 @@ def _has_vnni() -> bool:
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights (per-row scales) and a float bias."""
+    """A linear layer with int8 weights (per-row scales) and a float bias.
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, keep_int8: bool = False) -> None:
+    On the CPU the activations are quantized on the fly too: per row (per audio frame) for
+    the encoder's large inputs, since one scale for 1500 frames would crush the quiet ones,
+    and per call through FBGEMM's fused kernel for the decoder's few rows per step.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        # Once FBGEMM has its packed copy, the plain int8 matrix is dropped (and rebuilt from
-        # the packed one if the layer moves), unless something else reads it: `keep_int8`.
-        self.keep_int8 = keep_int8
         q, scale = quantize_rows(weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.out_features, self.in_features = weight.shape
-        self._packed = None  # FBGEMM's prepacked copy, made on first CPU use
+        self._packed = None  # FBGEMM's prepacked copy, made on first use with few rows
 
     def _pack(self) -> object:
         zero = torch.zeros(self.out_features, dtype=torch.long)
@@ -125,12 +131,21 @@ class Int8Linear(nn.Module):
             bias = None if self.bias is None else self.bias.float()
             return torch.ops.quantized.linear_prepack(qweight, bias)
 
+    def _per_row(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        step = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        q = torch.round(rows / step).to(torch.int8)
+        out = torch._int_mm(q, self.weight_int8.t()).float() * (step * self.scale)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
         if _fbgemm_available(x.device) and x.dtype == torch.float32:
+            if x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
+                return self._per_row(x)
             if self._packed is None:
                 self._packed = self._pack()
-                if not self.keep_int8:
-                    self.weight_int8 = self.weight_int8.new_empty(0)
             # Without VNNI the u8 x s8 pair sums saturate at 16 bits unless the activations
             # keep to 7 bits (reduce_range), which costs accuracy: about 1 WER point on base.
             return torch.ops.quantized.linear_dynamic(x, self._packed, not _has_vnni())
@@ -139,10 +154,7 @@ class Int8Linear(nn.Module):
         return F.linear(x, weight, bias)
 
     def _apply(self, fn, recurse=True):
-        # Moved or cast: restore the int8 matrix, and pack again on first CPU use.
-        if self._packed is not None and self.weight_int8.numel() == 0:
-            self.weight_int8 = torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
-        self._packed = None
+        self._packed = None  # moved or cast: pack again on first use
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -154,15 +166,33 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        self.projection = Int8Linear(weight, None, keep_int8=True)
+        self.projection = Int8Linear(weight, None)
         self.num_embeddings, self.embedding_dim = weight.shape
 
     def forward(self, tokens: Tensor) -> Tensor:
         rows = self.projection.weight_int8[tokens].float()
         return rows * self.projection.scale[tokens].unsqueeze(-1)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.projection(hidden)
+    def logits(self, hidden: Tensor, refine: int = REFINED_LOGITS) -> Tensor:
+        """Logits of every token; the `refine` largest are recomputed from the unquantized
+        hidden state.
+
+        The int8 kernel rounds the hidden state to 8 bits per call, which on its own turns
+        a near-silent window into a repetition loop (base, end of the long-form benchmark).
+        Decisions only depend on the top of the distribution, so those tokens are computed
+        again from the int8 weights and the float hidden state: weight rounding only.
+        """
+        logits = self.projection(hidden)
+        if refine <= 0:
+            return logits
+        flat = logits.reshape(-1, logits.shape[-1])
+        rows = hidden.reshape(-1, hidden.shape[-1]).to(self.projection.scale.dtype)
+        top = flat.topk(min(refine, flat.shape[-1]), dim=-1).indices
+        p = self.projection
+        weights = p.weight_int8[top].to(rows.dtype) * p.scale[top].unsqueeze(-1)
+        exact = torch.einsum("rkd,rd->rk", weights, rows)
+        flat.scatter_(1, top, exact.to(flat.dtype))
+        return logits
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

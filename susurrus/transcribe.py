@@ -47,14 +47,31 @@ def _needs_retry(
         and result.compression_ratio > compression_ratio_threshold
     )
     too_unlikely = logprob_threshold is not None and result.avg_logprob < logprob_threshold
-    # Improbable text over silence is expected: the window will be skipped, not retried,
-    # however repetitive the text.
-    silent = (
-        too_unlikely
-        and no_speech_threshold is not None
-        and result.no_speech_prob > no_speech_threshold
+    # Improbable or repetitive text where the model itself says "no speech" is what it
+    # makes up over silence: the window is skipped (see _is_silence), not retried.
+    probably_silent = (
+        no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
     )
-    return (too_repetitive or too_unlikely) and not silent
+    return (too_repetitive or too_unlikely) and not probably_silent
+
+
+def _is_silence(
+    result: DecodingResult,
+    compression_ratio_threshold: float | None,
+    logprob_threshold: float | None,
+    no_speech_threshold: float | None,
+) -> bool:
+    """Whether a window holds no speech: the reference rule (no-speech probability over its
+    threshold and the text not confident), and also when that text is repetitive, which is
+    how hallucinations over silence look."""
+    if no_speech_threshold is None or result.no_speech_prob <= no_speech_threshold:
+        return False
+    confident = logprob_threshold is not None and result.avg_logprob > logprob_threshold
+    repetitive = (
+        compression_ratio_threshold is not None
+        and result.compression_ratio > compression_ratio_threshold
+    )
+    return not confident or repetitive
 
 
 def _decode_with_fallback(
@@ -305,10 +322,8 @@ def transcribe(
             )
 
             previous_seek = seek
-            if (
-                no_speech_threshold is not None
-                and result.no_speech_prob > no_speech_threshold
-                and not (logprob_threshold is not None and result.avg_logprob > logprob_threshold)
+            if _is_silence(
+                result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
             ):
                 seek += segment_size  # silence: nothing to keep in this window
             else:
@@ -420,14 +435,7 @@ def _transcribe_windows(
             for (start, end, _), result in zip(batch, results):
                 size = end - start
                 consumed = size
-                skip = (
-                    no_speech_threshold is not None
-                    and result.no_speech_prob > no_speech_threshold
-                    and not (
-                        logprob_threshold is not None and result.avg_logprob > logprob_threshold
-                    )
-                )
-                if not skip:
+                if not _is_silence(result, *thresholds):
                     offset = float(start * HOP_LENGTH / SAMPLE_RATE)
                     duration = size * HOP_LENGTH / SAMPLE_RATE
                     segments, seek = _split_segments(

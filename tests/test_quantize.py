@@ -13,7 +13,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from susurrus import load_model
 from susurrus.errors import SusurrusError
 from susurrus.export import export_openai_checkpoint
-from susurrus.quantize import Int8Linear, quantize_rows, resolve_compute_type
+from susurrus.quantize import Int8Linear, native_bfloat16, quantize_rows, resolve_compute_type
 
 from .conftest import AUDIO, manifest, requires_shared
 
@@ -23,7 +23,9 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def test_compute_type_names():
     assert resolve_compute_type("default", CPU) == (torch.float32, False, None)
     assert resolve_compute_type("default", CUDA) == (torch.float16, False, None)
-    assert resolve_compute_type("auto", CPU) == (torch.float32, True, None)
+    bf16 = torch.bfloat16 if native_bfloat16() else None
+    assert resolve_compute_type("auto", CPU) == (torch.float32, True, bf16)
+    assert resolve_compute_type("int8_bfloat16", CPU) == (torch.float32, True, bf16)
     assert resolve_compute_type("auto", CUDA) == (torch.float16, False, None)
     assert resolve_compute_type("bfloat16", CPU) == (torch.bfloat16, False, None)
     assert resolve_compute_type("int8", CPU) == (torch.float32, True, None)
@@ -50,15 +52,17 @@ def test_int8_linear_kernel_and_fallback_agree_with_float():
     x = torch.randn(3, 7, 512)
     expected = linear(x)
     layer = Int8Linear(linear.weight, linear.bias)
-    fast = layer(x)  # FBGEMM
-    assert layer._packed is not None and layer.weight_int8.numel() == 0
-    layer.to(torch.float64)  # moving restores the int8 matrix from the packed copy
-    assert layer.weight_int8.shape == (256, 512)
-    plain = layer(x.double()).float()  # not float32: the dequantizing path
-    for out in (fast, plain):
-        relative = (out - expected).norm() / expected.norm()
+    fast = layer(x)  # FBGEMM: 21 rows
+    assert layer._packed is not None
+    many = torch.randn(200, 512)
+    per_row = layer(many)  # 200 rows: per-row activation scales
+    plain = layer(x.double()).float()  # not float32: the dequantizing path other devices use
+    for out, exact in ((fast, expected), (plain, expected), (per_row, linear(many))):
+        relative = (out - exact).norm() / exact.norm()
         assert relative < 0.02, relative
     assert (fast - plain).norm() / plain.norm() < 0.02
+    layer.to(torch.float64)
+    assert layer._packed is None  # packed again after a move
 
 
 def test_int8_model_is_smaller_and_not_exportable(tmp_path):
