@@ -7,6 +7,7 @@ scaled to roughly [-1, 1] by (x + 4) / 4.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 
@@ -123,3 +124,124 @@ def log_mel_spectrogram(
     # Everything more than 80 dB below the loudest bin is floored there.
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return log_spec.add_(4.0).div_(4.0)
+
+
+def _stream_log10_mel(
+    blocks: Iterator[np.ndarray], n_mels: int, padding: int, chunk_frames: int = CHUNK_FRAMES
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """log10 mel frames of a stream of sample blocks followed by `padding` zeros: yields
+    (frames, content samples so far). The same frames `_log10_mel` computes for the whole
+    signal, from a buffer that holds about one chunk of samples."""
+    half = N_FFT // 2
+    window = torch.hann_window(N_FFT)
+    filters = mel_filters("cpu", n_mels)
+    buffer = np.zeros(0, dtype=np.float32)
+    start = 0  # sample index of buffer[0]
+    content = 0
+    next_frame = 0
+    finished = False
+    blocks = iter(blocks)
+    while True:
+        if not finished:
+            block = next(blocks, None)
+            if block is None:
+                finished = True
+            else:
+                buffer = np.concatenate([buffer, block])
+                content += block.size
+                if start == 0 and content < half + 1 and not finished:
+                    continue  # the first frame reflects samples 1..200: wait for them
+        if finished:
+            n_frames = (content + padding) // HOP_LENGTH
+            buffer = np.concatenate(
+                [
+                    buffer,
+                    np.zeros(
+                        max(0, (n_frames - 1) * HOP_LENGTH + half - start - buffer.size), np.float32
+                    ),
+                ]
+            )
+            if content + padding < half + 1:
+                raise ValueError("too little audio for one mel frame")
+        else:
+            n_frames = (start + buffer.size - half) // HOP_LENGTH + 1  # frames fully available
+        last = n_frames if finished else min(n_frames, next_frame + chunk_frames)
+        while next_frame < last:
+            stop = min(last, next_frame + chunk_frames)
+            lo, hi = next_frame * HOP_LENGTH - half, (stop - 1) * HOP_LENGTH + half
+            index = np.arange(lo, hi)
+            index = np.abs(index) - start  # reflection at the start of the signal
+            samples = torch.from_numpy(buffer[index])
+            stft = torch.stft(
+                samples, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True
+            )
+            yield (filters @ stft.abs().square()).clamp_(min=1e-10).log10_(), content
+            next_frame = stop
+        if finished:
+            return
+        # Keep what the next frame reads, and the start of the signal for its reflection.
+        keep_from = max(0, next_frame * HOP_LENGTH - half)
+        if start == 0 and keep_from <= half:
+            continue
+        buffer = buffer[keep_from - start :]
+        start = keep_from
+
+
+class MelStream:
+    """The log-mel spectrogram of a file, read window by window, never held whole.
+
+    A first pass decodes the file to find what the whole spectrogram's normalisation needs
+    (its maximum) along with the length and the peak sample; `frames(start, stop)` then
+    decodes again as far as asked, keeping only the frames from `start` on. Starts must not
+    go back. The frames equal `log_mel_spectrogram(load_audio(file), padding=N_SAMPLES)`.
+    """
+
+    def __init__(self, file, n_mels: int = 80, stream: int | None = None) -> None:
+        from .audio import iter_audio
+
+        self.file, self.n_mels, self.stream = file, n_mels, stream
+        block = CHUNK_FRAMES * HOP_LENGTH
+        self._open = lambda: iter_audio(file, stream=stream, block_samples=block)
+        peak, maximum, samples = 0.0, -np.inf, 0
+
+        def tracked() -> Iterator[np.ndarray]:
+            nonlocal peak
+            for block in self._open():
+                peak = max(peak, float(np.abs(block).max()))
+                yield block
+
+        for frames, so_far in _stream_log10_mel(tracked(), n_mels, N_SAMPLES):
+            maximum = max(maximum, float(frames.max()))
+            samples = so_far
+        self.peak = peak
+        self.samples = samples
+        self.content_frames = samples // HOP_LENGTH
+        self._floor = maximum - 8.0
+        self._frames: Iterator[tuple[torch.Tensor, int]] | None = None
+        self._buffer = torch.zeros(n_mels, 0)
+        self._buffer_start = 0
+
+    @property
+    def duration(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+    def frames(self, start: int, stop: int) -> torch.Tensor:
+        """Normalised log-mel frames [start, stop) (past the content: the padding's frames)."""
+        if start < self._buffer_start:
+            raise ValueError("MelStream reads forward only")
+        if self._frames is None:
+            self._frames = _stream_log10_mel(self._open(), self.n_mels, N_SAMPLES)
+        end = self._buffer_start + self._buffer.shape[1]
+        pieces = [self._buffer[:, max(0, start - self._buffer_start) :]]
+        while end < stop:
+            chunk, _ = next(self._frames, (None, 0))
+            if chunk is None:
+                break
+            end += chunk.shape[1]
+            if end <= start:
+                continue  # skipped over (clips): never kept
+            chunk = chunk[:, max(0, chunk.shape[1] - (end - start)) :]
+            pieces.append(torch.maximum(chunk, torch.tensor(self._floor)).add_(4.0).div_(4.0))
+        self._buffer = torch.cat(pieces, dim=1)
+        self._buffer_start = start
+        return self._buffer[:, : stop - start]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import is_silent, load_audio
+from .audio import SILENCE_PEAK, is_silent, load_audio
 from .decoding import DecodingOptions, DecodingResult, decode
 from .features import (
     FRAMES_PER_SECOND,
@@ -25,6 +25,7 @@ from .features import (
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,
+    MelStream,
     log_mel_spectrogram,
     pad_or_trim,
 )
@@ -163,7 +164,7 @@ def _intersect_clips(user: str | list[float], speech: list[float]) -> list[float
 
 def transcribe(
     model: Whisper,
-    audio: str | np.ndarray | torch.Tensor,
+    audio: str | np.ndarray | torch.Tensor | MelStream,
     *,
     verbose: bool | None = None,
     temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
@@ -185,9 +186,11 @@ def transcribe(
 ) -> dict:
     """Transcribe (or translate) a whole recording.
 
-    `audio` is a path, or 16 kHz mono samples as a NumPy array or tensor. `verbose=True`
-    prints each segment as it is decoded, `False` shows a progress bar, `None` neither.
-    Other keyword arguments are DecodingOptions fields (language, task, beam_size, ...).
+    `audio` is a path, 16 kHz mono samples as a NumPy array or tensor, or a `MelStream`.
+    A path is read as it is decoded (unless `vad` or `batch_size` need all of it at once).
+    `verbose=True` prints each segment as it is decoded, `False` shows a progress bar,
+    `None` neither. Other keyword arguments are DecodingOptions fields (language, task,
+    beam_size, ...).
     `vad=True` decodes only the speech regions Silero VAD finds (times stay on the
     original time line); audio with no sample above -60 dBFS returns no segments.
     `batch_size=N` plans all windows first, cut at pauses (see windows.py), and decodes N
@@ -199,21 +202,35 @@ def transcribe(
     if not fp16 and model.dtype != torch.float32:
         model.float()  # fp16=False asks for full precision, as in the reference
 
-    if isinstance(audio, (str, os.PathLike)):
-        audio = load_audio(audio)
-    samples = audio if torch.is_tensor(audio) else torch.from_numpy(np.asarray(audio))
-    if is_silent(samples):
-        # Nothing audible: decoding would only invite hallucinated words.
-        return _empty_result(model, decode_options)
     user_clips = clip_timestamps
-    if vad:
-        regions = speech_regions(samples)
-        if not regions:
+    if isinstance(audio, (str, os.PathLike)) and not vad and batch_size is None:
+        # One window after another: the recording is read as it is decoded, so an hour of
+        # audio needs the memory of a few minutes (see MelStream).
+        audio = MelStream(audio, model.dims.n_mels)
+    if isinstance(audio, MelStream):
+        if audio.peak < SILENCE_PEAK:
             return _empty_result(model, decode_options)
-        clip_timestamps = _intersect_clips(clip_timestamps, clip_timestamps_for(regions))
+        mel = None
+        frames = audio.frames
+        content_frames = audio.content_frames
+    else:
+        if isinstance(audio, (str, os.PathLike)):
+            audio = load_audio(audio)
+        samples = audio if torch.is_tensor(audio) else torch.from_numpy(np.asarray(audio))
+        if is_silent(samples):
+            # Nothing audible: decoding would only invite hallucinated words.
+            return _empty_result(model, decode_options)
+        if vad:
+            regions = speech_regions(samples)
+            if not regions:
+                return _empty_result(model, decode_options)
+            clip_timestamps = _intersect_clips(clip_timestamps, clip_timestamps_for(regions))
+        mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
+        content_frames = mel.shape[-1] - N_FRAMES
 
-    mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
-    content_frames = mel.shape[-1] - N_FRAMES
+        def frames(start: int, stop: int) -> torch.Tensor:
+            return mel[:, start:stop]
+
     content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)
 
     if decode_options.get("language") is None:
@@ -225,7 +242,7 @@ def transcribe(
                     "Detecting language using up to the first 30 seconds. "
                     "Use `--language` to specify the language"
                 )
-            first = pad_or_trim(mel, N_FRAMES).to(model.device)
+            first = pad_or_trim(frames(0, N_FRAMES), N_FRAMES).to(model.device)
             _, probs = model.detect_language(first)
             decode_options["language"] = max(probs, key=probs.get)
             if verbose is not None:
@@ -257,6 +274,8 @@ def transcribe(
         remaining_prompt_length -= len(initial_prompt_tokens)
 
     if batch_size is not None:
+        if mel is None:
+            raise ValueError("batch_size needs the whole recording: pass a path or samples")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if hallucination_silence_threshold is not None:
@@ -304,7 +323,7 @@ def transcribe(
             segment_size = min(N_FRAMES, content_frames - seek, clip_end - seek)
             segment_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
             # Frames past the content are zeros in log-mel space, as the model was trained.
-            window = pad_or_trim(mel[:, seek : seek + segment_size], N_FRAMES).to(model.device)
+            window = pad_or_trim(frames(seek, seek + segment_size), N_FRAMES).to(model.device)
 
             if carry_initial_prompt:
                 ignored = max(len(initial_prompt_tokens), prompt_reset_since)

@@ -1,0 +1,87 @@
+"""Reading a recording as it is decoded: the same spectrogram, and memory that does not grow
+with the recording's length."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from susurrus import load_audio, log_mel_spectrogram
+from susurrus.features import N_FRAMES, N_SAMPLES, MelStream
+
+from .conftest import AUDIO, requires_shared
+
+pytestmark = requires_shared
+LONG = AUDIO / "en_lj_LJ001-0001-0016_concat.flac"  # 111 s
+
+
+@pytest.mark.parametrize("name", ["jfk.flac", LONG.name])
+def test_stream_frames_equal_the_whole_spectrogram(name):
+    path = AUDIO / name
+    whole = log_mel_spectrogram(load_audio(str(path)), 80, padding=N_SAMPLES)
+    stream = MelStream(str(path), 80)
+    assert stream.content_frames == whole.shape[-1] - N_FRAMES
+    assert stream.peak == pytest.approx(float(np.abs(load_audio(str(path))).max()))
+    # Windows as transcription reads them: overlapping, forward, some skipped, the last
+    # running into the padding.
+    starts = [0, 2500, 2999, 9100, stream.content_frames - 100]
+    for start in sorted(s for s in starts if s <= stream.content_frames):
+        got = stream.frames(start, start + N_FRAMES)
+        expected = whole[:, start : start + N_FRAMES]
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    with pytest.raises(ValueError, match="forward only"):
+        stream.frames(0, 10)
+
+
+def test_streamed_transcript_equals_in_memory(tiny_en):
+    streamed = tiny_en.transcribe(str(LONG), temperature=0.0)
+    in_memory = tiny_en.transcribe(load_audio(str(LONG)), temperature=0.0)
+    assert [s["tokens"] for s in streamed["segments"]] == [
+        s["tokens"] for s in in_memory["segments"]
+    ]
+
+
+PEAK_RSS = """
+import resource, sys, susurrus
+model = susurrus.load_model("tiny.en", device="cpu")
+result = model.transcribe(sys.argv[1], temperature=0.0, clip_timestamps=sys.argv[2])
+assert "printing" in result["text"].lower(), result["text"]
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_an_hour_needs_the_memory_of_three_minutes(tmp_path):
+    """An hour of audio, of which the first three minutes and the last thirty seconds are
+    decoded, against the first three minutes alone: peak RSS within 10%."""
+    samples = load_audio(str(LONG))
+    pcm = (np.clip(samples, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+    hour, minutes = tmp_path / "hour.wav", tmp_path / "three.wav"
+    for path, seconds in ((hour, 3600), (minutes, 180)):
+        with wave.open(str(path), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(16000)
+            written = 0
+            while written < seconds * 16000:
+                part = pcm[: 2 * (seconds * 16000 - written)]
+                f.writeframes(part)
+                written += len(part) // 2
+
+    def peak_kb(path, clips) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, str(path), clips],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(run.stdout.split()[-1])
+
+    short = peak_kb(minutes, "0,180")
+    long = peak_kb(hour, "0,180,3570,3600")
+    assert long <= 1.10 * short, (long, short)
