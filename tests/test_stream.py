@@ -84,4 +84,5 @@ def test_an_hour_needs_the_memory_of_three_minutes(tmp_path):
 
     short = peak_kb(minutes, "0,180")
     long = peak_kb(hour, "0,180,3570,3600")
+    print(f"peak RSS: 3 min {short // 1024} MB, 1 h {long // 1024} MB")
     assert long <= 1.10 * short, (long, short)

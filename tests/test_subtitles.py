@@ -4,6 +4,7 @@ and the guarantee that with the limits off the srt and vtt files are byte for by
 from __future__ import annotations
 
 import copy
+import types
 import hashlib
 import io
 import random
@@ -464,12 +465,13 @@ def test_srt_times_are_exact_milliseconds() -> None:
 
 class _Model:
     is_multilingual = True
+    dims = types.SimpleNamespace(n_mels=80)
 
 
 @pytest.fixture
 def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """Run the CLI with a stand-in model and transcriber; returns (exit code, transcribe kwargs)."""
-    from susurrus import audio, load
+    from susurrus import audio, features, load
 
     calls: list[dict] = []
 
@@ -479,6 +481,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path):
 
     monkeypatch.setattr(load, "load_model", lambda *a, **k: _Model())
     monkeypatch.setattr(audio, "load_audio", lambda *a, **k: np.full(16000, 0.1, np.float32))
+    monkeypatch.setattr(features, "MelStream", lambda *a, **k: types.SimpleNamespace(peak=0.1))
     monkeypatch.setattr(sys.modules["susurrus.transcribe"], "transcribe", transcribe)
 
     def run(*argv: str) -> tuple[int, dict | None]:
