@@ -4,11 +4,11 @@ and the guarantee that with the limits off the srt and vtt files are byte for by
 from __future__ import annotations
 
 import copy
-import types
 import hashlib
 import io
 import random
 import sys
+import types
 import warnings
 from datetime import timedelta
 
