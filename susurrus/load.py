@@ -7,6 +7,7 @@ then a checkpoint already in the cache directory, then a download. A path may be
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -200,7 +201,18 @@ def load_model(
     if int8:
         quantize_int8(model)
     model.set_attention_dtype(attention_dtype)
-    return model.to(device=device, dtype=dtype or float_type).eval()
+    model = model.to(device=device, dtype=dtype or float_type).eval()
+    _release_free_memory()
+    return model
+
+
+def _release_free_memory() -> None:
+    """Hand the loader's freed buffers back to the OS (glibc keeps them otherwise: about
+    130 MB of resident memory after loading base, depending on where the heap ends)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        pass
 
 
 def _load_path(path: Path, native: bool = False) -> Whisper:
