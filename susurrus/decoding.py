@@ -70,8 +70,8 @@ def _encode_if_needed(model: Whisper, mel: Tensor) -> Tensor:
     if mel.device.type == "cpu" and mel.ndim == 3:
         # The CPU gains nothing from a batch here (the products are already large): one
         # window at a time keeps the activations of one window in memory, not of the batch.
-        return torch.cat([model.encoder(m[None]) for m in mel])
-    return model.encoder(mel)
+        return torch.cat([model.embed_audio(m[None]) for m in mel])
+    return model.embed_audio(mel)
 
 
 @torch.inference_mode()

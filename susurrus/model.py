@@ -184,8 +184,9 @@ class AudioEncoder(nn.Module):
         self.ln_post = LayerNorm(n_state)
 
     def forward(self, mel: Tensor) -> Tensor:
-        """(batch, n_mels, 3000) log-mel -> (batch, 1500, n_state) audio features."""
-        x = F.gelu(self.conv1(mel))
+        """(batch, n_mels, 3000) log-mel -> (batch, 1500, n_state) audio features, in the
+        encoder's own float type (which may differ from the decoder's: see quantize.py)."""
+        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         if x.shape[1] != self.positional_embedding.shape[0]:
             raise ValueError(
@@ -321,7 +322,7 @@ class Whisper(nn.Module):
         return self.dims.n_vocab - 51765 - int(self.is_multilingual)
 
     def embed_audio(self, mel: Tensor) -> Tensor:
-        return self.encoder(mel)
+        return self.encoder(mel).to(self.dtype)
 
     def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
         """Logits of every position of `tokens` (batch, length) given encoded audio."""
