@@ -359,8 +359,11 @@ def chart(rows: list[dict], inputs: dict[str, dict], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.15)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(systems), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    # At most four systems a row, or the legend runs off the figure's sides.
+    columns = min(len(systems), 4)
+    fig.legend(handles, labels, loc="upper center", ncol=columns, fontsize=9)
+    rows_of_legend = -(-len(systems) // columns)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.035 * rows_of_legend))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
