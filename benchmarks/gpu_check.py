@@ -92,6 +92,15 @@ def graph_agreement(dims: ModelDimensions, tokens: int) -> dict:
             model.cuda_graphs = graphs
             out[graphs] = [r.tokens for r in decode(model, mel, options)]
         same["beam5" if beam else "greedy"] = out[True] == out[False]
+    # Cast after graphs were captured: the old graphs must not replay on freed weights.
+    model.cuda_graphs = True
+    before = [r.tokens for r in decode(model, mel, fixed_length_options(model, tokens))]
+    model.float()
+    graphed = [r.tokens for r in decode(model, mel, fixed_length_options(model, tokens))]
+    model.cuda_graphs = False
+    eager = [r.tokens for r in decode(model, mel, fixed_length_options(model, tokens))]
+    same["after_float()"] = graphed == eager
+    same["float16_vs_float32_identical"] = before == graphed
     return same
 
 

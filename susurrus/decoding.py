@@ -60,6 +60,9 @@ class DecodingResult:
     compression_ratio: float = np.nan
 
 
+MAX_STATIC_STEPS = 4  # CUDA graphs (with their caches) kept per model
+
+
 def _encode_if_needed(model: Whisper, mel: Tensor) -> Tensor:
     """Accept either a log-mel batch or audio features already encoded."""
     dims = model.dims
@@ -392,16 +395,18 @@ class DecodingTask:
         return decoder, tokens, sum_logprobs, no_speech_probs
 
     def _static_step(self, batch: int, n_audio: int) -> StaticStep | None:
-        """The model's CUDA-graph step for this batch shape (made once, kept on the model)."""
+        """The model's CUDA-graph step for this batch shape, made once and kept on the model
+        (a few shapes: batched windows alternate with single remainders and retries)."""
         model = self.model
         if model.device.type != "cuda" or not model.cuda_graphs:
             return None
-        step = getattr(model, "_static_step", None)
-        if step is None or step.key != (batch, n_audio):
-            model._static_step = None  # free the old graph's cache before making a new one
-            step = StaticStep(model.decoder, batch, n_audio, model.dims.n_audio_ctx)
-            model._static_step = step
-        return step
+        steps = model.__dict__.setdefault("_static_steps", {})
+        key = (batch, n_audio)
+        if key not in steps:
+            if len(steps) >= MAX_STATIC_STEPS:
+                del steps[next(iter(steps))]  # the oldest: its cache memory goes with it
+            steps[key] = StaticStep(model.decoder, batch, n_audio, model.dims.n_audio_ctx)
+        return steps[key]
 
     @torch.inference_mode()
     def run(self, mel: Tensor) -> list[DecodingResult]:

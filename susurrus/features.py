@@ -192,8 +192,9 @@ class MelStream:
 
     A first pass decodes the file to find what the whole spectrogram's normalisation needs
     (its maximum) along with the length and the peak sample; `frames(start, stop)` then
-    decodes again as far as asked, keeping only the frames from `start` on. Starts must not
-    go back. The frames equal `log_mel_spectrogram(load_audio(file), padding=N_SAMPLES)`.
+    decodes again as far as asked, keeping only the frames from `start` on (going back means
+    decoding again from the start). The frames equal
+    `log_mel_spectrogram(load_audio(file), padding=N_SAMPLES)`.
     """
 
     def __init__(self, file, n_mels: int = 80, stream: int | None = None) -> None:
@@ -228,7 +229,10 @@ class MelStream:
     def frames(self, start: int, stop: int) -> torch.Tensor:
         """Normalised log-mel frames [start, stop) (past the content: the padding's frames)."""
         if start < self._buffer_start:
-            raise ValueError("MelStream reads forward only")
+            # Going back (clips out of order, a second transcription): decode from the top.
+            self._frames = None
+            self._buffer = torch.zeros(self.n_mels, 0)
+            self._buffer_start = 0
         if self._frames is None:
             self._frames = _stream_log10_mel(self._open(), self.n_mels, N_SAMPLES)
         end = self._buffer_start + self._buffer.shape[1]

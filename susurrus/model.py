@@ -303,6 +303,12 @@ class Whisper(nn.Module):
         for module in self.modules():
             if isinstance(module, MultiHeadAttention):
                 module.attention_dtype = dtype
+        self.__dict__.pop("_static_steps", None)
+
+    def _apply(self, fn, recurse=True):
+        # CUDA graphs captured the old weights' memory: moved or cast, they must go.
+        self.__dict__.pop("_static_steps", None)
+        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:

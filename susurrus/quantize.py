@@ -149,13 +149,16 @@ class Int8Linear(nn.Module):
             # Without VNNI the u8 x s8 pair sums saturate at 16 bits unless the activations
             # keep to 7 bits (reduce_range), which costs accuracy: about 1 WER point on base.
             return torch.ops.quantized.linear_dynamic(x, self._packed, not _has_vnni())
-        weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+        # The product in float32: a row's scale can be a float16 subnormal.
+        weight = (self.weight_int8.float() * self.scale[:, None]).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
     def _apply(self, fn, recurse=True):
         self._packed = None  # moved or cast: pack again on first use
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        self.scale = self.scale.float()  # kept in float32 whatever the model's type
+        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

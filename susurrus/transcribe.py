@@ -208,6 +208,8 @@ def transcribe(
         # audio needs the memory of a few minutes (see MelStream).
         audio = MelStream(audio, model.dims.n_mels)
     if isinstance(audio, MelStream):
+        if vad:
+            raise ValueError("vad needs the whole recording: pass a path or samples")
         if audio.peak < SILENCE_PEAK:
             return _empty_result(model, decode_options)
         mel = None
@@ -487,7 +489,11 @@ def _transcribe_windows(
                     suspect = _is_suspect(
                         result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
                     )
+                    window_end = end * HOP_LENGTH / SAMPLE_RATE
                     for seg in segments:
+                        # A window shorter than 30 s is padded: no time past its end is real.
+                        seg["start"] = min(seg["start"], window_end)
+                        seg["end"] = min(seg["end"], window_end)
                         if seg["start"] == seg["end"] or not seg["text"].strip():
                             seg["text"], seg["tokens"], seg["words"] = "", [], []
                         seg["suspect"] = suspect

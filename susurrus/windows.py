@@ -61,6 +61,8 @@ def plan_windows(
     `spans` are the frame ranges to transcribe (the whole recording, clips, or speech
     regions); `pack` lets one window hold several short spans and the gaps between them.
     """
+    if mel.shape[-1] == 0:
+        return []
     level = loudness(mel)
     spans = [(max(0, s), min(e, mel.shape[-1])) for s, e in spans]
     spans = [(s, e) for s, e in spans if e > s]

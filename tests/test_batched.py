@@ -31,6 +31,10 @@ def test_windows_cut_at_the_quietest_point():
     assert 5200 <= windows[1][1] <= 5240
 
 
+def test_no_frames_no_windows():
+    assert plan_windows(torch.zeros(80, 0), [(0, 0)]) == []
+
+
 def test_spans_are_packed_only_while_they_fit_a_window():
     assert pack_spans([(0, 500), (700, 1500), (2000, 2900), (3100, 3500)]) == [
         (0, 2900),
