@@ -215,9 +215,11 @@ class TextDecoder(nn.Module):
         n_head = self.blocks[0].attn.n_head
         weight = self.positional_embedding
         shape = (batch_size, n_head, n_ctx, n_state // n_head)
+        # Kept in the attention's type, so that no step converts the whole cache.
+        dtype = self.blocks[0].attn.attention_dtype or weight.dtype
 
         def zeros() -> list[Tensor]:
-            return [weight.new_zeros(shape) for _ in self.blocks]
+            return [weight.new_zeros(shape, dtype=dtype) for _ in self.blocks]
 
         return KVCache(zeros(), zeros())
 
