@@ -86,11 +86,20 @@ def _log10_mel(audio: torch.Tensor, n_mels: int, padding: int, chunk_frames: int
         samples = _reflect_padded(
             audio, total, first * HOP_LENGTH - half, (last - 1) * HOP_LENGTH + half
         )
-        stft = torch.stft(
-            samples, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True
-        )
-        out[:, first:last] = (filters @ stft.abs().square()).clamp_(min=1e-10).log10_()
+        out[:, first:last] = _log10_mel_frames(samples, window, filters)
     return out
+
+
+def _log10_mel_frames(samples: torch.Tensor, window: torch.Tensor, filters: torch.Tensor):
+    """log10 mel power of every 400-sample frame of `samples` (already padded), hop 160."""
+    stft = torch.stft(samples, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+    return (filters @ stft.abs().square()).clamp_(min=1e-10).log10_()
+
+
+def _normalise(log_spec: torch.Tensor, maximum: float | torch.Tensor) -> torch.Tensor:
+    """Floor everything more than 80 dB below `maximum` (the whole recording's loudest bin)
+    there, and scale to roughly [-1, 1]; in place."""
+    return torch.maximum(log_spec, torch.as_tensor(maximum) - 8.0).add_(4.0).div_(4.0)
 
 
 def log_mel_spectrogram(
@@ -121,9 +130,7 @@ def log_mel_spectrogram(
             [log_mel_spectrogram(a, n_mels, padding, chunk_frames=chunk_frames) for a in audio]
         )
     log_spec = _log10_mel(audio, n_mels, padding, chunk_frames)
-    # Everything more than 80 dB below the loudest bin is floored there.
-    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-    return log_spec.add_(4.0).div_(4.0)
+    return _normalise(log_spec, log_spec.max())
 
 
 def _stream_log10_mel(
@@ -171,11 +178,7 @@ def _stream_log10_mel(
             lo, hi = next_frame * HOP_LENGTH - half, (stop - 1) * HOP_LENGTH + half
             index = np.arange(lo, hi)
             index = np.abs(index) - start  # reflection at the start of the signal
-            samples = torch.from_numpy(buffer[index])
-            stft = torch.stft(
-                samples, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True
-            )
-            yield (filters @ stft.abs().square()).clamp_(min=1e-10).log10_(), content
+            yield _log10_mel_frames(torch.from_numpy(buffer[index]), window, filters), content
             next_frame = stop
         if finished:
             return
@@ -217,7 +220,7 @@ class MelStream:
         self.peak = peak
         self.samples = samples
         self.content_frames = samples // HOP_LENGTH
-        self._floor = maximum - 8.0
+        self._maximum = maximum
         self._frames: Iterator[tuple[torch.Tensor, int]] | None = None
         self._buffer = torch.zeros(n_mels, 0)
         self._buffer_start = 0
@@ -245,7 +248,7 @@ class MelStream:
             if end <= start:
                 continue  # skipped over (clips): never kept
             chunk = chunk[:, max(0, chunk.shape[1] - (end - start)) :]
-            pieces.append(torch.maximum(chunk, torch.tensor(self._floor)).add_(4.0).div_(4.0))
+            pieces.append(_normalise(chunk, self._maximum))
         self._buffer = torch.cat(pieces, dim=1)
         self._buffer_start = start
         return self._buffer[:, : stop - start]
