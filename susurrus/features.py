@@ -160,14 +160,10 @@ def _stream_log10_mel(
                     continue  # the first frame reflects samples 1..200: wait for them
         if finished:
             n_frames = (content + padding) // HOP_LENGTH
-            buffer = np.concatenate(
-                [
-                    buffer,
-                    np.zeros(
-                        max(0, (n_frames - 1) * HOP_LENGTH + half - start - buffer.size), np.float32
-                    ),
-                ]
-            )
+            # Zeros up to the last frame's window, and past sample `half`, which the first
+            # frame's reflection reads.
+            missing = max((n_frames - 1) * HOP_LENGTH + half, half + 1) - start - buffer.size
+            buffer = np.concatenate([buffer, np.zeros(max(0, missing), np.float32)])
             if content + padding < half + 1:
                 raise ValueError("too little audio for one mel frame")
         else:

@@ -86,3 +86,15 @@ def test_an_hour_needs_the_memory_of_three_minutes(tmp_path):
     long = peak_kb(hour, "0,180,3570,3600")
     print(f"peak RSS: 3 min {short // 1024} MB, 1 h {long // 1024} MB")
     assert long <= 1.10 * short, (long, short)
+
+
+@pytest.mark.parametrize("samples,padding", [(200, 40), (300, 100), (1000, 0), (16037, N_SAMPLES)])
+def test_streamed_frames_equal_whole_signal_frames_for_any_padding(samples, padding):
+    from susurrus.features import _log10_mel, _stream_log10_mel
+
+    audio = np.random.default_rng(samples).standard_normal(samples).astype(np.float32)
+    whole = _log10_mel(torch.from_numpy(audio), 80, padding, 6000)
+    blocks = iter([audio[:150], audio[150:]])  # the first block too short for frame 0
+    streamed = torch.cat([frames for frames, _ in _stream_log10_mel(blocks, 80, padding)], 1)
+    assert streamed.shape == whole.shape
+    assert torch.allclose(streamed, whole, atol=1e-6)
