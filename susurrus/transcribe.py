@@ -36,43 +36,53 @@ from .vad import clip_timestamps_for, speech_regions
 from .windows import plan_windows
 from .writers import format_timestamp
 
+# (compression ratio, average log-probability, no-speech probability) thresholds; None: unused.
+Thresholds = tuple[float | None, float | None, float | None]
 
-def _needs_retry(
-    result: DecodingResult,
-    compression_ratio_threshold: float | None,
-    logprob_threshold: float | None,
-    no_speech_threshold: float | None,
-) -> bool:
-    too_repetitive = (
-        compression_ratio_threshold is not None
-        and result.compression_ratio > compression_ratio_threshold
+
+def _verdicts(result: DecodingResult, thresholds: Thresholds) -> tuple[bool, bool, bool]:
+    """Which thresholds flag a window: (too repetitive, too improbable, probably no speech)."""
+    compression_ratio, logprob, no_speech = thresholds
+    return (
+        compression_ratio is not None and result.compression_ratio > compression_ratio,
+        logprob is not None and result.avg_logprob < logprob,
+        no_speech is not None and result.no_speech_prob > no_speech,
     )
-    too_unlikely = logprob_threshold is not None and result.avg_logprob < logprob_threshold
+
+
+def _needs_retry(result: DecodingResult, thresholds: Thresholds) -> bool:
+    too_repetitive, too_unlikely, probably_silent = _verdicts(result, thresholds)
     # Improbable or repetitive text where the model itself says "no speech" is what it
     # makes up over silence: the window is skipped (see _is_silence), not retried.
-    probably_silent = (
-        no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
-    )
     return (too_repetitive or too_unlikely) and not probably_silent
 
 
-def _is_silence(
-    result: DecodingResult,
-    compression_ratio_threshold: float | None,
-    logprob_threshold: float | None,
-    no_speech_threshold: float | None,
-) -> bool:
+def _is_silence(result: DecodingResult, thresholds: Thresholds) -> bool:
     """Whether a window holds no speech: the reference rule (no-speech probability over its
     threshold and the text not confident), and also when that text is repetitive, which is
     how hallucinations over silence look."""
-    if no_speech_threshold is None or result.no_speech_prob <= no_speech_threshold:
-        return False
-    confident = logprob_threshold is not None and result.avg_logprob > logprob_threshold
-    repetitive = (
-        compression_ratio_threshold is not None
-        and result.compression_ratio > compression_ratio_threshold
-    )
-    return not confident or repetitive
+    too_repetitive, _, probably_silent = _verdicts(result, thresholds)
+    logprob = thresholds[1]
+    confident = logprob is not None and result.avg_logprob > logprob
+    return probably_silent and (not confident or too_repetitive)
+
+
+def _is_suspect(result: DecodingResult, thresholds: Thresholds) -> bool:
+    """Whether any threshold flags the window even after fallback: text a reader should
+    double-check (repetitive, improbable, or probably over silence)."""
+    return any(_verdicts(result, thresholds))
+
+
+def _finish_segments(segments: list[dict], suspect: bool, verbose: bool | None) -> None:
+    """Print a window's segments (verbose), flag them, and empty the degenerate ones."""
+    for segment in segments:
+        if verbose:
+            start, end = format_timestamp(segment["start"]), format_timestamp(segment["end"])
+            print(f"[{start} --> {end}] {segment['text']}", flush=True)
+        # A zero-length or empty segment keeps its place but carries nothing.
+        if segment["start"] == segment["end"] or not segment["text"].strip():
+            segment["text"], segment["tokens"], segment["words"] = "", [], []
+        segment["suspect"] = suspect
 
 
 def _decode_with_fallback(
@@ -80,9 +90,7 @@ def _decode_with_fallback(
     mel: torch.Tensor,
     options: DecodingOptions,
     temperatures: tuple[float, ...],
-    compression_ratio_threshold: float | None,
-    logprob_threshold: float | None,
-    no_speech_threshold: float | None,
+    thresholds: Thresholds,
 ) -> list[DecodingResult]:
     """Decode a batch of windows (batch, n_mels, 3000); each window that fails the thresholds
     is decoded again at the next temperature, alone or with the others that failed."""
@@ -102,9 +110,7 @@ def _decode_with_fallback(
         retry = []
         for index, result in zip(pending, decoded):
             results[index] = result
-            if _needs_retry(
-                result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
-            ):
+            if _needs_retry(result, thresholds):
                 retry.append(index)
         pending = retry
         if not pending:
@@ -119,24 +125,6 @@ def _parse_clips(clip_timestamps: str | list[float], content_frames: int) -> lis
     if len(points) % 2 == 1:
         points.append(content_frames)
     return list(zip(points[::2], points[1::2]))
-
-
-def _is_suspect(
-    result: DecodingResult,
-    compression_ratio_threshold: float | None,
-    logprob_threshold: float | None,
-    no_speech_threshold: float | None,
-) -> bool:
-    """Whether any threshold flags the window even after fallback: text a reader should
-    double-check (repetitive, improbable, or probably over silence)."""
-    return bool(
-        (
-            compression_ratio_threshold is not None
-            and result.compression_ratio > compression_ratio_threshold
-        )
-        or (logprob_threshold is not None and result.avg_logprob < logprob_threshold)
-        or (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold)
-    )
 
 
 def _empty_result(model: Whisper, decode_options: dict) -> dict:
@@ -259,6 +247,7 @@ def transcribe(
         model.is_multilingual, num_languages=model.num_languages, language=language, task=task
     )
     temperatures = (temperature,) if isinstance(temperature, (int, float)) else tuple(temperature)
+    thresholds = (compression_ratio_threshold, logprob_threshold, no_speech_threshold)
     options = DecodingOptions(**{**decode_options, "fp16": fp16})
 
     clips = _parse_clips(clip_timestamps, content_frames)
@@ -295,7 +284,7 @@ def transcribe(
             tokenizer,
             replace(options, prompt=initial_prompt_tokens or None),
             temperatures,
-            thresholds=(compression_ratio_threshold, logprob_threshold, no_speech_threshold),
+            thresholds=thresholds,
             word_options=dict(
                 prepend_punctuations=prepend_punctuations,
                 append_punctuations=append_punctuations,
@@ -337,15 +326,11 @@ def transcribe(
                 window[None],
                 replace(options, prompt=prompt),
                 temperatures,
-                compression_ratio_threshold,
-                logprob_threshold,
-                no_speech_threshold,
+                thresholds,
             )
 
             previous_seek = seek
-            if _is_silence(
-                result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
-            ):
+            if _is_silence(result, thresholds):
                 seek += segment_size  # silence: nothing to keep in this window
             else:
                 segments, seek = _split_segments(
@@ -378,18 +363,7 @@ def transcribe(
                 if discard:
                     # A likely hallucination after a long silence: decode again from later on.
                     segments = []
-                elif verbose:
-                    for s in segments:
-                        start, end = format_timestamp(s["start"]), format_timestamp(s["end"])
-                        print(f"[{start} --> {end}] {s['text']}", flush=True)
-                suspect = _is_suspect(
-                    result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
-                )
-                for s in segments:
-                    # A zero-length or empty segment keeps its place but carries nothing.
-                    if s["start"] == s["end"] or not s["text"].strip():
-                        s["text"], s["tokens"], s["words"] = "", [], []
-                    s["suspect"] = suspect
+                _finish_segments(segments, _is_suspect(result, thresholds), verbose)
                 all_segments.extend(
                     {"id": i, **s} for i, s in enumerate(segments, start=len(all_segments))
                 )
@@ -423,7 +397,7 @@ def _transcribe_windows(
     options: DecodingOptions,
     temperatures: tuple[float, ...],
     *,
-    thresholds: tuple[float | None, float | None, float | None],
+    thresholds: Thresholds,
     word_options: dict | None,
     verbose: bool | None,
     progress_callback: Callable[[int, int], None] | None,
@@ -434,7 +408,6 @@ def _transcribe_windows(
     end is decoded again from that point: the remainder joins the queue as a new window,
     with the text decoded so far as its prompt (so that it continues rather than repeats).
     """
-    compression_ratio_threshold, logprob_threshold, no_speech_threshold = thresholds
     input_stride = N_FRAMES // model.dims.n_audio_ctx
     time_precision = input_stride * HOP_LENGTH / SAMPLE_RATE
     total = sum(end - start for start, end in windows)
@@ -451,12 +424,12 @@ def _transcribe_windows(
             mels = torch.stack([pad_or_trim(mel[:, s:e], N_FRAMES) for s, e, _ in batch])
             attempt = options if prompt is None else replace(options, prompt=prompt)
             results = _decode_with_fallback(
-                model, mels.to(model.device), attempt, temperatures, *thresholds
+                model, mels.to(model.device), attempt, temperatures, thresholds
             )
             for (start, end, _), result in zip(batch, results):
                 size = end - start
                 consumed = size
-                if not _is_silence(result, *thresholds):
+                if not _is_silence(result, thresholds):
                     offset = float(start * HOP_LENGTH / SAMPLE_RATE)
                     duration = size * HOP_LENGTH / SAMPLE_RATE
                     segments, seek = _split_segments(
@@ -486,20 +459,12 @@ def _transcribe_windows(
                             last_speech_timestamp=offset,
                             **word_options,
                         )
-                    suspect = _is_suspect(
-                        result, compression_ratio_threshold, logprob_threshold, no_speech_threshold
-                    )
                     window_end = end * HOP_LENGTH / SAMPLE_RATE
                     for seg in segments:
                         # A window shorter than 30 s is padded: no time past its end is real.
                         seg["start"] = min(seg["start"], window_end)
                         seg["end"] = min(seg["end"], window_end)
-                        if seg["start"] == seg["end"] or not seg["text"].strip():
-                            seg["text"], seg["tokens"], seg["words"] = "", [], []
-                        seg["suspect"] = suspect
-                        if verbose:
-                            a, b = format_timestamp(seg["start"]), format_timestamp(seg["end"])
-                            print(f"[{a} --> {b}] {seg['text']}", flush=True)
+                    _finish_segments(segments, _is_suspect(result, thresholds), verbose)
                     all_segments.extend(segments)
                 done += consumed
                 bar.update(consumed)
