@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import jiwer
 import pytest
 import torch
@@ -14,6 +11,7 @@ from susurrus.features import N_FRAMES
 from susurrus.windows import pack_spans, plan_windows
 
 from .conftest import AUDIO, manifest, requires_shared
+from .test_cli import run as run_cli
 
 LONG = "en_lj_LJ001-0001-0016_concat.flac"  # 111 s of continuous reading
 
@@ -84,20 +82,7 @@ def test_batched_with_vad_and_bad_batch_size(tiny_en, tmp_path):
     assert "ask what you can do for your country" in result["text"]
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         tiny_en.transcribe(str(AUDIO / "jfk.flac"), batch_size=0)
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "susurrus",
-            str(AUDIO / "jfk.flac"),
-            "--model",
-            "tiny.en",
-            "--batch_size",
-            "0",
-            "--output_dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    run = run_cli(
+        str(AUDIO / "jfk.flac"), "--model", "tiny.en", "--batch_size", "0", "-o", str(tmp_path)
     )
     assert run.returncode == 2 and "--batch_size must be at least 1" in run.stderr

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import jiwer
 import pytest
 import torch
@@ -16,6 +13,7 @@ from susurrus.export import export_openai_checkpoint
 from susurrus.quantize import Int8Linear, native_bfloat16, quantize_rows, resolve_compute_type
 
 from .conftest import AUDIO, manifest, requires_shared
+from .test_cli import run as run_cli
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -105,29 +103,19 @@ def test_int8_wer_within_half_a_point_of_float32(base):
 
 @requires_shared
 def test_cli_compute_type(tmp_path):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "susurrus",
-            str(AUDIO / "jfk.flac"),
-            "--model",
-            "tiny.en",
-            "--compute_type",
-            "int8_bfloat16",
-            "--output_format",
-            "txt",
-            "--output_dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    jfk = str(AUDIO / "jfk.flac")
+    run = run_cli(
+        jfk,
+        "--model",
+        "tiny.en",
+        "--compute_type",
+        "int8_bfloat16",
+        "-f",
+        "txt",
+        "-o",
+        str(tmp_path),
     )
     assert run.returncode == 0, run.stderr
     assert "ask what you can do for your country" in (tmp_path / "jfk.txt").read_text()
-    bad = subprocess.run(
-        [sys.executable, "-m", "susurrus", str(AUDIO / "jfk.flac"), "--compute_type", "int4"],
-        capture_output=True,
-        text=True,
-    )
+    bad = run_cli(jfk, "--compute_type", "int4")
     assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
