@@ -88,8 +88,14 @@ def native_bfloat16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@functools.cache
+def _fbgemm_built() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
 def _fbgemm_available(device: torch.device) -> bool:
-    return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+    # Asked by every int8 layer on every step: the engine list is read once.
+    return device.type == "cpu" and _fbgemm_built()
 
 
 @functools.cache
