@@ -384,20 +384,19 @@ def transcribe_main(argv: list[str]) -> int:
         _error(str(exc))
         return 2
 
-    from .audio import SILENCE_PEAK, load_audio
-    from .features import MelStream
+    from .transcribe import read_recording, recording_is_silent
 
     failed = 0
     for path in args.pop("audio"):
         try:
-            if vad or args["batch_size"] is not None:
-                audio = load_audio(path, stream=audio_stream)
-                peak = float(np.abs(audio).max(initial=0.0))
-            else:
-                # Read as it is decoded: memory does not grow with the recording's length.
-                audio = MelStream(path, model.dims.n_mels, stream=audio_stream)
-                peak = audio.peak
-            if peak < SILENCE_PEAK:
+            audio = read_recording(
+                path,
+                model.dims.n_mels,
+                stream=audio_stream,
+                vad=vad,
+                batch_size=args["batch_size"],
+            )
+            if recording_is_silent(audio):
                 raise SusurrusError(
                     f"{path}: the audio is silent (no sample reaches -60 dBFS); nothing to "
                     "transcribe"

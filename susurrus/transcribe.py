@@ -127,6 +127,29 @@ def _parse_clips(clip_timestamps: str | list[float], content_frames: int) -> lis
     return list(zip(points[::2], points[1::2]))
 
 
+def read_recording(
+    path: str | os.PathLike,
+    n_mels: int,
+    *,
+    stream: int | None = None,
+    vad: bool = False,
+    batch_size: int | None = None,
+) -> np.ndarray | MelStream:
+    """A file as `transcribe` reads it: all its samples when `vad` or `batch_size` need the
+    whole recording at once, else a MelStream read as the windows advance (memory then does
+    not grow with the recording's length)."""
+    if vad or batch_size is not None:
+        return load_audio(path, stream=stream)
+    return MelStream(path, n_mels, stream=stream)
+
+
+def recording_is_silent(audio: np.ndarray | torch.Tensor | MelStream) -> bool:
+    """No sample reaches -60 dBFS (see `audio.is_silent`), for samples or a MelStream."""
+    if isinstance(audio, MelStream):
+        return audio.peak < SILENCE_PEAK
+    return is_silent(audio)
+
+
 def _empty_result(model: Whisper, decode_options: dict) -> dict:
     language = decode_options.get("language") or (None if model.is_multilingual else "en")
     return {"text": "", "segments": [], "language": language}
@@ -191,25 +214,21 @@ def transcribe(
         model.float()  # fp16=False asks for full precision, as in the reference
 
     user_clips = clip_timestamps
-    if isinstance(audio, (str, os.PathLike)) and not vad and batch_size is None:
-        # One window after another: the recording is read as it is decoded, so an hour of
-        # audio needs the memory of a few minutes (see MelStream).
-        audio = MelStream(audio, model.dims.n_mels)
+    if isinstance(audio, (str, os.PathLike)):
+        audio = read_recording(audio, model.dims.n_mels, vad=vad, batch_size=batch_size)
+    if not isinstance(audio, MelStream):
+        audio = audio if torch.is_tensor(audio) else torch.from_numpy(np.asarray(audio))
+    if recording_is_silent(audio):
+        # Nothing audible: decoding would only invite hallucinated words.
+        return _empty_result(model, decode_options)
     if isinstance(audio, MelStream):
         if vad:
             raise ValueError("vad needs the whole recording: pass a path or samples")
-        if audio.peak < SILENCE_PEAK:
-            return _empty_result(model, decode_options)
         mel = None
         frames = audio.frames
         content_frames = audio.content_frames
     else:
-        if isinstance(audio, (str, os.PathLike)):
-            audio = load_audio(audio)
-        samples = audio if torch.is_tensor(audio) else torch.from_numpy(np.asarray(audio))
-        if is_silent(samples):
-            # Nothing audible: decoding would only invite hallucinated words.
-            return _empty_result(model, decode_options)
+        samples = audio
         if vad:
             regions = speech_regions(samples)
             if not regions:

@@ -471,7 +471,7 @@ class _Model:
 @pytest.fixture
 def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """Run the CLI with a stand-in model and transcriber; returns (exit code, transcribe kwargs)."""
-    from susurrus import audio, features, load
+    from susurrus import load
 
     calls: list[dict] = []
 
@@ -480,9 +480,9 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path):
         return copy.deepcopy(RESULT)
 
     monkeypatch.setattr(load, "load_model", lambda *a, **k: _Model())
-    monkeypatch.setattr(audio, "load_audio", lambda *a, **k: np.full(16000, 0.1, np.float32))
-    monkeypatch.setattr(features, "MelStream", lambda *a, **k: types.SimpleNamespace(peak=0.1))
-    monkeypatch.setattr(sys.modules["susurrus.transcribe"], "transcribe", transcribe)
+    module = sys.modules["susurrus.transcribe"]
+    monkeypatch.setattr(module, "read_recording", lambda *a, **k: np.full(16000, 0.1, np.float32))
+    monkeypatch.setattr(module, "transcribe", transcribe)
 
     def run(*argv: str) -> tuple[int, dict | None]:
         from susurrus.cli import transcribe_main
