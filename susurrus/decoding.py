@@ -132,6 +132,7 @@ class LogitFilter:
         if options.suppress_blank:
             self.blank[tokenizer.encode(" ") + [tokenizer.eot]] = True
         self.timestamps = not options.without_timestamps
+        self.timestamp_index = torch.arange(n_vocab - self.timestamp_begin)
         self.max_initial_timestamp_index = None
         if options.max_initial_timestamp is not None:
             precision = CHUNK_LENGTH / 1500  # seconds per audio position (20 ms)
@@ -140,6 +141,7 @@ class LogitFilter:
     def to(self, device: torch.device) -> LogitFilter:
         self.suppress = self.suppress.to(device)
         self.blank = self.blank.to(device)
+        self.timestamp_index = self.timestamp_index.to(device)
         return self
 
     def apply(self, logits: Tensor, tokens: Tensor) -> None:
@@ -151,7 +153,11 @@ class LogitFilter:
             self._timestamp_rules(logits, tokens[:, self.sample_begin :], at_start)
 
     def _timestamp_rules(self, logits: Tensor, sampled: Tensor, at_start: bool) -> None:
+        # Every rule is a fill with a per-row mask: no boolean indexing, so no step waits on
+        # a device-to-host copy, and only the timestamp columns are touched where possible.
         tb = self.timestamp_begin
+        timestamps = logits[:, tb:]  # a view: filling it fills the logits
+        text = logits[:, :tb]
         logits[:, self.no_timestamps] = -np.inf
         if sampled.shape[1] > 0:
             is_ts = sampled >= tb
@@ -159,23 +165,23 @@ class LogitFilter:
             penultimate = is_ts[:, -2] if sampled.shape[1] > 1 else torch.ones_like(last)
             # Timestamps come in pairs: after a closing pair only text, after one only a
             # timestamp (or the end).
-            logits[last & penultimate, tb:] = -np.inf
-            logits[last & ~penultimate, : self.eot] = -np.inf
+            timestamps.masked_fill_((last & penultimate)[:, None], -np.inf)
+            logits[:, : self.eot].masked_fill_((last & ~penultimate)[:, None], -np.inf)
             # Timestamps never go back; a new segment must start after the last one ended.
-            last_ts = torch.where(is_ts, sampled, torch.full_like(sampled, -1)).amax(dim=1)
+            last_ts = torch.where(is_ts, sampled, -1).amax(dim=1)
             floor = torch.where(last & ~penultimate, last_ts, last_ts + 1)
-            floor = torch.where(last_ts >= tb, floor, torch.full_like(floor, tb))
-            vocab = torch.arange(logits.shape[1], device=logits.device)
-            logits.masked_fill_((vocab >= tb) & (vocab < floor[:, None]), -np.inf)
+            floor = torch.where(last_ts >= tb, floor, tb)
+            timestamps.masked_fill_(self.timestamp_index < (floor - tb)[:, None], -np.inf)
         if at_start:
-            logits[:, :tb] = -np.inf
+            text.fill_(-np.inf)
             if self.max_initial_timestamp_index is not None:
-                logits[:, tb + self.max_initial_timestamp_index + 1 :] = -np.inf
+                timestamps[:, self.max_initial_timestamp_index + 1 :] = -np.inf
         # When the timestamps together outweigh every single text token, emit a timestamp.
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        timestamp_logprob = logprobs[:, tb:].logsumexp(dim=-1)
-        max_text_logprob = logprobs[:, :tb].max(dim=-1).values
-        logits[timestamp_logprob > max_text_logprob, :tb] = -np.inf
+        # (The same comparison as between log-probabilities: both sides lose the same
+        # normaliser, so it is left out.)
+        timestamp_mass = timestamps.float().logsumexp(dim=-1)
+        best_text = text.float().amax(dim=-1)
+        text.masked_fill_((timestamp_mass > best_text)[:, None], -np.inf)
 
 
 def _suppress_tokens(tokenizer: Tokenizer, suppress_tokens: str | Iterable[int]) -> list[int]:
@@ -201,11 +207,11 @@ class GreedyDecoder:
         self, tokens: Tensor, logits: Tensor, sum_logprobs: Tensor, cache: KVCache
     ) -> tuple[Tensor, bool]:
         if self.temperature == 0:
-            next_tokens = logits.argmax(dim=-1)
+            next_tokens = logits.max(dim=-1).indices  # the first maximum, as argmax; faster
         else:
             next_tokens = torch.distributions.Categorical(logits=logits / self.temperature).sample()
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        current = logprobs.gather(1, next_tokens[:, None])[:, 0]
+        logits = logits.float()
+        current = logits.gather(1, next_tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
         finished = tokens[:, -1] == self.eot
         sum_logprobs += current * ~finished
         next_tokens[finished] = self.eot

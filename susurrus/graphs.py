@@ -29,10 +29,9 @@ def static_step(decoder: TextDecoder, tokens: Tensor, position: Tensor, cache: K
     for i, block in enumerate(decoder.blocks):
         attn = block.attn
         h = block.attn_ln(x)
-        k, v = attn.split_heads(attn.key(h)), attn.split_heads(attn.value(h))
+        q, k, v = (attn.split_heads(y) for y in attn.project_qkv(h))
         cache.self_k[i].index_copy_(2, position, k.to(cache.self_k[i].dtype))
         cache.self_v[i].index_copy_(2, position, v.to(cache.self_v[i].dtype))
-        q = attn.split_heads(attn.query(h))
         out = attn.sdpa(q, cache.self_k[i], cache.self_v[i], attn_mask=visible)
         x = x + attn.out(attn.merge_heads(out))
         x = x + block.cross_attn.attend(block.cross_attn_ln(x), cache.cross_k[i], cache.cross_v[i])

@@ -34,6 +34,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm in float32 whatever the model's dtype: half precision loses the variance."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The common CPU case, spelled out: four no-op casts per call add up per token.
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(
             x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
         ).type(x.dtype)
@@ -83,6 +86,9 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(n_state, n_state, bias=False)
         self.value = nn.Linear(n_state, n_state)
         self.out = nn.Linear(n_state, n_state)
+        # Self-attention of an int8 model projects queries, keys and values in one fused
+        # product instead of three (see quantize.py); None keeps the three layers.
+        self.qkv: nn.Module | None = None
         # Attention can run in a narrower type than the rest (bfloat16 with int8 weights on
         # the CPU): reading the audio's keys/values dominates a decoding step once the
         # weights are int8, and half-width keys halve it.
@@ -90,8 +96,16 @@ class MultiHeadAttention(nn.Module):
 
     def sdpa(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
         dtype = self.attention_dtype or q.dtype
+        if q.dtype == k.dtype == v.dtype == dtype:
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
         out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
         return out.to(q.dtype)
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of `x`, each (batch, length, n_state)."""
+        if self.qkv is not None:
+            return self.qkv(x).chunk(3, dim=-1)
+        return self.query(x), self.key(x), self.value(x)
 
     def split_heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -103,7 +117,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, causal: bool = False) -> Tensor:
         """Self-attention without a cache (the encoder, or a full decoder pass)."""
-        q, k, v = (self.split_heads(f(x)) for f in (self.query, self.key, self.value))
+        q, k, v = (self.split_heads(y) for y in self.project_qkv(x))
         return self.out(self.merge_heads(self.sdpa(q, k, v, is_causal=causal)))
 
     def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,9 +156,10 @@ class MultiHeadAttention(nn.Module):
         """Write this step's keys/values at `offset` and attend over everything so far."""
         length = x.shape[1]
         end = offset + length
-        cache_k[:, :, offset:end] = self.split_heads(self.key(x))
-        cache_v[:, :, offset:end] = self.split_heads(self.value(x))
-        q = self.split_heads(self.query(x))
+        q, k, v = self.project_qkv(x)
+        cache_k[:, :, offset:end] = self.split_heads(k)
+        cache_v[:, :, offset:end] = self.split_heads(v)
+        q = self.split_heads(q)
         k, v = cache_k[:, :, :end], cache_v[:, :, :end]
         if length == 1:
             out = self.sdpa(q, k, v)
