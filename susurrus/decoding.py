@@ -330,14 +330,14 @@ class DecodingTask:
         if options.without_timestamps:
             sot_sequence = self.tokenizer.sot_sequence_including_notimestamps
         self.sot_sequence = sot_sequence
-        self.initial_tokens = self._initial_tokens()
+        self.initial_tokens = self._initial_tokens(options.prompt)
         self.sample_begin = len(self.initial_tokens)
         self.sot_index = self.initial_tokens.index(self.tokenizer.sot)
         self.logit_filter = LogitFilter(
             self.tokenizer, options, self.sample_begin, model.dims.n_vocab
         ).to(model.device)
 
-    def _initial_tokens(self) -> tuple[int, ...]:
+    def _initial_tokens(self, prompt: str | list[int] | None) -> tuple[int, ...]:
         tokens = list(self.sot_sequence)
         if prefix := self.options.prefix:
             prefix_tokens = (
@@ -348,7 +348,7 @@ class DecodingTask:
             # As the reference: keep the prefix within the first half of the context.
             max_prefix_len = self.n_ctx // 2 - self.sample_len
             tokens += prefix_tokens[-max_prefix_len:]
-        if prompt := self.options.prompt:
+        if prompt:
             prompt_tokens = (
                 self.tokenizer.encode(" " + prompt.strip())
                 if isinstance(prompt, str)
@@ -364,19 +364,24 @@ class DecodingTask:
             )
         return GreedyDecoder(self.options.temperature, self.tokenizer.eot)
 
-    def _main_loop(self, features: Tensor, tokens: Tensor):
+    def _main_loop(self, features: Tensor, tokens: Tensor, pad: Tensor | None):
         """Decode until every row ends; returns the search (to finalize), tokens, scores and
-        no-speech probabilities."""
+        no-speech probabilities. `pad`: each row's left padding (None: no row is padded)."""
         batch = tokens.shape[0]
         decoder = self._new_decoder()
         step = self._static_step(batch, features.shape[0])
         if step is not None:
             cache = step.cache
             cache.length = 0
+            if pad is None:
+                step.pad.zero_()
+            else:
+                step.pad.copy_(pad)
         else:
             cache = self.model.decoder.new_cache(
                 batch, n_ctx=min(self.n_ctx, tokens.shape[1] + self.sample_len)
             )
+        cache.pad = pad
         # Cross-attention keys/values once per audio, shared by its beams or samples.
         self.model.decoder.fill_cross_cache(cache, features)
         sum_logprobs = torch.zeros(batch, device=tokens.device)
@@ -414,12 +419,41 @@ class DecodingTask:
             steps[key] = StaticStep(model.decoder, batch, n_audio, model.dims.n_audio_ctx)
         return steps[key]
 
+    def _prompted_rows(
+        self, n_audio: int, prompts: list[str | list[int] | None] | None, device: torch.device
+    ) -> tuple[Tensor, Tensor | None]:
+        """Initial tokens (n_audio, width) and the left padding per row (None: none padded).
+
+        Rows with prompts of different lengths are padded on the left, so that every row
+        ends with the same start-of-transcript sequence and samples from the same column.
+        """
+        if prompts is None:
+            rows = [self.initial_tokens] * n_audio
+        else:
+            if len(prompts) != n_audio:
+                raise ValueError(f"{len(prompts)} prompts given for {n_audio} windows")
+            rows = [self._initial_tokens(prompt) for prompt in prompts]
+        width = max(len(row) for row in rows)
+        pad = [width - len(row) for row in rows]
+        # After the start of transcript every row holds the same tokens: its index counts
+        # from the end.
+        self.sot_index = width - (
+            len(self.initial_tokens) - self.initial_tokens.index(self.tokenizer.sot)
+        )
+        self.sample_begin = self.logit_filter.sample_begin = width
+        tokens = torch.tensor(
+            [[self.tokenizer.eot] * n + list(row) for n, row in zip(pad, rows)], device=device
+        )
+        return tokens, (torch.tensor(pad, device=device) if any(pad) else None)
+
     @torch.inference_mode()
-    def run(self, mel: Tensor) -> list[DecodingResult]:
+    def run(
+        self, mel: Tensor, prompts: list[str | list[int] | None] | None = None
+    ) -> list[DecodingResult]:
         tokenizer = self.tokenizer
         features = _encode_if_needed(self.model, mel)
         n_audio = features.shape[0]
-        tokens = torch.tensor([self.initial_tokens], device=features.device).repeat(n_audio, 1)
+        tokens, pad = self._prompted_rows(n_audio, prompts, features.device)
 
         languages = [self.options.language] * n_audio
         language_probs = None
@@ -437,7 +471,9 @@ class DecodingTask:
             languages = ["en"] * n_audio
 
         tokens = tokens.repeat_interleave(self.n_group, dim=0)
-        search, tokens, sum_logprobs, no_speech_probs = self._main_loop(features, tokens)
+        if pad is not None:
+            pad = pad.repeat_interleave(self.n_group)
+        search, tokens, sum_logprobs, no_speech_probs = self._main_loop(features, tokens, pad)
         no_speech_probs = no_speech_probs[:: self.n_group]
         candidates, scores = search.finalize(tokens, sum_logprobs, self.n_group)
 
@@ -482,13 +518,20 @@ def _check_options(options: DecodingOptions) -> None:
 
 
 def decode(
-    model: Whisper, mel: Tensor, options: DecodingOptions | None = None, **kwargs
+    model: Whisper,
+    mel: Tensor,
+    options: DecodingOptions | None = None,
+    *,
+    prompts: list[str | list[int] | None] | None = None,
+    **kwargs,
 ) -> DecodingResult | list[DecodingResult]:
     """Decode one window (n_mels, 3000) or a batch (batch, n_mels, 3000) of log-mel frames.
 
     Options come as a DecodingOptions and/or keyword arguments that override its fields.
+    `prompts` gives each window of a batch its own prompt (text or tokens), in place of
+    `options.prompt`: windows that continue different earlier text decode together.
     """
     options = replace(options or DecodingOptions(), **kwargs)
     single = mel.ndim == 2
-    results = DecodingTask(model, options).run(mel.unsqueeze(0) if single else mel)
+    results = DecodingTask(model, options).run(mel.unsqueeze(0) if single else mel, prompts)
     return results[0] if single else results

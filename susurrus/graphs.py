@@ -19,13 +19,19 @@ from torch import Tensor
 from .model import KVCache, TextDecoder
 
 
-def static_step(decoder: TextDecoder, tokens: Tensor, position: Tensor, cache: KVCache) -> Tensor:
-    """Logits (batch, n_vocab) of one new token per row at `position` (a 1-element tensor)."""
+def static_step(
+    decoder: TextDecoder, tokens: Tensor, position: Tensor, pad: Tensor, cache: KVCache
+) -> Tensor:
+    """Logits (batch, n_vocab) of one new token per row at `position` (a 1-element tensor),
+    in rows left-padded by `pad` positions (see KVCache)."""
     n_ctx = cache.self_k[0].shape[2]
-    x = decoder.token_embedding(tokens)
-    x = x.to(decoder.positional_embedding.dtype) + decoder.positional_embedding[position]
-    # Attend to positions 0..position only: later slots hold stale or zero entries.
-    visible = (torch.arange(n_ctx, device=tokens.device) <= position)[None, None, None, :]
+    x = decoder.token_embedding(tokens).to(decoder.positional_embedding.dtype)
+    x = x + decoder.positional_embedding[(position - pad).clamp(min=0)][:, None]
+    # Attend to the row's positions up to this one: later slots hold stale or zero entries,
+    # earlier ones may be padding.
+    keys = torch.arange(n_ctx, device=tokens.device)
+    visible = (keys <= position) & (keys >= pad[:, None])
+    visible = visible[:, None, None, :]
     for i, block in enumerate(decoder.blocks):
         attn = block.attn
         h = block.attn_ln(x)
@@ -61,6 +67,7 @@ class StaticStep:
         device = like.device
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # set per decode
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         if device.type == "cuda":
@@ -73,17 +80,19 @@ class StaticStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                static_step(self.decoder, self.tokens, self.position, self.cache)
+                static_step(self.decoder, self.tokens, self.position, self.pad, self.cache)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = static_step(self.decoder, self.tokens, self.position, self.cache)
+            self.logits = static_step(
+                self.decoder, self.tokens, self.position, self.pad, self.cache
+            )
 
     def __call__(self, tokens: Tensor) -> Tensor:
         position = self.cache.length
         if self.graph is None:
             self.position.fill_(position)
-            logits = static_step(self.decoder, tokens, self.position, self.cache)
+            logits = static_step(self.decoder, tokens, self.position, self.pad, self.cache)
         else:
             self.tokens.copy_(tokens)
             self.position.fill_(position)

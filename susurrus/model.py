@@ -61,6 +61,10 @@ class KVCache:
     Self-attention: one (batch, heads, n_ctx, head_dim) buffer per layer for keys and one for
     values, filled left to right. Cross-attention: the audio's keys and values per layer,
     computed once. `reorder` moves rows in place for beam search.
+
+    Rows whose prompts differ in length are left-padded to the same length: `pad` then
+    holds each row's number of padding positions, which no later position attends to and
+    which do not count as positions (a row's first real token sits at position 0).
     """
 
     def __init__(self, self_k: list[Tensor], self_v: list[Tensor]) -> None:
@@ -69,6 +73,7 @@ class KVCache:
         self.cross_k: list[Tensor] = []
         self.cross_v: list[Tensor] = []
         self.length = 0  # positions filled so far
+        self.pad: Tensor | None = None  # (batch,) leading padding positions per row
 
     def reorder(self, index: Tensor) -> None:
         """Row i of the cache becomes the old row index[i] (beam search bookkeeping)."""
@@ -151,9 +156,10 @@ class MultiHeadAttention(nn.Module):
         return q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
 
     def cached_self_attention(
-        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, offset: int
+        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, offset: int, mask: Tensor | None = None
     ) -> Tensor:
-        """Write this step's keys/values at `offset` and attend over everything so far."""
+        """Write this step's keys/values at `offset` and attend over everything so far
+        (or, given a boolean `mask` of allowed keys, over those only)."""
         length = x.shape[1]
         end = offset + length
         q, k, v = self.project_qkv(x)
@@ -161,7 +167,9 @@ class MultiHeadAttention(nn.Module):
         cache_v[:, :, offset:end] = self.split_heads(v)
         q = self.split_heads(q)
         k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-        if length == 1:
+        if mask is not None:
+            out = self.sdpa(q, k, v, attn_mask=mask)
+        elif length == 1:
             out = self.sdpa(q, k, v)
         elif offset == 0:
             out = self.sdpa(q, k, v, is_causal=True)
@@ -262,11 +270,15 @@ class TextDecoder(nn.Module):
         length = tokens.shape[1]
         if offset + length > self.positional_embedding.shape[0]:
             raise ValueError(f"decoder context of {self.positional_embedding.shape[0]} exceeded")
-        positions = self.positional_embedding[offset : offset + length]
+        mask = None
+        if cache.pad is None:
+            positions = self.positional_embedding[offset : offset + length]
+        else:
+            positions, mask = self._padded_positions(cache.pad, offset, length)
         x = self.token_embedding(tokens).to(positions.dtype) + positions
         for i, block in enumerate(self.blocks):
             x = x + block.attn.cached_self_attention(
-                block.attn_ln(x), cache.self_k[i], cache.self_v[i], offset
+                block.attn_ln(x), cache.self_k[i], cache.self_v[i], offset, mask
             )
             x = x + block.cross_attn.attend(
                 block.cross_attn_ln(x), cache.cross_k[i], cache.cross_v[i]
@@ -274,6 +286,18 @@ class TextDecoder(nn.Module):
             x = x + block.mlp(block.mlp_ln(x))
         cache.length = offset + length
         return self.ln(x)
+
+    def _padded_positions(self, pad: Tensor, offset: int, length: int) -> tuple[Tensor, Tensor]:
+        """Positional embeddings (batch, length, n_state) and the self-attention mask
+        (batch, 1, length, offset + length) of new tokens in left-padded rows."""
+        index = torch.arange(offset, offset + length, device=pad.device)
+        keys = torch.arange(offset + length, device=pad.device)
+        positions = self.positional_embedding[(index[None] - pad[:, None]).clamp(min=0)]
+        causal = keys <= index[:, None]
+        # A padding position attends to itself alone: a row with no allowed key would give
+        # NaN, and NaN in the cache spreads through the zero weights of later steps.
+        real = (keys >= pad[:, None, None]) | (keys == index[:, None])
+        return positions, (causal & real)[:, None]
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Output projection tied to the token embedding, in float32."""

@@ -112,9 +112,10 @@ def _has_vnni() -> bool:
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights (per-row scales) and a float bias.
 
-    On the CPU the activations are quantized on the fly too: per row (per audio frame) for
-    the encoder's large inputs, since one scale for 1500 frames would crush the quiet ones,
-    and per call through FBGEMM's fused kernel for the decoder's few rows per step.
+    On the CPU the activations are quantized on the fly too: per row (per audio frame,
+    per prompt position) for inputs of several positions, since one scale for them all
+    would crush the quiet ones, and per call through FBGEMM's fused kernel for the
+    decoder's one new token per row per step.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
@@ -169,7 +170,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _fbgemm_available(x.device) and x.dtype == torch.float32:
-            if x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
+            # Several positions per sequence (audio frames, a prompt) differ widely in scale:
+            # the first position's outliers, or left padding, would crush the others under
+            # one shared scale. One new token per row (a decoding step) shares FBGEMM's.
+            several = x.dim() > 2 and x.shape[-2] > 1
+            if several or x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
                 return self._per_row(x)
             if self._packed is None:
                 self._packed = self._pack()

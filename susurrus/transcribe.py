@@ -91,9 +91,11 @@ def _decode_with_fallback(
     options: DecodingOptions,
     temperatures: tuple[float, ...],
     thresholds: Thresholds,
+    prompts: list[list[int] | None] | None = None,
 ) -> list[DecodingResult]:
     """Decode a batch of windows (batch, n_mels, 3000); each window that fails the thresholds
-    is decoded again at the next temperature, alone or with the others that failed."""
+    is decoded again at the next temperature, alone or with the others that failed.
+    `prompts`: one per window, in place of `options.prompt` (see `decode`)."""
     results: list[DecodingResult | None] = [None] * mel.shape[0]
     pending = list(range(mel.shape[0]))
     features = None  # encoded once, reused by every retry
@@ -104,7 +106,12 @@ def _decode_with_fallback(
         else:
             attempt = replace(options, temperature=t, best_of=None)
         inputs = mel if features is None else features[pending]
-        decoded = decode(model, inputs, attempt)
+        decoded = decode(
+            model,
+            inputs,
+            attempt,
+            prompts=None if prompts is None else [prompts[i] for i in pending],
+        )
         if features is None:
             features = torch.stack([r.audio_features for r in decoded])
         retry = []
@@ -436,14 +443,15 @@ def _transcribe_windows(
     all_segments: list[dict] = []
     with tqdm(total=total, unit="frames", disable=verbose is not False) as bar:
         while queue:
-            batch = [queue.popleft()]
-            prompt = batch[0][2]
-            while prompt is None and queue and queue[0][2] is None and len(batch) < batch_size:
-                batch.append(queue.popleft())
+            # Remainders carry their own prompts; they join a batch like any window (the
+            # decoder pads prompts of different lengths).
+            batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+            prompts = None
+            if any(prompt is not None for _, _, prompt in batch):
+                prompts = [options.prompt if p is None else p for _, _, p in batch]
             mels = torch.stack([pad_or_trim(mel[:, s:e], N_FRAMES) for s, e, _ in batch])
-            attempt = options if prompt is None else replace(options, prompt=prompt)
             results = _decode_with_fallback(
-                model, mels.to(model.device), attempt, temperatures, thresholds
+                model, mels.to(model.device), options, temperatures, thresholds, prompts
             )
             for (start, end, _), result in zip(batch, results):
                 size = end - start

@@ -7,7 +7,10 @@ import pytest
 import torch
 from whisper_normalizer.english import EnglishTextNormalizer
 
+from susurrus import load_audio, log_mel_spectrogram, pad_or_trim
+from susurrus.decoding import DecodingOptions, decode
 from susurrus.features import N_FRAMES
+from susurrus.tokenizer import get_tokenizer
 from susurrus.windows import pack_spans, plan_windows
 
 from .conftest import AUDIO, manifest, requires_shared
@@ -39,6 +42,31 @@ def test_spans_are_packed_only_while_they_fit_a_window():
         (3100, 3500),
     ]
     assert pack_spans([(0, 4000), (4100, 4200)]) == [(0, 4000), (4100, 4200)]
+
+
+@requires_shared
+@pytest.mark.parametrize("beam_size", [None, 5])
+def test_windows_with_different_prompts_decode_together_as_alone(tiny_en, beam_size):
+    """Prompts of different lengths are left-padded in one batch: each window gives the
+    tokens it gives decoded alone with its prompt (float32, greedy and beam search)."""
+    mel = log_mel_spectrogram(load_audio(str(AUDIO / LONG)))
+    mels = torch.stack([pad_or_trim(mel[:, s : s + N_FRAMES], N_FRAMES) for s in (0, 3000, 6000)])
+    tokenizer = get_tokenizer(False)
+    prompts = [
+        None,
+        tokenizer.encode(" Printing, in the only sense with which we are at present concerned."),
+        " Hello.",
+    ]
+    options = DecodingOptions(language="en", beam_size=beam_size)
+    together = decode(tiny_en, mels, options, prompts=prompts)
+    for i, result in enumerate(together):
+        alone = decode(tiny_en, mels[i], options, prompts=[prompts[i]])
+        assert result.tokens == alone.tokens
+        assert len(result.tokens) > 10  # real text, not an empty window
+        assert result.avg_logprob == pytest.approx(alone.avg_logprob, abs=1e-4)
+        assert result.no_speech_prob == pytest.approx(alone.no_speech_prob, abs=1e-4)
+    with pytest.raises(ValueError, match="2 prompts given for 3 windows"):
+        decode(tiny_en, mels, options, prompts=prompts[:2])
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,44 @@ def test_static_step_matches_the_decoder(tiny_en):
     assert step.cache.length == eager.length
 
 
+@requires_shared
+@torch.inference_mode()
+def test_static_step_matches_the_decoder_with_left_padded_rows(tiny_en):
+    """Two rows whose prompts differ in length: the static step (positions and mask from
+    the padding buffer) follows the decoder's padded cache."""
+    model = tiny_en
+    mel = pad_or_trim(log_mel_spectrogram(load_audio(str(AUDIO / "jfk.flac"))), 3000)
+    features = model.embed_audio(mel[None]).repeat(2, 1, 1)
+    tokenizer = get_tokenizer(False)
+    sot = list(tokenizer.sot_sequence)
+    long = [tokenizer.sot_prev, *tokenizer.encode(" My fellow Americans, listen."), *sot]
+    short = [tokenizer.sot_prev, *tokenizer.encode(" Hi."), *sot]
+    pad = len(long) - len(short)
+    prompt = torch.tensor([long, [tokenizer.eot] * pad + short])
+    pads = torch.tensor([0, pad])
+
+    eager = model.decoder.new_cache(2)
+    eager.pad = pads
+    model.decoder.fill_cross_cache(eager, features)
+    step = StaticStep(model.decoder, batch=2, n_audio=2, n_audio_ctx=1500)
+    step.pad.copy_(pads)
+    step.cache.pad = pads
+    model.decoder.fill_cross_cache(step.cache, features)
+    first = model.decoder.logits(model.decoder(prompt, eager)[:, -1])
+    model.decoder(prompt, step.cache)
+    token = first.argmax(-1, keepdim=True)
+    for _ in range(20):
+        expected = model.decoder.logits(model.decoder(token, eager)[:, -1])
+        got = step(token)
+        assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()
+        token = expected.argmax(-1, keepdim=True)
+    # The padded row decodes as the same prompt alone would.
+    alone = model.decoder.new_cache(1)
+    model.decoder.fill_cross_cache(alone, features[:1])
+    single = model.decoder.logits(model.decoder(torch.tensor([short]), alone)[:, -1])
+    assert torch.allclose(first[1], single[0], atol=1e-3)
+
+
 @cuda
 @requires_shared
 def test_cuda_graph_decoding_equals_eager():

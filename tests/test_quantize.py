@@ -47,13 +47,13 @@ def test_int8_linear_kernel_and_fallback_agree_with_float():
     take give the float layer's output to within int8 precision."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 256)
-    x = torch.randn(3, 7, 512)
+    x = torch.randn(3, 1, 512)
     expected = linear(x)
     layer = Int8Linear(linear.weight, linear.bias)
-    fast = layer(x)  # FBGEMM: 21 rows
+    fast = layer(x)  # FBGEMM: one new position per row, as a decoding step
     assert layer._packed is not None
-    many = torch.randn(200, 512)
-    per_row = layer(many)  # 200 rows: per-row activation scales
+    many = torch.randn(2, 100, 512)
+    per_row = layer(many)  # several positions per row: per-row activation scales
     plain = layer(x.double()).float()  # not float32: the dequantizing path other devices use
     for out, exact in ((fast, expected), (plain, expected), (per_row, linear(many))):
         relative = (out - exact).norm() / exact.norm()
@@ -61,6 +61,30 @@ def test_int8_linear_kernel_and_fallback_agree_with_float():
     assert (fast - plain).norm() / plain.norm() < 0.02
     layer.to(torch.float64)
     assert layer._packed is None  # packed again after a move
+
+
+def test_int8_rows_of_several_positions_are_quantized_independently():
+    """A prompt's positions (or left padding) of very different scales must not share one
+    activation scale: each row's output is the same alone or beside a loud row."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 256)
+    layer = Int8Linear(linear.weight, linear.bias)
+    quiet = torch.randn(1, 6, 512) * 0.01
+    loud = torch.randn(1, 6, 512) * 100
+    together = layer(torch.cat([quiet, loud]))
+    assert torch.allclose(together[:1], layer(quiet), atol=1e-6)
+    relative = (together[:1] - linear(quiet)).norm() / linear(quiet).norm()
+    assert relative < 0.02, relative
+
+
+def test_stacked_layers_give_the_separate_results():
+    torch.manual_seed(0)
+    parts = [torch.nn.Linear(64, 64), torch.nn.Linear(64, 64, bias=False)]
+    layers = [Int8Linear(p.weight, p.bias) for p in parts]
+    stacked = Int8Linear.stacked(layers)
+    for x in (torch.randn(2, 1, 64), torch.randn(2, 9, 64)):  # both CPU kernels
+        expected = torch.cat([layer(x) for layer in layers], dim=-1)
+        assert torch.equal(stacked(x), expected)
 
 
 def test_int8_model_is_smaller_and_not_exportable(tmp_path):
