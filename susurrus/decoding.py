@@ -238,6 +238,11 @@ class BeamSearchDecoder:
         self.eot = eot
         self.max_candidates = round(beam_size * (patience or 1.0))
         self.finished: list[dict[tuple[int, ...], float]] | None = None
+        # Each row's sequence as a number: equal numbers mean equal sequences. A sequence's
+        # number is looked up from (its prefix's number, its last token), so comparing two
+        # candidates costs O(1) rather than a copy of the whole sequence per step.
+        self.sequence_ids: list[int] = []
+        self.interned: dict[tuple[int, int], int] = {}
 
     def update(
         self, tokens: Tensor, logits: Tensor, sum_logprobs: Tensor, cache: KVCache
@@ -245,43 +250,46 @@ class BeamSearchDecoder:
         n_audio = tokens.shape[0] // self.beam_size
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
+            self.sequence_ids = [0] * tokens.shape[0]  # every beam starts the same
         logprobs = F.log_softmax(logits.float(), dim=-1)
         # Only the top beam_size + 1 of each row can survive: one of them may be eot.
         top_logprobs, top_tokens = logprobs.topk(self.beam_size + 1, dim=-1)
         candidate_scores = (sum_logprobs[:, None] + top_logprobs).tolist()
         top_tokens = top_tokens.tolist()
-        prefixes = tokens.tolist()
-        next_tokens, sources = [], []
+        next_tokens, sources, next_scores, next_ids = [], [], [], []
         for audio in range(n_audio):
-            scores: dict[tuple[int, ...], float] = {}
-            origin: dict[tuple[int, ...], int] = {}
+            # (prefix id, token) -> (score, row): identical sequences (all beams start the
+            # same) collapse to one, the last row's winning, in first-seen order.
+            candidates: dict[tuple[int, int], tuple[float, int]] = {}
             for row in range(audio * self.beam_size, (audio + 1) * self.beam_size):
-                prefix = tuple(prefixes[row])
+                prefix = self.sequence_ids[row]
                 for score, token in zip(candidate_scores[row], top_tokens[row]):
-                    # Identical sequences (all beams start the same) collapse to one.
-                    sequence = (*prefix, token)
-                    scores[sequence] = score
-                    origin[sequence] = row
+                    candidates[(prefix, token)] = (score, row)
             kept = 0
-            newly_finished = {}
-            for sequence in sorted(scores, key=scores.get, reverse=True):
-                if sequence[-1] == self.eot:
-                    newly_finished[sequence] = scores[sequence]
+            newly_finished: list[tuple[float, int]] = []
+            for key in sorted(candidates, key=lambda k: candidates[k][0], reverse=True):
+                score, row = candidates[key]
+                if key[1] == self.eot:
+                    newly_finished.append((score, row))
                     continue
-                sum_logprobs[len(next_tokens)] = scores[sequence]
-                next_tokens.append(sequence)
-                sources.append(origin[sequence])
+                next_tokens.append(key[1])
+                sources.append(row)
+                next_scores.append(score)
+                next_ids.append(self.interned.setdefault(key, len(self.interned) + 1))
                 kept += 1
                 if kept == self.beam_size:
                     break
             done = self.finished[audio]
-            for sequence in sorted(newly_finished, key=newly_finished.get, reverse=True):
+            for score, row in newly_finished:  # already best first
                 if len(done) >= self.max_candidates:
                     break
-                done[sequence] = newly_finished[sequence]
-        tokens = torch.tensor(next_tokens, device=tokens.device)
-        if sources != list(range(len(sources))):
-            cache.reorder(torch.tensor(sources, device=tokens.device))
+                done[(*tokens[row].tolist(), self.eot)] = score
+        self.sequence_ids = next_ids
+        sum_logprobs.copy_(torch.tensor(next_scores, dtype=sum_logprobs.dtype))
+        index = torch.tensor(sources, device=tokens.device)
+        step = torch.tensor(next_tokens, device=tokens.device)
+        tokens = torch.cat([tokens.index_select(0, index), step[:, None]], dim=1)
+        cache.reorder(sources)
         completed = all(len(done) >= self.max_candidates for done in self.finished)
         return tokens, completed
 

@@ -75,12 +75,21 @@ class KVCache:
         self.length = 0  # positions filled so far
         self.pad: Tensor | None = None  # (batch,) leading padding positions per row
 
-    def reorder(self, index: Tensor) -> None:
-        """Row i of the cache becomes the old row index[i] (beam search bookkeeping)."""
-        # Cross-attention rows never need moving: every beam of one audio shares its audio.
+    def reorder(self, sources: list[int]) -> None:
+        """Row i of the cache becomes the old row sources[i] (beam search bookkeeping)."""
+        # Only the rows that change are copied: most beams continue their own row. The
+        # cross-attention rows never move: every beam of one audio shares its audio.
+        moved = [row for row, source in enumerate(sources) if source != row]
+        if not moved:
+            return
+        device = self.self_k[0].device
+        rows = torch.tensor(moved, device=device)
+        origins = torch.tensor([sources[row] for row in moved], device=device)
         for buffers in (self.self_k, self.self_v):
             for buf in buffers:
-                buf[:, :, : self.length].copy_(buf[:, :, : self.length].index_select(0, index))
+                filled = buf[:, :, : self.length]
+                # index_select copies the sources out before any row is overwritten.
+                filled.index_copy_(0, rows, filled.index_select(0, origins))
 
 
 class MultiHeadAttention(nn.Module):
