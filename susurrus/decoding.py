@@ -218,6 +218,13 @@ class GreedyDecoder:
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
         return tokens, bool((tokens[:, -1] == self.eot).all())
 
+    def finished_audios(self, tokens: Tensor, n_group: int) -> list[bool]:
+        """Per audio of the batch: whether all its rows have ended."""
+        return (tokens[:, -1] == self.eot).view(-1, n_group).all(dim=1).tolist()
+
+    def keep(self, audios: list[int]) -> None:
+        pass  # no state per audio
+
     def finalize(self, tokens: Tensor, sum_logprobs: Tensor, n_group: int):
         tokens = F.pad(tokens, (0, 1), value=self.eot)  # every row ends with eot
         n_audio = tokens.shape[0] // n_group
@@ -243,6 +250,18 @@ class BeamSearchDecoder:
         # candidates costs O(1) rather than a copy of the whole sequence per step.
         self.sequence_ids: list[int] = []
         self.interned: dict[tuple[int, int], int] = {}
+        self.audios: list[int] = []  # the audio (index into `finished`) of each batch group
+
+    def finished_audios(self, tokens: Tensor, n_group: int) -> list[bool]:
+        """Per audio of the batch: whether it has all the candidates it waits for."""
+        assert self.finished is not None
+        return [len(self.finished[audio]) >= self.max_candidates for audio in self.audios]
+
+    def keep(self, audios: list[int]) -> None:
+        """Keep the batch groups `audios` (finished ones leave the batch)."""
+        beam = self.beam_size
+        self.sequence_ids = [self.sequence_ids[a * beam + j] for a in audios for j in range(beam)]
+        self.audios = [self.audios[a] for a in audios]
 
     def update(
         self, tokens: Tensor, logits: Tensor, sum_logprobs: Tensor, cache: KVCache
@@ -251,17 +270,18 @@ class BeamSearchDecoder:
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
             self.sequence_ids = [0] * tokens.shape[0]  # every beam starts the same
+            self.audios = list(range(n_audio))
         logprobs = F.log_softmax(logits.float(), dim=-1)
         # Only the top beam_size + 1 of each row can survive: one of them may be eot.
         top_logprobs, top_tokens = logprobs.topk(self.beam_size + 1, dim=-1)
         candidate_scores = (sum_logprobs[:, None] + top_logprobs).tolist()
         top_tokens = top_tokens.tolist()
         next_tokens, sources, next_scores, next_ids = [], [], [], []
-        for audio in range(n_audio):
+        for slot, audio in enumerate(self.audios):
             # (prefix id, token) -> (score, row): identical sequences (all beams start the
             # same) collapse to one, the last row's winning, in first-seen order.
             candidates: dict[tuple[int, int], tuple[float, int]] = {}
-            for row in range(audio * self.beam_size, (audio + 1) * self.beam_size):
+            for row in range(slot * self.beam_size, (slot + 1) * self.beam_size):
                 prefix = self.sequence_ids[row]
                 for score, token in zip(candidate_scores[row], top_tokens[row]):
                     candidates[(prefix, token)] = (score, row)
@@ -394,6 +414,16 @@ class DecodingTask:
         self.model.decoder.fill_cross_cache(cache, features)
         sum_logprobs = torch.zeros(batch, device=tokens.device)
         no_speech_probs = [np.nan] * batch
+        # Windows that finish leave the batch, so that the rest do not carry them along.
+        # Not with a CUDA graph (its shapes are fixed), nor when beam search stops before
+        # it has beam_size candidates (the reference then takes the beams as they are when
+        # every window has finished).
+        compact = step is None and (
+            not isinstance(decoder, BeamSearchDecoder)
+            or decoder.max_candidates >= decoder.beam_size
+        )
+        rows = list(range(batch))  # the original row of each row of the batch
+        left: dict[int, tuple[Tensor, Tensor]] = {}  # row -> (tokens, score) of finished rows
         step_input = tokens
         for i in range(self.sample_len):
             if i == 0:
@@ -410,7 +440,32 @@ class DecodingTask:
             tokens, completed = decoder.update(tokens, logits, sum_logprobs, cache)
             if completed or tokens.shape[-1] > self.n_ctx:
                 break
+            if compact and tokens.shape[0] > self.n_group:
+                finished = decoder.finished_audios(tokens, self.n_group)
+                if any(finished):
+                    audios = [a for a, done in enumerate(finished) if not done]
+                    kept = [a * self.n_group + j for a in audios for j in range(self.n_group)]
+                    for r in set(range(len(rows))) - set(kept):
+                        left[rows[r]] = (tokens[r], sum_logprobs[r])
+                    index = torch.tensor(kept, device=tokens.device)
+                    tokens, sum_logprobs = tokens[index], sum_logprobs[index]
+                    rows = [rows[r] for r in kept]
+                    cache.keep(kept, audios)
+                    decoder.keep(audios)
             step_input = tokens[:, -1:]
+        if left:
+            # Back to the whole batch, finished rows padded with eot to the longest.
+            for r, row in enumerate(rows):
+                left[row] = (tokens[r], sum_logprobs[r])
+            width = max(t.shape[0] for t, _ in left.values())
+            eot = self.tokenizer.eot
+            tokens = torch.stack(
+                [
+                    F.pad(left[r][0], (0, width - left[r][0].shape[0]), value=eot)
+                    for r in range(batch)
+                ]
+            )
+            sum_logprobs = torch.stack([left[r][1] for r in range(batch)])
         return decoder, tokens, sum_logprobs, no_speech_probs
 
     def _static_step(self, batch: int, n_audio: int) -> StaticStep | None:

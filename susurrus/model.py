@@ -75,6 +75,19 @@ class KVCache:
         self.length = 0  # positions filled so far
         self.pad: Tensor | None = None  # (batch,) leading padding positions per row
 
+    def keep(self, rows: list[int], audios: list[int]) -> None:
+        """Keep only `rows` of the self-attention cache and `audios` of the cross-attention
+        cache (windows that finished decoding leave the batch)."""
+        device = self.self_k[0].device
+        rows_index = torch.tensor(rows, device=device)
+        audio_index = torch.tensor(audios, device=device)
+        self.self_k = [buf.index_select(0, rows_index) for buf in self.self_k]
+        self.self_v = [buf.index_select(0, rows_index) for buf in self.self_v]
+        self.cross_k = [buf.index_select(0, audio_index) for buf in self.cross_k]
+        self.cross_v = [buf.index_select(0, audio_index) for buf in self.cross_v]
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows_index)
+
     def reorder(self, sources: list[int]) -> None:
         """Row i of the cache becomes the old row sources[i] (beam search bookkeeping)."""
         # Only the rows that change are copied: most beams continue their own row. The
@@ -219,7 +232,9 @@ class AudioEncoder(nn.Module):
         """(batch, n_mels, 3000) log-mel -> (batch, 1500, n_state) audio features, in the
         encoder's own float type (which may differ from the decoder's: see quantize.py)."""
         x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        # Contiguous (time, channel) rows: left transposed, every residual add and LayerNorm
+        # of every block would walk memory across the grain.
+        x = F.gelu(self.conv2(x)).transpose(1, 2).contiguous()
         if x.shape[1] != self.positional_embedding.shape[0]:
             raise ValueError(
                 f"the encoder takes {2 * self.positional_embedding.shape[0]} mel frames "
