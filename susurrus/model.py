@@ -81,10 +81,15 @@ class KVCache:
         device = self.self_k[0].device
         rows_index = torch.tensor(rows, device=device)
         audio_index = torch.tensor(audios, device=device)
-        self.self_k = [buf.index_select(0, rows_index) for buf in self.self_k]
-        self.self_v = [buf.index_select(0, rows_index) for buf in self.self_v]
-        self.cross_k = [buf.index_select(0, audio_index) for buf in self.cross_k]
-        self.cross_v = [buf.index_select(0, audio_index) for buf in self.cross_v]
+        # One buffer at a time, so that at most one old buffer outlives its copy.
+        for buffers, index in (
+            (self.self_k, rows_index),
+            (self.self_v, rows_index),
+            (self.cross_k, audio_index),
+            (self.cross_v, audio_index),
+        ):
+            for i, buf in enumerate(buffers):
+                buffers[i] = buf.index_select(0, index)
         if self.pad is not None:
             self.pad = self.pad.index_select(0, rows_index)
 
