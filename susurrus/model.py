@@ -254,7 +254,12 @@ class AudioEncoder(nn.Module):
 class TextDecoder(nn.Module):
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        weight = torch.empty(n_vocab, n_state)
+        if not weight.is_meta:
+            nn.init.normal_(weight)  # nn.Embedding's own initialisation
+        # Built on the meta device (the loaders do), normal_ has no kernel and goes through
+        # torch's Python reference code, whose first use costs about a second of start-up.
+        self.token_embedding = nn.Embedding(n_vocab, n_state, _weight=weight)
         self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
         self.blocks = nn.ModuleList(
             ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)
