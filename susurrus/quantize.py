@@ -121,10 +121,13 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         q, scale = quantize_rows(weight)
-        self.register_buffer("weight_int8", q)
+        self._hold(q, scale, None if bias is None else bias.detach().float().clone())
+
+    def _hold(self, weight_int8: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = weight_int8.shape
         self._packed = None  # FBGEMM's prepacked copy, made on first use with few rows
 
     @classmethod
@@ -136,16 +139,15 @@ class Int8Linear(nn.Module):
         """
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        fused.register_buffer("weight_int8", torch.cat([layer.weight_int8 for layer in layers]))
-        fused.register_buffer("scale", torch.cat([layer.scale for layer in layers]))
         biases = [
             layer.bias if layer.bias is not None else layer.scale.new_zeros(layer.out_features)
             for layer in layers
         ]
-        fused.register_buffer("bias", torch.cat(biases))
-        fused.out_features = sum(layer.out_features for layer in layers)
-        fused.in_features = layers[0].in_features
-        fused._packed = None
+        fused._hold(
+            torch.cat([layer.weight_int8 for layer in layers]),
+            torch.cat([layer.scale for layer in layers]),
+            torch.cat(biases),
+        )
         return fused
 
     def _pack(self) -> object:
