@@ -176,15 +176,15 @@ def load_model(
     """
     del in_memory  # accepted for compatibility: checkpoints are always read into memory
     device = torch.device(device or default_device())
-    float_type, int8, attention_dtype = resolve_compute_type(compute_type, device)
+    plan = resolve_compute_type(compute_type, device)
     path = Path(os.path.expanduser(str(name)))
     if path.exists():
-        model = _load_path(path, native=int8)
+        model = _load_path(path, native=plan.int8)
     elif name in EMBEDDED and (files := embedded_model_files(name)) is not None:
         parts, config_dir = files
-        model = load_ct2_dir(config_dir, parts, EMBEDDED[name].sha256, native=int8)
+        model = load_ct2_dir(config_dir, parts, EMBEDDED[name].sha256, native=plan.int8)
     elif name in _MODELS:
-        model = load_openai_checkpoint(download_model(name, download_root), native=int8)
+        model = load_openai_checkpoint(download_model(name, download_root), native=plan.int8)
     elif hf.looks_like_repo_id(str(name)):
         model = hf.load_hf_dir(hf.download_repo(str(name), download_root))
     else:
@@ -198,10 +198,12 @@ def load_model(
         dims = model.dims
         model.set_alignment_heads(alignment_heads_for(name, dims.n_text_layer, dims.n_text_head))
     model.name = str(name)
-    if int8:
-        quantize_int8(model)
-    model.set_attention_dtype(attention_dtype)
-    model = model.to(device=device, dtype=dtype or float_type).eval()
+    if plan.int8:
+        quantize_int8(model.decoder if plan.encoder_dtype else model)
+    model.set_attention_dtype(plan.attention_dtype)
+    model = model.to(device=device, dtype=dtype or plan.dtype).eval()
+    if plan.encoder_dtype is not None and dtype is None:
+        model.encoder.set_layer_dtype(plan.encoder_dtype)
     _release_free_memory()
     return model
 

@@ -220,8 +220,15 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoder block."""
-        x = x + self.attn(self.attn_ln(x))
-        return x + self.mlp(self.mlp_ln(x))
+        x = x + self.attn(self.layer_input(self.attn_ln(x)))
+        return x + self.mlp(self.layer_input(self.mlp_ln(x)))
+
+    def layer_input(self, h: Tensor) -> Tensor:
+        """`h` in the type the block's layers take: the encoder may run them in bfloat16
+        around a float32 residual stream (AudioEncoder.set_layer_dtype). The sums back into
+        the stream promote to its type within the add."""
+        fc = self.mlp[0]
+        return h.to(fc.weight.dtype) if isinstance(fc, nn.Linear) else h
 
 
 class AudioEncoder(nn.Module):
@@ -233,9 +240,19 @@ class AudioEncoder(nn.Module):
         self.blocks = nn.ModuleList(ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer))
         self.ln_post = LayerNorm(n_state)
 
+    def set_layer_dtype(self, dtype: torch.dtype) -> None:
+        """Run the convolutions and linear layers in `dtype` (bfloat16 on a CPU with AMX),
+        while the residual stream, the LayerNorms and the positional embedding keep their
+        type: the sums of six blocks keep float32's precision at little cost, since the
+        products are most of the time."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.to(dtype)
+
     def forward(self, mel: Tensor) -> Tensor:
         """(batch, n_mels, 3000) log-mel -> (batch, 1500, n_state) audio features, in the
-        encoder's own float type (which may differ from the decoder's: see quantize.py)."""
+        type of the encoder's residual stream (which may differ from the decoder's: see
+        quantize.py)."""
         x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
         # Contiguous (time, channel) rows: left transposed, every residual add and LayerNorm
         # of every block would walk memory across the grain.
@@ -245,7 +262,8 @@ class AudioEncoder(nn.Module):
                 f"the encoder takes {2 * self.positional_embedding.shape[0]} mel frames "
                 f"(30 s), got {mel.shape[-1]}"
             )
-        x = x + self.positional_embedding.to(x.dtype)
+        # The residual stream runs in the positional embedding's type (see set_layer_dtype).
+        x = x.to(self.positional_embedding.dtype) + self.positional_embedding
         for block in self.blocks:
             x = block(x)
         return self.ln_post(x)

@@ -5,9 +5,15 @@ Batched transcription decodes windows side by side, so it must know them all bef
 they are cut where the audio is quietest (a pause between words), so that no word is split
 between two windows. With voice activity detection the speech regions are packed into
 windows first, and only a region longer than a window is cut by loudness.
+
+A long span becomes the fewest windows of about equal length: each window costs one
+encoder pass whatever it holds, and windows decoded side by side finish together when they
+hold about as much speech (a short last window would otherwise run a batch of its own).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +21,11 @@ from torch import Tensor
 
 from .features import FRAMES_PER_SECOND, N_FRAMES
 
-# A cut is looked for in the last third of a window: windows stay long (few of them) and a
-# pause of a few hundred milliseconds almost always falls in ten seconds of speech.
-MIN_WINDOW_FRAMES = 2 * N_FRAMES // 3
+# Windows average at most 27 s, so that a cut may move 3 s either way to find a pause (a
+# pause of a few hundred milliseconds almost always falls in six seconds of speech) while
+# no window passes 30 s.
+SEARCH_FRAMES = 3 * FRAMES_PER_SECOND
+TARGET_WINDOW_FRAMES = N_FRAMES - SEARCH_FRAMES
 SMOOTHING_FRAMES = FRAMES_PER_SECOND // 5  # 0.2 s: the length of a short pause
 
 
@@ -30,16 +38,19 @@ def loudness(mel: Tensor) -> Tensor:
 
 
 def split_span(start: int, end: int, level: Tensor) -> list[tuple[int, int]]:
-    """Cut frames [start, end) into windows of at most N_FRAMES at the quietest frames."""
-    windows = []
-    while end - start > N_FRAMES:
-        lo, hi = start + MIN_WINDOW_FRAMES, start + N_FRAMES
-        cut = lo + int(torch.argmin(level[lo:hi]))
-        windows.append((start, cut))
-        start = cut
-    if end > start:
-        windows.append((start, end))
-    return windows
+    """Cut frames [start, end) into the fewest windows of about equal length, each at most
+    N_FRAMES, at the quietest frame within SEARCH_FRAMES of each even cut."""
+    if end - start <= N_FRAMES:
+        return [(start, end)] if end > start else []
+    count = math.ceil((end - start) / TARGET_WINDOW_FRAMES)
+    cuts = [start]
+    for i in range(1, count):
+        even = start + round(i * (end - start) / count)
+        lo = max(cuts[-1] + 1, even - SEARCH_FRAMES)
+        hi = min(cuts[-1] + N_FRAMES, even + SEARCH_FRAMES)
+        cuts.append(lo + int(torch.argmin(level[lo : hi + 1])))
+    cuts.append(end)
+    return list(zip(cuts, cuts[1:]))
 
 
 def pack_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

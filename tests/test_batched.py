@@ -11,7 +11,7 @@ from susurrus import load_audio, log_mel_spectrogram, pad_or_trim
 from susurrus.decoding import DecodingOptions, decode
 from susurrus.features import N_FRAMES
 from susurrus.tokenizer import get_tokenizer
-from susurrus.windows import pack_spans, plan_windows
+from susurrus.windows import SEARCH_FRAMES, pack_spans, plan_windows
 
 from .conftest import AUDIO, manifest, requires_shared
 from .test_cli import run as run_cli
@@ -21,15 +21,30 @@ LONG = "en_lj_LJ001-0001-0016_concat.flac"  # 111 s of continuous reading
 
 def test_windows_cut_at_the_quietest_point():
     mel = torch.full((80, 7000), 0.5)
-    mel[:, 2500:2530] = -1.0  # a pause inside the search range of the first window
-    mel[:, 5200:5240] = -1.0
+    mel[:, 2300:2330] = -1.0  # pauses within 3 s of the even cuts (2333, 4667)
+    mel[:, 4900:4940] = -1.0
     windows = plan_windows(mel, [(0, 7000)])
-    assert windows[0] == (0, pytest.approx(2515, abs=15))
-    assert all(0 < end - start <= N_FRAMES for start, end in windows)
+    assert len(windows) == 3  # the fewest windows of at most 30 s
+    assert windows[0] == (0, pytest.approx(2315, abs=15))
+    assert 4900 <= windows[1][1] <= 4940
     # Contiguous and covering everything.
     assert windows[0][0] == 0 and windows[-1][1] == 7000
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
-    assert 5200 <= windows[1][1] <= 5240
+
+
+def test_long_spans_become_the_fewest_windows_of_about_equal_length():
+    torch.manual_seed(0)
+    mel = torch.randn(80, 30_000)
+    for end in (3000, 3001, 8100, 8101, 29_999):
+        windows = plan_windows(mel, [(0, end)])
+        fewest = 1 if end <= N_FRAMES else -(-end // (N_FRAMES - SEARCH_FRAMES))
+        assert len(windows) == fewest
+        assert windows[0][0] == 0 and windows[-1][1] == end
+        assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+        even = end / len(windows)
+        for start, stop in windows:
+            assert 0 < stop - start <= N_FRAMES
+            assert abs((stop - start) - even) <= 2 * SEARCH_FRAMES + 1
 
 
 def test_no_frames_no_windows():
