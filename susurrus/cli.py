@@ -390,13 +390,7 @@ def transcribe_main(argv: list[str]) -> int:
     failed = 0
     for path in args.pop("audio"):
         try:
-            audio = read_recording(
-                path,
-                model.dims.n_mels,
-                stream=audio_stream,
-                vad=vad,
-                batch_size=args["batch_size"],
-            )
+            audio = read_recording(path, model.dims.n_mels, stream=audio_stream, vad=vad)
             if recording_is_silent(audio):
                 raise SusurrusError(
                     f"{path}: the audio is silent (no sample reaches -60 dBFS); nothing to "

@@ -7,6 +7,7 @@ Failed windows (repetitive or improbable text) are retried at higher temperature
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections import deque
@@ -33,7 +34,7 @@ from .model import Whisper
 from .timing import add_word_timestamps, get_end, is_segment_anomaly, next_words_segment
 from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
 from .vad import clip_timestamps_for, speech_regions
-from .windows import plan_windows
+from .windows import SMOOTHING_FRAMES, FrameReader, iter_windows, window_spans
 from .writers import format_timestamp
 
 # (compression ratio, average log-probability, no-speech probability) thresholds; None: unused.
@@ -140,12 +141,11 @@ def read_recording(
     *,
     stream: int | None = None,
     vad: bool = False,
-    batch_size: int | None = None,
 ) -> np.ndarray | MelStream:
-    """A file as `transcribe` reads it: all its samples when `vad` or `batch_size` need the
-    whole recording at once, else a MelStream read as the windows advance (memory then does
-    not grow with the recording's length)."""
-    if vad or batch_size is not None:
+    """A file as `transcribe` reads it: all its samples when `vad` needs the whole
+    recording at once, else a MelStream read as the windows advance (memory then does not
+    grow with the recording's length, batched or not)."""
+    if vad:
         return load_audio(path, stream=stream)
     return MelStream(path, n_mels, stream=stream)
 
@@ -205,14 +205,14 @@ def transcribe(
     """Transcribe (or translate) a whole recording.
 
     `audio` is a path, 16 kHz mono samples as a NumPy array or tensor, or a `MelStream`.
-    A path is read as it is decoded (unless `vad` or `batch_size` need all of it at once).
+    A path is read as it is decoded (unless `vad` needs all of it at once).
     `verbose=True` prints each segment as it is decoded, `False` shows a progress bar,
     `None` neither. Other keyword arguments are DecodingOptions fields (language, task,
     beam_size, ...).
     `vad=True` decodes only the speech regions Silero VAD finds (times stay on the
     original time line); audio with no sample above -60 dBFS returns no segments.
-    `batch_size=N` plans all windows first, cut at pauses (see windows.py), and decodes N
-    at a time: faster, with timestamps, per-window fallback and word timestamps kept, but
+    `batch_size=N` cuts the recording into windows at pauses (see windows.py) and decodes
+    N at a time: faster, with timestamps, per-window fallback and word timestamps kept, but
     each window is decoded without the previous one's text as prompt.
     Returns {"text", "segments", "language"} as the reference `whisper.transcribe` does.
     """
@@ -222,7 +222,7 @@ def transcribe(
 
     user_clips = clip_timestamps
     if isinstance(audio, (str, os.PathLike)):
-        audio = read_recording(audio, model.dims.n_mels, vad=vad, batch_size=batch_size)
+        audio = read_recording(audio, model.dims.n_mels, vad=vad)
     if not isinstance(audio, MelStream):
         audio = audio if torch.is_tensor(audio) else torch.from_numpy(np.asarray(audio))
     if recording_is_silent(audio):
@@ -231,7 +231,6 @@ def transcribe(
     if isinstance(audio, MelStream):
         if vad:
             raise ValueError("vad needs the whole recording: pass a path or samples")
-        mel = None
         frames = audio.frames
         content_frames = audio.content_frames
     else:
@@ -291,8 +290,6 @@ def transcribe(
         remaining_prompt_length -= len(initial_prompt_tokens)
 
     if batch_size is not None:
-        if mel is None:
-            raise ValueError("batch_size needs the whole recording: pass a path or samples")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if hallucination_silence_threshold is not None:
@@ -301,11 +298,10 @@ def transcribe(
             )
         # Speech regions may share a window; clips the user chose stay apart.
         pack = vad and _parse_clips(user_clips, content_frames) == [(0, content_frames)]
-        windows = plan_windows(mel[:, :content_frames], clips, pack=pack)
         segments = _transcribe_windows(
             model,
-            mel,
-            windows,
+            FrameReader(frames, content_frames),
+            window_spans(clips, content_frames, pack),
             batch_size,
             tokenizer,
             replace(options, prompt=initial_prompt_tokens or None),
@@ -416,8 +412,8 @@ MIN_REMAINDER_FRAMES = FRAMES_PER_SECOND
 
 def _transcribe_windows(
     model: Whisper,
-    mel: torch.Tensor,
-    windows: list[tuple[int, int]],
+    reader: FrameReader,
+    spans: list[tuple[int, int]],
     batch_size: int,
     tokenizer: Tokenizer,
     options: DecodingOptions,
@@ -428,32 +424,45 @@ def _transcribe_windows(
     verbose: bool | None,
     progress_callback: Callable[[int, int], None] | None,
 ) -> list[dict]:
-    """Decode planned windows `batch_size` at a time.
+    """Decode the windows planned over `spans` `batch_size` at a time, planning and reading
+    them as the batches advance.
 
     As in sequential decoding, a window whose last segment closes well before the window's
-    end is decoded again from that point: the remainder joins the queue as a new window,
-    with the text decoded so far as its prompt (so that it continues rather than repeats).
+    end is decoded again from that point: the remainder joins the next batch as a window of
+    its own, with the text decoded so far as its prompt (so that it continues rather than
+    repeats).
     """
     input_stride = N_FRAMES // model.dims.n_audio_ctx
     time_precision = input_stride * HOP_LENGTH / SAMPLE_RATE
-    total = sum(end - start for start, end in windows)
+    total = sum(end - start for start, end in spans)
     done = 0
-    # (start, end, prompt): planned windows share the caller's prompt, remainders have their own.
-    queue: deque[tuple[int, int, list[int] | None]] = deque((s, e, None) for s, e in windows)
+    planned = iter_windows(reader, spans)
+    # Remainders waiting for a batch: (start, end, prompt, frames).
+    remainders: deque[tuple[int, int, list[int] | None, torch.Tensor]] = deque()
     all_segments: list[dict] = []
     with tqdm(total=total, unit="frames", disable=verbose is not False) as bar:
-        while queue:
-            # Remainders carry their own prompts; they join a batch like any window (the
-            # decoder pads prompts of different lengths).
-            batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+        while True:
+            # Remainders first, then the next planned windows (which share the caller's
+            # prompt). Prompts of different lengths are padded by the decoder.
+            batch = [remainders.popleft() for _ in range(min(batch_size, len(remainders)))]
+            for start, end in itertools.islice(planned, batch_size - len(batch)):
+                batch.append((start, end, None, reader(start, end)))
+            if not batch:
+                break
+            mels = torch.stack([pad_or_trim(frames, N_FRAMES) for *_, frames in batch])
+            if batch[-1][2] is None:
+                # The planner reads on from the last window's end, and 0.1 s before it (the
+                # loudness is smoothed over 0.2 s).
+                reader.release(batch[-1][1] - SMOOTHING_FRAMES)
             prompts = None
-            if any(prompt is not None for _, _, prompt in batch):
-                prompts = [options.prompt if p is None else p for _, _, p in batch]
-            mels = torch.stack([pad_or_trim(mel[:, s:e], N_FRAMES) for s, e, _ in batch])
+            if any(prompt is not None for _, _, prompt, _ in batch):
+                prompts = [options.prompt if p is None else p for _, _, p, _ in batch]
+            windows = [(start, end) for start, end, *_ in batch]
+            del batch  # the frames live on in `mels` only
             results = _decode_with_fallback(
                 model, mels.to(model.device), options, temperatures, thresholds, prompts
             )
-            for (start, end, _), result in zip(batch, results):
+            for i, ((start, end), result) in enumerate(zip(windows, results)):
                 size = end - start
                 consumed = size
                 if not _is_silence(result, thresholds):
@@ -472,7 +481,8 @@ def _transcribe_windows(
                     )
                     if end - seek >= MIN_REMAINDER_FRAMES:
                         context = [*(options.prompt or []), *result.tokens]
-                        queue.append((seek, end, context))
+                        rest = mels[i, :, seek - start : end - start].clone()
+                        remainders.append((seek, end, context, rest))
                         consumed = seek - start
                     if word_options is not None:
                         # Windows finish out of order: the window's start stands in for the

@@ -14,6 +14,7 @@ hold about as much speech (a short last window would otherwise run a batch of it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +38,65 @@ def loudness(mel: Tensor) -> Tensor:
     return F.conv1d(padded, kernel)[0, 0, : frame.shape[0]]
 
 
-def split_span(start: int, end: int, level: Tensor) -> list[tuple[int, int]]:
+class FrameReader:
+    """Log-mel frames read forward from a tensor or a MelStream, kept only from the oldest
+    frame still needed: batched decoding of a long file holds about one batch of windows."""
+
+    def __init__(self, source: Tensor | Callable[[int, int], Tensor], total: int) -> None:
+        self._read = (lambda a, b: source[:, a:b]) if torch.is_tensor(source) else source
+        self.total = total  # content frames: the loudness (and windows) stop there
+        self._start = 0
+        self._frames: Tensor | None = None
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        if self._frames is None or start < self._start:
+            # The first read (from where the last release left off), or one back before the
+            # kept frames (clips out of order: a MelStream then decodes from the top again).
+            self._start = min(self._start, start) if self._frames is None else start
+            self._frames = self._read(self._start, stop)
+        elif stop > self._start + self._frames.shape[1]:
+            more = self._read(self._start + self._frames.shape[1], stop)
+            self._frames = torch.cat([self._frames, more], dim=1)
+        return self._frames[:, start - self._start : stop - self._start]
+
+    def release(self, before: int) -> None:
+        """Frames before `before` will not be asked for again (reading goes on from there)."""
+        if before <= self._start:
+            return
+        if self._frames is None or before >= self._start + self._frames.shape[1]:
+            self._frames = None  # nothing kept is needed: the next read starts at `before`
+        else:
+            self._frames = self._frames[:, before - self._start :].clone()
+        self._start = before
+
+    def level(self, lo: int, hi: int) -> Tensor:
+        """Loudness of frames [lo, hi], with the smoothing's context on either side: equal
+        to `loudness` of all the content frames, at those frames."""
+        context = SMOOTHING_FRAMES // 2
+        a, b = max(0, lo - context), min(self.total, hi + 1 + context)
+        return loudness(self(a, b))[lo - a : hi + 1 - a]
+
+
+def split_span(start: int, end: int, reader: FrameReader) -> Iterator[tuple[int, int]]:
     """Cut frames [start, end) into the fewest windows of about equal length, each at most
-    N_FRAMES, at the quietest frame within SEARCH_FRAMES of each even cut."""
+    N_FRAMES, at the quietest frame within SEARCH_FRAMES of each even cut. The frames are
+    read as far as the next cut needs."""
+    # Nothing before this span is read again (its loudness needs 0.1 s before it).
+    reader.release(start - SMOOTHING_FRAMES // 2)
     if end - start <= N_FRAMES:
-        return [(start, end)] if end > start else []
+        if end > start:
+            yield start, end
+        return
     count = math.ceil((end - start) / TARGET_WINDOW_FRAMES)
-    cuts = [start]
+    previous = start
     for i in range(1, count):
         even = start + round(i * (end - start) / count)
-        lo = max(cuts[-1] + 1, even - SEARCH_FRAMES)
-        hi = min(cuts[-1] + N_FRAMES, even + SEARCH_FRAMES)
-        cuts.append(lo + int(torch.argmin(level[lo : hi + 1])))
-    cuts.append(end)
-    return list(zip(cuts, cuts[1:]))
+        lo = max(previous + 1, even - SEARCH_FRAMES)
+        hi = min(previous + N_FRAMES, even + SEARCH_FRAMES)
+        cut = lo + int(torch.argmin(reader.level(lo, hi)))
+        yield previous, cut
+        previous = cut
+    yield previous, end
 
 
 def pack_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -64,19 +110,27 @@ def pack_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return packed
 
 
+def window_spans(
+    spans: list[tuple[int, int]], total: int, pack: bool = False
+) -> list[tuple[int, int]]:
+    """The frame ranges windows cover: `spans` (the whole recording, clips, or speech
+    regions) within the `total` content frames, empty ones dropped; `pack` lets one window
+    hold several short spans and the gaps between them."""
+    spans = [(max(0, s), min(e, total)) for s, e in spans]
+    spans = [(s, e) for s, e in spans if e > s]
+    return pack_spans(spans) if pack else spans
+
+
+def iter_windows(reader: FrameReader, spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Windows (start, end) in mel frames, each at most 30 s, covering `spans` (from
+    `window_spans`) in order; frames are read only as far as the next cut needs."""
+    for s, e in spans:
+        yield from split_span(s, e, reader)
+
+
 def plan_windows(
     mel: Tensor, spans: list[tuple[int, int]], pack: bool = False
 ) -> list[tuple[int, int]]:
-    """Windows (start, end) in mel frames covering `spans`, each at most 30 s.
-
-    `spans` are the frame ranges to transcribe (the whole recording, clips, or speech
-    regions); `pack` lets one window hold several short spans and the gaps between them.
-    """
-    if mel.shape[-1] == 0:
-        return []
-    level = loudness(mel)
-    spans = [(max(0, s), min(e, mel.shape[-1])) for s, e in spans]
-    spans = [(s, e) for s, e in spans if e > s]
-    if pack:
-        spans = pack_spans(spans)
-    return [window for s, e in spans for window in split_span(s, e, level)]
+    """All the windows covering `spans` of a (n_mels, content frames) log-mel."""
+    total = mel.shape[-1]
+    return list(iter_windows(FrameReader(mel, total), window_spans(spans, total, pack)))

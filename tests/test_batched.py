@@ -11,7 +11,7 @@ from susurrus import load_audio, log_mel_spectrogram, pad_or_trim
 from susurrus.decoding import DecodingOptions, decode
 from susurrus.features import N_FRAMES
 from susurrus.tokenizer import get_tokenizer
-from susurrus.windows import SEARCH_FRAMES, pack_spans, plan_windows
+from susurrus.windows import SEARCH_FRAMES, FrameReader, loudness, pack_spans, plan_windows
 
 from .conftest import AUDIO, manifest, requires_shared
 from .test_cli import run as run_cli
@@ -45,6 +45,19 @@ def test_long_spans_become_the_fewest_windows_of_about_equal_length():
         for start, stop in windows:
             assert 0 < stop - start <= N_FRAMES
             assert abs((stop - start) - even) <= 2 * SEARCH_FRAMES + 1
+
+
+def test_frame_reader_loudness_equals_the_whole_recordings():
+    torch.manual_seed(0)
+    mel = torch.randn(80, 5000)
+    whole = loudness(mel)
+    reader = FrameReader(mel, 5000)
+    for lo, hi in ((0, 300), (2, 40), (1000, 1500), (4700, 4999), (4990, 4999)):
+        assert torch.allclose(reader.level(lo, hi), whole[lo : hi + 1], atol=1e-6)
+    reader.release(4000)
+    assert torch.equal(reader(4000, 4010), mel[:, 4000:4010])
+    assert reader._frames.shape[1] == 1000  # frames 4000 to 4999: none released is kept
+    assert torch.equal(reader(3000, 3010), mel[:, 3000:3010])  # going back reads again
 
 
 def test_no_frames_no_windows():

@@ -47,18 +47,33 @@ def test_streamed_transcript_equals_in_memory(tiny_en):
     ]
 
 
+def test_streamed_batched_transcript_equals_in_memory(tiny_en):
+    options = dict(temperature=0.0, batch_size=4)
+    streamed = tiny_en.transcribe(str(LONG), **options)
+    in_memory = tiny_en.transcribe(load_audio(str(LONG)), **options)
+    assert len(streamed["segments"]) > 5
+    assert [s["tokens"] for s in streamed["segments"]] == [
+        s["tokens"] for s in in_memory["segments"]
+    ]
+
+
 PEAK_RSS = """
 import resource, sys, susurrus
 model = susurrus.load_model("tiny.en", device="cpu")
-result = model.transcribe(sys.argv[1], temperature=0.0, clip_timestamps=sys.argv[2])
+batch_size = None if sys.argv[3] == "none" else int(sys.argv[3])
+result = model.transcribe(
+    sys.argv[1], temperature=0.0, clip_timestamps=sys.argv[2], batch_size=batch_size
+)
 assert "printing" in result["text"].lower(), result["text"]
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def test_an_hour_needs_the_memory_of_three_minutes(tmp_path):
+@pytest.mark.parametrize("batch_size", ["none", "4"])
+def test_an_hour_needs_the_memory_of_three_minutes(tmp_path, batch_size):
     """An hour of audio, of which the first three minutes and the last thirty seconds are
-    decoded, against the first three minutes alone: peak RSS within 10%."""
+    decoded, against the first three minutes alone: peak RSS within 10%, decoded one
+    window at a time or in batches."""
     samples = load_audio(str(LONG))
     pcm = (np.clip(samples, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
     hour, minutes = tmp_path / "hour.wav", tmp_path / "three.wav"
@@ -75,7 +90,7 @@ def test_an_hour_needs_the_memory_of_three_minutes(tmp_path):
 
     def peak_kb(path, clips) -> int:
         run = subprocess.run(
-            [sys.executable, "-c", PEAK_RSS, str(path), clips],
+            [sys.executable, "-c", PEAK_RSS, str(path), clips, batch_size],
             capture_output=True,
             text=True,
             check=True,
