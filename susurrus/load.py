@@ -198,12 +198,14 @@ def load_model(
         dims = model.dims
         model.set_alignment_heads(alignment_heads_for(name, dims.n_text_layer, dims.n_text_head))
     model.name = str(name)
+    # An explicit float type overrides the encoder's own (it then stays int8 with the rest).
+    encoder_dtype = plan.encoder_dtype if dtype is None else None
     if plan.int8:
-        quantize_int8(model.decoder if plan.encoder_dtype else model)
+        quantize_int8(model.decoder if encoder_dtype else model)
     model.set_attention_dtype(plan.attention_dtype)
     model = model.to(device=device, dtype=dtype or plan.dtype).eval()
-    if plan.encoder_dtype is not None and dtype is None:
-        model.encoder.set_layer_dtype(plan.encoder_dtype)
+    if encoder_dtype is not None:
+        model.encoder.set_layer_dtype(encoder_dtype)
     _release_free_memory()
     return model
 

@@ -241,10 +241,10 @@ class AudioEncoder(nn.Module):
         self.ln_post = LayerNorm(n_state)
 
     def set_layer_dtype(self, dtype: torch.dtype) -> None:
-        """Run the convolutions and linear layers in `dtype` (bfloat16 on a CPU with AMX),
-        while the residual stream, the LayerNorms and the positional embedding keep their
-        type: the sums of six blocks keep float32's precision at little cost, since the
-        products are most of the time."""
+        """Run the convolutions and linear layers in `dtype` (bfloat16 on a CPU with
+        AVX512-BF16 or AMX), while the residual stream, the LayerNorms and the positional
+        embedding keep their type: the blocks' sums keep float32's precision at little
+        cost, since the products are most of the time."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d)):
                 module.to(dtype)

@@ -34,7 +34,7 @@ from .model import Whisper
 from .timing import add_word_timestamps, get_end, is_segment_anomaly, next_words_segment
 from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
 from .vad import clip_timestamps_for, speech_regions
-from .windows import SMOOTHING_FRAMES, FrameReader, iter_windows, window_spans
+from .windows import FrameReader, iter_windows, window_spans
 from .writers import format_timestamp
 
 # (compression ratio, average log-probability, no-speech probability) thresholds; None: unused.
@@ -141,10 +141,12 @@ def read_recording(
     *,
     stream: int | None = None,
     vad: bool = False,
+    batch_size: int | None = None,
 ) -> np.ndarray | MelStream:
     """A file as `transcribe` reads it: all its samples when `vad` needs the whole
     recording at once, else a MelStream read as the windows advance (memory then does not
     grow with the recording's length, batched or not)."""
+    del batch_size  # accepted as before; batched decoding reads a stream too
     if vad:
         return load_audio(path, stream=stream)
     return MelStream(path, n_mels, stream=stream)
@@ -450,10 +452,6 @@ def _transcribe_windows(
             if not batch:
                 break
             mels = torch.stack([pad_or_trim(frames, N_FRAMES) for *_, frames in batch])
-            if batch[-1][2] is None:
-                # The planner reads on from the last window's end, and 0.1 s before it (the
-                # loudness is smoothed over 0.2 s).
-                reader.release(batch[-1][1] - SMOOTHING_FRAMES)
             prompts = None
             if any(prompt is not None for _, _, prompt, _ in batch):
                 prompts = [options.prompt if p is None else p for _, _, p, _ in batch]

@@ -6,9 +6,9 @@ they are cut where the audio is quietest (a pause between words), so that no wor
 between two windows. With voice activity detection the speech regions are packed into
 windows first, and only a region longer than a window is cut by loudness.
 
-A long span becomes the fewest windows of about equal length: each window costs one
-encoder pass whatever it holds, and windows decoded side by side finish together when they
-hold about as much speech (a short last window would otherwise run a batch of its own).
+A long span becomes few windows of about equal length: each window costs one encoder
+pass whatever it holds, and windows decoded side by side finish together when they hold
+about as much speech (a short last window would otherwise run a batch of its own).
 """
 
 from __future__ import annotations
@@ -78,11 +78,14 @@ class FrameReader:
 
 
 def split_span(start: int, end: int, reader: FrameReader) -> Iterator[tuple[int, int]]:
-    """Cut frames [start, end) into the fewest windows of about equal length, each at most
-    N_FRAMES, at the quietest frame within SEARCH_FRAMES of each even cut. The frames are
-    read as far as the next cut needs."""
-    # Nothing before this span is read again (its loudness needs 0.1 s before it).
-    reader.release(start - SMOOTHING_FRAMES // 2)
+    """Cut frames [start, end) into windows of about equal length: one up to N_FRAMES,
+    else as few as keep their average within TARGET_WINDOW_FRAMES, each cut at the quietest
+    frame within SEARCH_FRAMES of its even place (so none passes N_FRAMES).
+
+    Frames are read as far as the next cut needs. A window's frames must be read before
+    the next window is asked for: the frames before it are then released."""
+    context = SMOOTHING_FRAMES // 2  # the loudness of a frame reads 0.1 s before it
+    reader.release(start - context)
     if end - start <= N_FRAMES:
         if end > start:
             yield start, end
@@ -95,6 +98,7 @@ def split_span(start: int, end: int, reader: FrameReader) -> Iterator[tuple[int,
         hi = min(previous + N_FRAMES, even + SEARCH_FRAMES)
         cut = lo + int(torch.argmin(reader.level(lo, hi)))
         yield previous, cut
+        reader.release(cut - context)
         previous = cut
     yield previous, end
 

@@ -13,6 +13,7 @@ import torch
 
 from susurrus import load_audio, log_mel_spectrogram
 from susurrus.features import N_FRAMES, N_SAMPLES, MelStream
+from susurrus.windows import FrameReader
 
 from .conftest import AUDIO, requires_shared
 
@@ -55,6 +56,33 @@ def test_streamed_batched_transcript_equals_in_memory(tiny_en):
     assert [s["tokens"] for s in streamed["segments"]] == [
         s["tokens"] for s in in_memory["segments"]
     ]
+
+
+def test_batched_reading_goes_forward_and_keeps_about_one_batch(tiny_en, monkeypatch):
+    """Batched decoding of a stream never reads back (a MelStream would decode the file
+    again from the top), and keeps the frames of about one batch of windows."""
+    stream = MelStream(str(LONG), 80)
+    starts, kept = [], []
+    read = stream.frames
+
+    def frames(start: int, stop: int) -> torch.Tensor:
+        starts.append(start)
+        return read(start, stop)
+
+    stream.frames = frames
+    call = FrameReader.__call__
+
+    def spy(self, start: int, stop: int) -> torch.Tensor:
+        out = call(self, start, stop)
+        kept.append(self._frames.shape[1])
+        return out
+
+    monkeypatch.setattr(FrameReader, "__call__", spy)
+    result = tiny_en.transcribe(stream, temperature=0.0, batch_size=2)
+    assert "printing" in result["text"].lower(), result["text"]
+    assert starts == sorted(starts), starts
+    assert stream.content_frames > 3.5 * N_FRAMES  # 111 s: five windows
+    assert 0 < max(kept) <= 3 * N_FRAMES, kept  # two windows and the next cut's search
 
 
 PEAK_RSS = """
