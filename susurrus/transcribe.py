@@ -141,12 +141,10 @@ def read_recording(
     *,
     stream: int | None = None,
     vad: bool = False,
-    batch_size: int | None = None,
 ) -> np.ndarray | MelStream:
     """A file as `transcribe` reads it: all its samples when `vad` needs the whole
     recording at once, else a MelStream read as the windows advance (memory then does not
     grow with the recording's length, batched or not)."""
-    del batch_size  # accepted as before; batched decoding reads a stream too
     if vad:
         return load_audio(path, stream=stream)
     return MelStream(path, n_mels, stream=stream)
