@@ -27,6 +27,7 @@ def test_windows_cut_at_the_quietest_point():
     assert len(windows) == 3  # 70 s: three windows of 27 s at most on average
     assert windows[0] == (0, pytest.approx(2315, abs=15))
     assert 4900 <= windows[1][1] <= 4940
+    assert all(0 < end - start <= N_FRAMES for start, end in windows)
     # Contiguous and covering everything.
     assert windows[0][0] == 0 and windows[-1][1] == 7000
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
