@@ -5,23 +5,28 @@ from . import audio, decoding, features, model, tokenizer, utils  # noqa: F401
 from .audio import load_audio
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language
 from .download import available_models
+from .engine import Cancelled, Engine
 from .errors import SusurrusError
 from .features import log_mel_spectrogram, pad_or_trim
 from .load import load_model
 from .model import ModelDimensions, Whisper
+from .options import TranscribeOptions
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
-from .transcribe import transcribe
+from .transcribe import transcribe, transcribe_many
 from .writers import get_writer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cancelled",
     "DecodingOptions",
     "DecodingResult",
+    "Engine",
     "LANGUAGES",
     "ModelDimensions",
     "SusurrusError",
     "TO_LANGUAGE_CODE",
+    "TranscribeOptions",
     "Whisper",
     "available_models",
     "decode",
@@ -33,4 +38,5 @@ __all__ = [
     "log_mel_spectrogram",
     "pad_or_trim",
     "transcribe",
+    "transcribe_many",
 ]

@@ -193,9 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch_size",
         type=_optional(int),
         default=None,
-        help="decode this many 30-second windows at once, cut at pauses beforehand; "
-        "each window is decoded without the previous one's text as prompt "
+        help="with several files: decode this many files side by side, each exactly as "
+        "alone; with one file: decode this many 30-second windows at once, cut at pauses "
+        "beforehand, each without the previous one's text as prompt "
         "(default: one window after another, as whisper)",
+    )
+    _add_bool(
+        g,
+        "resume",
+        False,
+        "save each file's progress after every window (FILE.resume.json in the output "
+        "directory) and continue from it; finished files are skipped",
     )
 
     g = parser.add_argument_group("fallback and silence")
@@ -321,7 +329,6 @@ def transcribe_main(argv: list[str]) -> int:
     output_format = args.pop("output_format")
     audio_stream = args.pop("audio_stream")
 
-    from .transcribe import transcribe
 
     vad = args["vad"]
     for option in CUE_OPTIONS:
@@ -385,28 +392,93 @@ def transcribe_main(argv: list[str]) -> int:
         _error(str(exc))
         return 2
 
-    from .transcribe import read_recording, recording_is_silent
+    from .options import TranscribeOptions
+    from .transcribe import StateFile, read_recording, transcribe_many
+
+    paths = args.pop("audio")
+    verbose = args.pop("verbose")
+    batch_size = args.pop("batch_size")
+    resume = args.pop("resume")
+    many = len(paths) > 1
+    try:
+        # One file: batch_size cuts it into windows decoded side by side; several files:
+        # that many files decode side by side, each as it would alone.
+        options = TranscribeOptions.create(
+            temperature=temperature, batch_size=None if many else batch_size, **args
+        )
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+
+    def state_path(path: str) -> str:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return os.path.join(output_dir, f"{stem}.resume.json")
 
     failed = 0
-    for path in args.pop("audio"):
-        try:
-            audio = read_recording(path, model.dims.n_mels, stream=audio_stream, vad=vad)
-            if recording_is_silent(audio):
-                raise SusurrusError(
-                    f"{path}: the audio is silent (no sample reaches -60 dBFS); nothing to "
-                    "transcribe"
-                )
-            result = transcribe(model, audio, temperature=temperature, **args)
-            if not result["segments"] or not result["text"].strip():
-                print(f"susurrus: {path}: no speech found", file=sys.stderr, flush=True)
-            writer(result, path, writer_options)
-        except SusurrusError as exc:
-            _error(str(exc))
-            failed += 1
-        except (ValueError, NotImplementedError) as exc:
-            _error(f"{path}: {exc}")
-            failed += 1
+    todo = []
+    for path in paths:
+        if resume and os.path.isfile(path):
+            try:
+                saved = StateFile(state_path(path), path, model, options).load()
+            except SusurrusError as exc:
+                _error(str(exc))
+                failed += 1
+                continue
+            if saved is not None and saved["session"].get("complete"):
+                print(f"susurrus: {path}: already transcribed (--resume)", file=sys.stderr)
+                continue
+        todo.append(path)
+
+    def read(path: str):
+        return read_recording(path, model.dims.n_mels, stream=audio_stream, vad=vad)
+
+    results = transcribe_many(
+        model,
+        todo,
+        batch_size=batch_size if many and batch_size else 1,
+        options=options,
+        read=read,
+        state_path=state_path if resume else None,
+        # Segments of files decoded side by side would interleave: printed per file.
+        verbose=verbose if not (many and batch_size) else None,
+    )
+    try:
+        for path, result in results:
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                if many and batch_size and verbose:
+                    for segment in result["segments"]:
+                        start = writers_timestamp(segment["start"])
+                        end = writers_timestamp(segment["end"])
+                        print(f"[{start} --> {end}] {segment['text']}", flush=True)
+                if result.get("no_speech"):
+                    raise SusurrusError(
+                        f"{path}: the audio is silent (no sample reaches -60 dBFS); nothing to "
+                        "transcribe"
+                    )
+                if not result["segments"] or not result["text"].strip():
+                    print(f"susurrus: {path}: no speech found", file=sys.stderr, flush=True)
+                writer(result, path, writer_options)
+            except SusurrusError as exc:
+                _error(str(exc))
+                failed += 1
+            except (ValueError, NotImplementedError, OSError) as exc:
+                _error(f"{path}: {exc}")
+                failed += 1
+    except KeyboardInterrupt:
+        if resume:
+            _error("interrupted; run the same command again to continue where it stopped")
+        else:
+            _error("interrupted; add --resume to be able to continue an interrupted run")
+        return 130
     return 1 if failed else 0
+
+
+def writers_timestamp(seconds: float) -> str:
+    from .writers import format_timestamp
+
+    return format_timestamp(seconds)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,14 +1,14 @@
-"""One decoding step with static shapes, replayed as a CUDA graph.
+"""The engine's decoding step with static shapes, replayed as a CUDA graph.
 
 On a GPU, decoding one token of a large model launches hundreds of small kernels, and at
-batch 1 the launches, not the arithmetic, set the pace. A step whose tensors never change
-shape can be captured once as a CUDA graph and replayed for every later token: the step
-reads the position from a device tensor, writes its keys and values at that position with
-`index_copy_`, and attends over the whole preallocated cache with a mask instead of a slice
-of growing length.
+batch 1 the launches, not the arithmetic, set the pace. `StaticStep` runs the engine's one
+step function (`engine.step.decoder_step`) over the whole preallocated table: every row
+slot, every position, each row's position read from a device tensor and its attention
+masked, so that the shapes never change and the step can be captured once and replayed for
+every later token, whichever windows hold the rows.
 
-`StaticStep` runs the same function eagerly on any device (that is what the CPU tests
-check against the ordinary decoder) and captures it on CUDA.
+Off a GPU the same object calls the function directly: the CPU tests run exactly what a
+GPU captures.
 """
 
 from __future__ import annotations
@@ -16,87 +16,60 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .model import KVCache, TextDecoder
-
-
-def static_step(
-    decoder: TextDecoder, tokens: Tensor, position: Tensor, pad: Tensor, cache: KVCache
-) -> Tensor:
-    """Logits (batch, n_vocab) of one new token per row at `position` (a 1-element tensor),
-    in rows left-padded by `pad` positions (see KVCache)."""
-    n_ctx = cache.self_k[0].shape[2]
-    x = decoder.token_embedding(tokens).to(decoder.positional_embedding.dtype)
-    x = x + decoder.positional_embedding[(position - pad).clamp(min=0)][:, None]
-    # Attend to the row's positions up to this one: later slots hold stale or zero entries,
-    # earlier ones may be padding.
-    keys = torch.arange(n_ctx, device=tokens.device)
-    visible = (keys <= position) & (keys >= pad[:, None])
-    visible = visible[:, None, None, :]
-    for i, block in enumerate(decoder.blocks):
-        attn = block.attn
-        h = block.attn_ln(x)
-        q, k, v = (attn.split_heads(y) for y in attn.project_qkv(h))
-        cache.self_k[i].index_copy_(2, position, k.to(cache.self_k[i].dtype))
-        cache.self_v[i].index_copy_(2, position, v.to(cache.self_v[i].dtype))
-        out = attn.sdpa(q, cache.self_k[i], cache.self_v[i], attn_mask=visible)
-        x = x + attn.out(attn.merge_heads(out))
-        x = x + block.cross_attn.attend(block.cross_attn_ln(x), cache.cross_k[i], cache.cross_v[i])
-        x = x + block.mlp(block.mlp_ln(x))
-    return decoder.logits(decoder.ln(x)[:, -1])
+from .engine.step import RowTable, Run, decoder_step
 
 
 class StaticStep:
-    """Decoding steps of one token per row for one cache, captured as a CUDA graph on a GPU.
+    """One token for every row slot of `table` (windows of `group` rows each), the table's
+    buffers at full size. Rows past the active ones compute and are ignored."""
 
-    The cache's buffers must stay the same tensors for the runner's life (in-place beam
-    reordering keeps them so); `cache.length` advances by one per call.
-    """
-
-    def __init__(self, decoder: TextDecoder, batch: int, n_audio: int, n_audio_ctx: int) -> None:
-        self.decoder = decoder
-        self.key = (batch, n_audio)
-        # The whole context, whatever the prompt's length: one graph serves every window.
-        self.cache = cache = decoder.new_cache(batch)
-        attn = decoder.blocks[0].cross_attn
-        dtype = attn.attention_dtype or decoder.positional_embedding.dtype
-        _, n_head, _, head_dim = cache.self_k[0].shape
-        shape = (n_audio, n_head, n_audio_ctx, head_dim)
-        like = cache.self_k[0]
-        cache.cross_k = [like.new_zeros(shape, dtype=dtype) for _ in decoder.blocks]
-        cache.cross_v = [like.new_zeros(shape, dtype=dtype) for _ in decoder.blocks]
-        device = like.device
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # set per decode
+    def __init__(self, table: RowTable, group: int) -> None:
+        self.table = table
+        self.rows = table.audio_capacity * group
+        self.runs = (Run(0, self.rows, 0, table.audio_capacity, group),)
+        device = table.device
+        self.tokens = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(self.rows, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         if device.type == "cuda":
             self._capture()
 
+    def _step(self) -> Tensor:
+        t, n = self.table, self.rows
+        return decoder_step(
+            t.decoder,
+            self.tokens,
+            self.positions,
+            [b[:n] for b in t.self_k],
+            [b[:n] for b in t.self_v],
+            t.cross_k,
+            t.cross_v,
+            self.runs,
+        )
+
     def _capture(self) -> None:
-        # Warm up on a side stream (lazy initialisation must not be captured), then capture.
-        # The warm-up writes position 0 of the cache: the caller fills the cache afterwards.
+        # Warm up on a side stream (lazy initialisation must not be captured), then
+        # capture. The warm-up writes position 0 of free rows only (positions are zero).
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                static_step(self.decoder, self.tokens, self.position, self.pad, self.cache)
+                self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = static_step(
-                self.decoder, self.tokens, self.position, self.pad, self.cache
-            )
+            self.logits = self._step()
 
-    def __call__(self, tokens: Tensor) -> Tensor:
-        position = self.cache.length
+    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Logits of the first `len(tokens)` rows, given their tokens (rows, 1) and
+        positions (rows,)."""
+        n = tokens.shape[0]
+        self.tokens[:n].copy_(tokens)
+        self.positions[:n].copy_(positions)
+        # Free rows write their keys at position 0 of their own (unused) slots.
+        self.positions[n:].zero_()
         if self.graph is None:
-            self.position.fill_(position)
-            logits = static_step(self.decoder, tokens, self.position, self.pad, self.cache)
-        else:
-            self.tokens.copy_(tokens)
-            self.position.fill_(position)
-            self.graph.replay()
-            logits = self.logits.clone()
-        self.cache.length = position + 1
-        return logits
+            return self._step()[:n]
+        self.graph.replay()
+        return self.logits[:n].clone()

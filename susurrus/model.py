@@ -56,15 +56,11 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
 
 
 class KVCache:
-    """Preallocated keys and values for one decode.
+    """Preallocated keys and values of a decoder pass.
 
     Self-attention: one (batch, heads, n_ctx, head_dim) buffer per layer for keys and one for
     values, filled left to right. Cross-attention: the audio's keys and values per layer,
-    computed once. `reorder` moves rows in place for beam search.
-
-    Rows whose prompts differ in length are left-padded to the same length: `pad` then
-    holds each row's number of padding positions, which no later position attends to and
-    which do not count as positions (a row's first real token sits at position 0).
+    computed once. (The engine keeps many windows' rows in one table: engine/step.py.)
     """
 
     def __init__(self, self_k: list[Tensor], self_v: list[Tensor]) -> None:
@@ -73,41 +69,6 @@ class KVCache:
         self.cross_k: list[Tensor] = []
         self.cross_v: list[Tensor] = []
         self.length = 0  # positions filled so far
-        self.pad: Tensor | None = None  # (batch,) leading padding positions per row
-
-    def keep(self, rows: list[int], audios: list[int]) -> None:
-        """Keep only `rows` of the self-attention cache and `audios` of the cross-attention
-        cache (windows that finished decoding leave the batch)."""
-        device = self.self_k[0].device
-        rows_index = torch.tensor(rows, device=device)
-        audio_index = torch.tensor(audios, device=device)
-        # One buffer at a time, so that at most one old buffer outlives its copy.
-        for buffers, index in (
-            (self.self_k, rows_index),
-            (self.self_v, rows_index),
-            (self.cross_k, audio_index),
-            (self.cross_v, audio_index),
-        ):
-            for i, buf in enumerate(buffers):
-                buffers[i] = buf.index_select(0, index)
-        if self.pad is not None:
-            self.pad = self.pad.index_select(0, rows_index)
-
-    def reorder(self, sources: list[int]) -> None:
-        """Row i of the cache becomes the old row sources[i] (beam search bookkeeping)."""
-        # Only the rows that change are copied: most beams continue their own row. The
-        # cross-attention rows never move: every beam of one audio shares its audio.
-        moved = [row for row, source in enumerate(sources) if source != row]
-        if not moved:
-            return
-        device = self.self_k[0].device
-        rows = torch.tensor(moved, device=device)
-        origins = torch.tensor([sources[row] for row in moved], device=device)
-        for buffers in (self.self_k, self.self_v):
-            for buf in buffers:
-                filled = buf[:, :, : self.length]
-                # index_select copies the sources out before any row is overwritten.
-                filled.index_copy_(0, rows, filled.index_select(0, origins))
 
 
 class MultiHeadAttention(nn.Module):
@@ -183,10 +144,9 @@ class MultiHeadAttention(nn.Module):
         return q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
 
     def cached_self_attention(
-        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, offset: int, mask: Tensor | None = None
+        self, x: Tensor, cache_k: Tensor, cache_v: Tensor, offset: int
     ) -> Tensor:
-        """Write this step's keys/values at `offset` and attend over everything so far
-        (or, given a boolean `mask` of allowed keys, over those only)."""
+        """Write this step's keys/values at `offset` and attend over everything so far."""
         length = x.shape[1]
         end = offset + length
         q, k, v = self.project_qkv(x)
@@ -194,9 +154,7 @@ class MultiHeadAttention(nn.Module):
         cache_v[:, :, offset:end] = self.split_heads(v)
         q = self.split_heads(q)
         k, v = cache_k[:, :, :end], cache_v[:, :, :end]
-        if mask is not None:
-            out = self.sdpa(q, k, v, attn_mask=mask)
-        elif length == 1:
+        if length == 1:
             out = self.sdpa(q, k, v)
         elif offset == 0:
             out = self.sdpa(q, k, v, is_causal=True)
@@ -322,15 +280,11 @@ class TextDecoder(nn.Module):
         length = tokens.shape[1]
         if offset + length > self.positional_embedding.shape[0]:
             raise ValueError(f"decoder context of {self.positional_embedding.shape[0]} exceeded")
-        mask = None
-        if cache.pad is None:
-            positions = self.positional_embedding[offset : offset + length]
-        else:
-            positions, mask = self._padded_positions(cache.pad, offset, length)
+        positions = self.positional_embedding[offset : offset + length]
         x = self.token_embedding(tokens).to(positions.dtype) + positions
         for i, block in enumerate(self.blocks):
             x = x + block.attn.cached_self_attention(
-                block.attn_ln(x), cache.self_k[i], cache.self_v[i], offset, mask
+                block.attn_ln(x), cache.self_k[i], cache.self_v[i], offset
             )
             x = x + block.cross_attn.attend(
                 block.cross_attn_ln(x), cache.cross_k[i], cache.cross_v[i]
@@ -338,18 +292,6 @@ class TextDecoder(nn.Module):
             x = x + block.mlp(block.mlp_ln(x))
         cache.length = offset + length
         return self.ln(x)
-
-    def _padded_positions(self, pad: Tensor, offset: int, length: int) -> tuple[Tensor, Tensor]:
-        """Positional embeddings (batch, length, n_state) and the self-attention mask
-        (batch, 1, length, offset + length) of new tokens in left-padded rows."""
-        index = torch.arange(offset, offset + length, device=pad.device)
-        keys = torch.arange(offset + length, device=pad.device)
-        positions = self.positional_embedding[(index[None] - pad[:, None]).clamp(min=0)]
-        causal = keys <= index[:, None]
-        # A padding position attends to itself alone: a row with no allowed key would give
-        # NaN, and NaN in the cache spreads through the zero weights of later steps.
-        real = (keys >= pad[:, None, None]) | (keys == index[:, None])
-        return positions, (causal & real)[:, None]
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Output projection tied to the token embedding, in float32."""
@@ -371,7 +313,8 @@ class Whisper(nn.Module):
         # Cross-attention heads that follow the audio closely; used for word timestamps.
         self.register_buffer("alignment_heads", self.default_alignment_heads(), persistent=False)
         self.name: str | None = None  # registry name or path it was loaded from
-        # Replay decoding steps as CUDA graphs on a GPU (see graphs.py); False for eager.
+        # Engines replay decoding steps as CUDA graphs on a GPU (see graphs.py); False for
+        # eager steps.
         self.cuda_graphs = True
 
     def default_alignment_heads(self) -> Tensor:
@@ -396,12 +339,6 @@ class Whisper(nn.Module):
         for module in self.modules():
             if isinstance(module, MultiHeadAttention):
                 module.attention_dtype = dtype
-        self.__dict__.pop("_static_steps", None)
-
-    def _apply(self, fn, recurse=True):
-        # CUDA graphs captured the old weights' memory: moved or cast, they must go.
-        self.__dict__.pop("_static_steps", None)
-        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:

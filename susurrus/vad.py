@@ -90,27 +90,22 @@ def speech_regions(
     if samples.numel() == 0:
         return []
     model, get_speech_timestamps = _load_model()
-    # The model carries recurrent state between frames, so one caller at a time. It runs one
-    # 32 ms frame per call: thread fan-out costs far more than it gains (several times slower
-    # with 2 threads on a busy machine), so it runs single-threaded and restores the setting.
+    # The model carries recurrent state between frames, so one caller at a time. (Torch's
+    # thread count is left alone: it is the whole process's, and other threads may be
+    # decoding.)
     with _lock:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            found = get_speech_timestamps(
-                samples,
-                model,
-                threshold=threshold,
-                sampling_rate=SAMPLE_RATE,
-                min_speech_duration_ms=min_speech_ms,
-                # Short hysteresis only: gaps are bridged and padded below, because silero keeps
-                # a region open to the end of the audio when the final silence is shorter than
-                # its min_silence, which would swallow trailing silence.
-                min_silence_duration_ms=_SILERO_MIN_SILENCE_MS,
-                speech_pad_ms=0,
-            )
-        finally:
-            torch.set_num_threads(threads)
+        found = get_speech_timestamps(
+            samples,
+            model,
+            threshold=threshold,
+            sampling_rate=SAMPLE_RATE,
+            min_speech_duration_ms=min_speech_ms,
+            # Short hysteresis only: gaps are bridged and padded below, because silero keeps
+            # a region open to the end of the audio when the final silence is shorter than
+            # its min_silence, which would swallow trailing silence.
+            min_silence_duration_ms=_SILERO_MIN_SILENCE_MS,
+            speech_pad_ms=0,
+        )
     raw = [(r["start"] / SAMPLE_RATE, r["end"] / SAMPLE_RATE) for r in found]
     duration = samples.numel() / SAMPLE_RATE
     return _merge(raw, min_silence_ms / 1000.0, speech_pad_ms / 1000.0, duration)

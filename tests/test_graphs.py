@@ -1,4 +1,5 @@
-"""The static decoding step (what a CUDA graph replays) against the ordinary decoder."""
+"""The one decoding step: eager over the active rows, or with static shapes over the whole
+table (what a CUDA graph replays), against the plain cached decoder."""
 
 from __future__ import annotations
 
@@ -7,79 +8,83 @@ import torch
 
 from susurrus import load_audio, log_mel_spectrogram, pad_or_trim
 from susurrus.decoding import DecodingOptions, decode
-from susurrus.graphs import StaticStep
+from susurrus.engine import Engine, WindowJob, decode_jobs
+from susurrus.engine.step import Run, decoder_step
 from susurrus.tokenizer import get_tokenizer
 
 from .conftest import AUDIO, requires_shared
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+LONG = "en_lj_LJ001-0001-0016_concat.flac"
 
 
-def jfk_features(model):
-    mel = pad_or_trim(log_mel_spectrogram(load_audio(str(AUDIO / "jfk.flac"))), 3000)
-    return model.embed_audio(mel[None])
-
-
-def prefill_both(model, features, prompt, pads=None):
-    """An eager cache and a StaticStep over the same audio, both fed `prompt` (rows
-    left-padded by `pads`); returns them and the logits after the prompt."""
-    batch = prompt.shape[0]
-    eager = model.decoder.new_cache(batch)
-    step = StaticStep(model.decoder, batch=batch, n_audio=features.shape[0], n_audio_ctx=1500)
-    if pads is not None:
-        eager.pad = step.cache.pad = pads
-        step.pad.copy_(pads)
-    model.decoder.fill_cross_cache(eager, features)
-    model.decoder.fill_cross_cache(step.cache, features)
-    first = model.decoder.logits(model.decoder(prompt, eager)[:, -1])
-    model.decoder(prompt, step.cache)
-    return eager, step, first
-
-
-def follow_greedy(model, eager, step, first, n_tokens):
-    """The static step gives the decoder's logits (and choices) token after token."""
-    token = first.argmax(-1, keepdim=True)
-    for _ in range(n_tokens):
-        expected = model.decoder.logits(model.decoder(token, eager)[:, -1])
-        got = step(token)
-        assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()
-        assert torch.equal(got.argmax(-1), expected.argmax(-1))
-        token = expected.argmax(-1, keepdim=True)
+def windows(count: int) -> torch.Tensor:
+    mel = log_mel_spectrogram(load_audio(str(AUDIO / LONG)))
+    starts = range(0, 3000 * count, 3000)
+    return torch.stack([pad_or_trim(mel[:, s : s + 3000], 3000) for s in starts])
 
 
 @requires_shared
 @torch.inference_mode()
-def test_static_step_matches_the_decoder(tiny_en):
-    """Same function a GPU captures, run eagerly on the CPU: greedy steps give the same
-    logits as the decoder with its growing cache, for 30 tokens of real speech."""
-    features = jfk_features(tiny_en)
-    prompt = torch.tensor([list(get_tokenizer(False).sot_sequence)])
-    eager, step, first = prefill_both(tiny_en, features, prompt)
-    assert step.cache.cross_k[0].data_ptr() != features.data_ptr()  # written in place
-    follow_greedy(tiny_en, eager, step, first, 30)
-    assert step.cache.length == eager.length
-
-
-@requires_shared
-@torch.inference_mode()
-def test_static_step_matches_the_decoder_with_left_padded_rows(tiny_en):
-    """Two rows whose prompts differ in length: the static step (positions and mask from
-    the padding buffer) follows the decoder's padded cache."""
+def test_rows_at_different_positions_step_as_the_plain_decoder(tiny_en):
+    """Two rows whose prompts differ in length, in one step with a position per row: each
+    gets the logits the plain decoder gives it alone, token after token."""
     model = tiny_en
-    features = jfk_features(model).repeat(2, 1, 1)
+    features = model.embed_audio(windows(1))
     tokenizer = get_tokenizer(False)
     sot = list(tokenizer.sot_sequence)
-    long = [tokenizer.sot_prev, *tokenizer.encode(" My fellow Americans, listen."), *sot]
-    short = [tokenizer.sot_prev, *tokenizer.encode(" Hi."), *sot]
-    pad = len(long) - len(short)
-    prompt = torch.tensor([long, [tokenizer.eot] * pad + short])
-    eager, step, first = prefill_both(model, features, prompt, pads=torch.tensor([0, pad]))
-    follow_greedy(model, eager, step, first, 20)
-    # The padded row decodes as the same prompt alone would.
-    alone = model.decoder.new_cache(1)
-    model.decoder.fill_cross_cache(alone, features[:1])
-    single = model.decoder.logits(model.decoder(torch.tensor([short]), alone)[:, -1])
-    assert torch.allclose(first[1], single[0], atol=1e-3)
+    prompt = [tokenizer.sot_prev, *tokenizer.encode(" My fellow Americans, listen."), *sot]
+    prompts = [prompt, sot]
+    decoder = model.decoder
+    alone, tokens = [], []
+    for prompt in prompts:
+        cache = decoder.new_cache(1)
+        decoder.fill_cross_cache(cache, features)
+        logits = decoder.logits(decoder(torch.tensor([prompt]), cache)[:, -1])
+        alone.append(cache)
+        tokens.append(int(logits.argmax()))
+    # The table: both rows' caches side by side, each filled to its own length.
+    self_k, self_v, cross_k, cross_v = (
+        [torch.cat([getattr(c, name)[i] for c in alone]) for i in range(len(decoder.blocks))]
+        for name in ("self_k", "self_v", "cross_k", "cross_v")
+    )
+    positions = [len(p) for p in prompts]
+    for _ in range(20):
+        got = decoder_step(
+            decoder,
+            torch.tensor(tokens)[:, None],
+            torch.tensor(positions),
+            self_k,
+            self_v,
+            cross_k,
+            cross_v,
+            (Run(0, 2, 0, 2, 1),),
+        )
+        for row, cache in enumerate(alone):
+            expected = decoder.logits(decoder(torch.tensor([[tokens[row]]]), cache)[:, -1])[0]
+            assert torch.allclose(got[row], expected, atol=1e-3), (got[row] - expected).abs().max()
+            assert int(got[row].argmax()) == int(expected.argmax())
+            tokens[row] = int(expected.argmax())
+        positions = [p + 1 for p in positions]
+    assert len(set(positions)) == 2  # the rows really stood at different positions
+
+
+@requires_shared
+@pytest.mark.parametrize("beam_size", [None, 5])
+def test_static_steps_decode_as_eager_steps(tiny_en, beam_size):
+    """The static-shape step a GPU captures, run on the CPU over the whole table, gives the
+    eager step's tokens; with room for two windows, the third joins when one leaves."""
+    features = tiny_en.embed_audio(windows(3))
+    options = DecodingOptions(language="en", beam_size=beam_size)
+
+    def run(static: bool) -> list[list[int]]:
+        jobs = [WindowJob(options, features=f) for f in features]
+        engine = Engine(tiny_en, max_batch=2, static_steps=static)
+        return [r.tokens for r in decode_jobs(engine, jobs)]
+
+    eager, static = run(False), run(True)
+    assert eager == static
+    assert all(len(tokens) > 20 for tokens in eager)
 
 
 @cuda

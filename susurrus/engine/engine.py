@@ -1,0 +1,662 @@
+"""The engine: one model, a table of decoding rows, windows from any recording.
+
+Sources (sessions, or a plain list of windows) offer windows; the engine admits them
+while it has room (`max_batch` windows at once), encodes their audio, fills in their
+prompt, and from then on advances all its rows by one token per step. A window that
+finishes leaves at once and its result goes back to its source, which may offer the next
+window (continuous batching). Any thread may call `run`: whichever holds the engine steps
+it for everyone, so two threads transcribing on one engine share its batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+from ..decoding import (
+    DecodingOptions,
+    DecodingResult,
+    _encode_if_needed,
+    _language_probs,
+    check_options,
+    compression_ratio,
+)
+from ..errors import SusurrusError
+from ..model import Whisper
+from ..tokenizer import Tokenizer, get_tokenizer
+from .search import BeamSearch, RowRules, max_initial_index, rank, suppress_tokens
+from .step import RowTable, Run, decoder_step
+
+if TYPE_CHECKING:
+    from ..graphs import StaticStep
+
+log = logging.getLogger("susurrus")
+
+
+class Cancelled(SusurrusError):
+    """The caller cancelled a transcription (a client went away, Ctrl-C)."""
+
+
+@dataclass(eq=False)
+class WindowJob:
+    """One window to decode at one temperature: its log-mel frames (n_mels, 3000) or its
+    encoded audio (kept by a retry), and the decoding options of this attempt."""
+
+    options: DecodingOptions
+    mel: Tensor | None = None
+    features: Tensor | None = None
+    seed: int = 0  # sampling at temperature > 0 draws from a generator seeded with this
+    result: DecodingResult | None = None
+    tag: object = None  # the source's own bookkeeping
+
+
+class Source(Protocol):
+    """Something that offers windows to decode: a session, or a list of windows."""
+
+    def next_job(self) -> WindowJob | None:
+        """A window ready to decode now, or None (none now, or no more)."""
+
+    def job_done(self, job: WindowJob) -> None:
+        """`job.result` is set."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def fail(self, error: BaseException) -> None:
+        """Stop with `error` (raised to whoever runs the source); then finished."""
+
+
+class JobList:
+    """A fixed list of windows (the `decode` API)."""
+
+    def __init__(self, jobs: list[WindowJob]) -> None:
+        self.jobs = jobs
+        self._next = 0
+        self._done = 0
+        self.error: BaseException | None = None
+
+    def next_job(self) -> WindowJob | None:
+        if self._next == len(self.jobs):
+            return None
+        self._next += 1
+        return self.jobs[self._next - 1]
+
+    def job_done(self, job: WindowJob) -> None:
+        self._done += 1
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self._done == len(self.jobs)
+
+
+@dataclass(eq=False)
+class _Window:
+    """A window in the table: its rows are [row, row + group)."""
+
+    job: WindowJob
+    source: Source
+    tokenizer: Tokenizer
+    group: int
+    sample_begin: int  # initial tokens (prompt, start of transcript)
+    sample_len: int
+    no_speech_prob: float
+    language: str
+    language_probs: dict[str, float] | None
+    features: Tensor
+    search: BeamSearch | None
+    generator: torch.Generator | None
+    row: int = 0
+    audio: int = 0
+    n_sampled: int = 0
+    histories: list[list[int]] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)
+    first_logits: Tensor | None = None  # from the prompt's pass, for the first token
+    done: bool = False
+    cancelled: bool = False  # set by another thread: leaves at the next compaction
+
+    @property
+    def temperature(self) -> float:
+        return self.job.options.temperature
+
+    @property
+    def position(self) -> int:
+        """Where the next input token goes: after the prompt and the sampled tokens."""
+        return self.sample_begin + self.n_sampled - 1
+
+
+class Engine:
+    """Decodes windows of any number of recordings on one model, `max_batch` at a time."""
+
+    def __init__(
+        self, model: Whisper, *, max_batch: int = 8, static_steps: bool | None = None
+    ) -> None:
+        """`static_steps`: run the step over the whole table with static shapes (see
+        graphs.py); by default on a GPU when `model.cuda_graphs`, where it is captured as
+        a CUDA graph."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model = model
+        self.max_batch = max_batch
+        tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+        self.n_ctx = model.dims.n_text_ctx
+        if static_steps is None:
+            static_steps = model.device.type == "cuda" and model.cuda_graphs
+        self.static_steps = static_steps
+        self._static: dict[tuple[int, int, int], StaticStep] = {}
+        self._table = RowTable(model.decoder, model.dims.n_audio_ctx, full=static_steps)
+        self._rules = RowRules(model.dims.n_vocab, tokenizer, model.device)
+        self._sum_logprobs = torch.zeros(0, device=model.device)
+        self._last_tokens = torch.zeros(0, dtype=torch.long, device=model.device)
+        self._windows: list[_Window] = []  # in table order
+        self._sources: list[Source] = []
+        self._lock = threading.Condition()
+        self._driving = False
+        self.steps = 0  # decoding steps run, for statistics
+        self.row_steps = 0  # rows advanced, summed over steps
+
+    # -- running --------------------------------------------------------------------------
+
+    def transcribe(
+        self,
+        audio,
+        *,
+        on_segment: Callable[[dict], None] | None = None,
+        cancel: threading.Event | None = None,
+        **options,
+    ) -> dict:
+        """`susurrus.transcribe` on this engine: thread-safe, and concurrent calls decode
+        their windows in the same batches. `on_segment` gets each segment once it is final
+        (from whichever thread drives the engine); setting `cancel` stops this recording
+        (Cancelled)."""
+        from ..transcribe import transcribe
+
+        return transcribe(
+            self.model, audio, engine=self, on_segment=on_segment, cancel=cancel, **options
+        )
+
+    def run(self, source: Source, cancelled: Callable[[], bool] | None = None) -> None:
+        """Decode `source`'s windows until it is finished, along with every other source
+        of this engine. Thread-safe; `cancelled()` true stops the source (Cancelled)."""
+        with self._lock:
+            self._sources.append(source)
+        try:
+            while True:
+                with self._lock:
+                    while self._driving and not source.finished:
+                        if cancelled is not None and cancelled():
+                            raise Cancelled("cancelled")
+                        # Woken when a result comes back or the driver stops; the timeout
+                        # lets a waiting caller notice its cancellation.
+                        self._lock.wait(timeout=0.1)
+                    if source.finished:
+                        break
+                    self._driving = True
+                try:
+                    while not source.finished:
+                        if cancelled is not None and cancelled():
+                            raise Cancelled("cancelled")
+                        if not self.step() and not source.finished:
+                            # Nothing to decode now: the source prepares more (or is stuck).
+                            wait = getattr(source, "wait", None)
+                            if wait is None:
+                                raise RuntimeError("a source offers no window but is not done")
+                            wait()
+                finally:
+                    with self._lock:
+                        self._driving = False
+                        self._lock.notify_all()
+            error = getattr(source, "error", None)
+            if error is not None:
+                raise error
+        finally:
+            with self._lock:
+                if source in self._sources:
+                    self._sources.remove(source)
+                self._drop(source)
+
+    def _drop(self, source: Source) -> None:
+        """A source that stopped (cancelled, failed): its windows leave at the next step."""
+        for window in list(self._windows):
+            if window.source is source:
+                window.cancelled = True
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit waiting windows, then advance every row by one token. False: no work."""
+        self._compact()
+        self._admit()
+        if not self._windows:
+            return False
+        logits = self._logits()
+        self._rules.apply(logits)
+        self._choose(logits)
+        self._compact()
+        return True
+
+    # -- admission ------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        with self._lock:
+            sources = list(self._sources)
+        jobs: list[tuple[WindowJob, Source]] = []
+        # Round robin over the sources, so that one long recording does not starve others.
+        while sources and len(self._windows) + len(jobs) < self.max_batch:
+            for source in list(sources):
+                if len(self._windows) + len(jobs) >= self.max_batch:
+                    break
+                try:
+                    job = source.next_job()
+                except Exception as exc:  # a recording that cannot be read: only its own loss
+                    source.fail(exc)
+                    job = None
+                if job is None:
+                    sources.remove(source)
+                else:
+                    jobs.append((job, source))
+        if not jobs:
+            return
+        fresh = [job for job, _ in jobs if job.features is None]
+        if fresh:
+            mels = torch.stack([job.mel for job in fresh])
+            for job, features in zip(fresh, _encode_if_needed(self.model, mels)):
+                job.features = features
+                job.mel = None  # the frames are not needed again
+        for job, source in jobs:
+            if job.options.task == "lang_id":
+                # Only the language: no rows to decode.
+                tokenizer = get_tokenizer(True, num_languages=self.model.num_languages)
+                _, (probs,) = _language_probs(self.model, job.features[None], tokenizer)
+                job.result = DecodingResult(
+                    audio_features=job.features,
+                    language=max(probs, key=probs.get),
+                    language_probs=probs,
+                )
+                self._deliver(source, job)
+            else:
+                self._start(job, source)
+
+    def _start(self, job: WindowJob, source: Source) -> None:
+        model = self.model
+        options = job.options
+        check_options(options)
+        features = job.features.to(model.dtype)
+        language, language_probs = options.language, None
+        if model.is_multilingual and language is None:
+            base = get_tokenizer(True, num_languages=model.num_languages)
+            _, (language_probs,) = _language_probs(model, features[None], base)
+            language = max(language_probs, key=language_probs.get)
+        tokenizer = get_tokenizer(
+            model.is_multilingual,
+            num_languages=model.num_languages,
+            language=language,
+            task=options.task,
+        )
+        initial = initial_tokens(tokenizer, options, self.n_ctx)
+        group = options.beam_size or options.best_of or 1
+        sample_len = options.sample_len or self.n_ctx // 2
+        sot_index = initial.index(tokenizer.sot)
+        # The prompt's pass, as the plain decoder runs it; its rows then join the table.
+        cache = model.decoder.new_cache(group, n_ctx=min(self.n_ctx, len(initial) + sample_len))
+        model.decoder.fill_cross_cache(cache, features[None])
+        tokens = torch.tensor([initial] * group, device=model.device)
+        hidden = model.decoder(tokens, cache)
+        logits = model.decoder.logits(hidden[:, [sot_index, -1]])
+        no_speech = logits[0, 0].softmax(dim=-1)[tokenizer.no_speech].item()
+        generator = None
+        if options.temperature > 0:
+            generator = torch.Generator(device=model.device)
+            generator.manual_seed(job.seed)
+        window = _Window(
+            job=job,
+            source=source,
+            tokenizer=tokenizer,
+            group=group,
+            sample_begin=len(initial),
+            sample_len=sample_len,
+            no_speech_prob=no_speech,
+            language=language if model.is_multilingual else "en",
+            language_probs=language_probs,
+            features=job.features,
+            search=(
+                BeamSearch(options.beam_size, tokenizer.eot, options.patience)
+                if options.beam_size is not None
+                else None
+            ),
+            generator=generator,
+            histories=[[] for _ in range(group)],
+            ended=[False] * group,
+            first_logits=logits[:, 1],
+        )
+        if self.static_steps:
+            # The whole table at once: its buffers (and so the captured steps) never move.
+            self._table.reserve(self.max_batch * group, self.max_batch, self.n_ctx)
+        window.row, window.audio = self._table.append(cache, len(initial))
+        mask = self._rules.mask_for(
+            suppress_tokens(tokenizer, options.suppress_tokens),
+            tokenizer.encode(" ") + [tokenizer.eot] if options.suppress_blank else [],
+        )
+        self._rules.add(
+            group,
+            mask,
+            not options.without_timestamps,
+            max_initial_index(options.max_initial_timestamp),
+        )
+        self._sum_logprobs = torch.cat(
+            [self._sum_logprobs, torch.zeros(group, device=model.device)]
+        )
+        self._last_tokens = torch.cat([self._last_tokens, tokens[:, -1]])
+        self._windows.append(window)
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _logits(self) -> Tensor:
+        """Logits of every row: a decoder step for the rows already decoding, the prompt's
+        pass for windows that just joined (they sit at the end of the table)."""
+        decoding = [w for w in self._windows if w.first_logits is None]
+        parts = []
+        groups = {w.group for w in self._windows}
+        if decoding and self.static_steps and len(groups) == 1:
+            parts.append(self._static_logits(groups.pop())[: decoding[-1].row + decoding[-1].group])
+        elif decoding:
+            n_rows = decoding[-1].row + decoding[-1].group
+            positions = [w.position for w in decoding]
+            same = positions[0] if len(set(positions)) == 1 else None
+            length = max(positions) + 1
+            self._table.reserve(self._table.n_rows, self._table.n_audio, length)
+            table = self._table
+            n_audio = decoding[-1].audio + 1
+            self_k, self_v, cross_k, cross_v = table.views(length)
+            position_rows = torch.tensor(
+                [w.position for w in decoding for _ in range(w.group)], device=self.model.device
+            )
+            parts.append(
+                decoder_step(
+                    self.model.decoder,
+                    self._last_tokens[:n_rows, None],
+                    position_rows,
+                    [b[:n_rows] for b in self_k],
+                    [b[:n_rows] for b in self_v],
+                    [b[:n_audio] for b in cross_k],
+                    [b[:n_audio] for b in cross_v],
+                    runs(decoding),
+                    same,
+                )
+            )
+            self.steps += 1
+            self.row_steps += n_rows
+        for window in self._windows:
+            if window.first_logits is not None:
+                parts.append(window.first_logits)
+                window.first_logits = None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _static_logits(self, group: int) -> Tensor:
+        """Every row's step with static shapes (captured on a GPU); windows that just
+        joined step too, at their prompt's last position, and their logits are not used."""
+        from ..graphs import StaticStep
+
+        # A captured step holds the addresses of the table's buffers and of the weights:
+        # reallocated or cast, they need a new one.
+        weights = self.model.decoder.positional_embedding.data_ptr()
+        key = (group, self._table.self_k[0].data_ptr(), weights)
+        step = self._static.get(key)
+        if step is None:
+            self._static = {k: v for k, v in self._static.items() if k[1:] == key[1:]}
+            step = self._static[key] = StaticStep(self._table, group)
+        positions = torch.tensor(
+            [w.position if w.first_logits is None else w.sample_begin - 1
+             for w in self._windows for _ in range(w.group)],
+            device=self.model.device,
+        )
+        n_rows = self._table.n_rows
+        self.steps += 1
+        self.row_steps += n_rows
+        return step(self._last_tokens[:n_rows, None], positions)
+
+    def _choose(self, logits: Tensor) -> None:
+        """Each window's next tokens from its rows' logits; beams reorder their rows."""
+        eot = self._rules.eot
+        device = logits.device
+        n_rows = logits.shape[0]
+        next_tokens = torch.empty(n_rows, dtype=torch.long, device=device)
+        sources = list(range(n_rows))
+        greedy = [w for w in self._windows if w.search is None and w.temperature == 0]
+        if greedy:
+            index = _rows_of(greedy, device) if len(greedy) < len(self._windows) else None
+            chosen = logits if index is None else logits.index_select(0, index)
+            best = chosen.max(dim=-1)
+            current = best.values - chosen.logsumexp(dim=-1)
+            self._account(index, best.indices, current, next_tokens, eot)
+        for window in self._windows:
+            if window.search is None and window.temperature > 0:
+                rows = slice(window.row, window.row + window.group)
+                scaled = (logits[rows] / window.temperature).softmax(dim=-1)
+                picked = torch.multinomial(scaled, 1, generator=window.generator)[:, 0]
+                current = logits[rows].gather(1, picked[:, None])[:, 0] - logits[rows].logsumexp(
+                    dim=-1
+                )
+                index = torch.arange(rows.start, rows.stop, device=device)
+                self._account(index, picked, current, next_tokens, eot)
+        beams = [w for w in self._windows if w.search is not None]
+        if beams:
+            index = _rows_of(beams, device)
+            top = logits.index_select(0, index).log_softmax(dim=-1)
+            # Each row's best beam_size + 1 tokens (one may end the text); windows with
+            # fewer beams than the widest take the first of theirs.
+            top_logprobs, top_tokens = top.topk(max(w.group for w in beams) + 1, dim=-1)
+            scores = (self._sum_logprobs.index_select(0, index)[:, None] + top_logprobs).tolist()
+            top_tokens = top_tokens.tolist()
+            new_scores, new_tokens, offset = [], [], 0
+            for window in beams:
+                g = window.group
+                tokens, local, window_scores = window.search.update(
+                    window.histories,
+                    [row[: g + 1] for row in scores[offset : offset + g]],
+                    [row[: g + 1] for row in top_tokens[offset : offset + g]],
+                )
+                offset += g
+                window.histories = [
+                    window.histories[s] + [t] for s, t in zip(local, tokens)
+                ]
+                for j, s in enumerate(local):
+                    sources[window.row + j] = window.row + s
+                new_scores += window_scores
+                new_tokens += tokens
+            self._sum_logprobs.index_copy_(
+                0, index, torch.tensor(new_scores, dtype=self._sum_logprobs.dtype, device=device)
+            )
+            next_tokens.index_copy_(0, index, torch.tensor(new_tokens, device=device))
+        if sources != list(range(n_rows)):
+            order = torch.tensor(sources, device=device)
+            # Only the filled positions of the rows that already had a step move.
+            self._table.reorder(sources, max(w.position for w in self._windows) + 1)
+            self._rules.select(order)
+        self._rules.advance(next_tokens)
+        self._last_tokens = next_tokens
+        for window in self._windows:
+            window.n_sampled += 1
+            complete = window.search.done if window.search is not None else all(window.ended)
+            if (
+                complete
+                or window.n_sampled >= window.sample_len
+                or window.sample_begin + window.n_sampled > self.n_ctx
+            ):
+                self._finish(window)
+
+    def _account(self, index: Tensor | None, picked: Tensor, current: Tensor,
+                 next_tokens: Tensor, eot: int) -> None:
+        """Record sampled tokens (greedy or sampling) of rows `index` (None: all rows)."""
+        last = self._last_tokens if index is None else self._last_tokens.index_select(0, index)
+        ended = last == eot
+        ended_rows = ended.tolist()
+        update = current * ~ended
+        picked = picked.masked_fill(ended, eot)
+        if index is None:
+            self._sum_logprobs += update
+            next_tokens.copy_(picked)
+            rows = range(picked.shape[0])
+        else:
+            self._sum_logprobs.index_add_(0, index, update)
+            next_tokens.index_copy_(0, index, picked)
+            rows = index.tolist()
+        tokens = picked.tolist()
+        owner = {}
+        for window in self._windows:
+            for j in range(window.group):
+                owner[window.row + j] = (window, j)
+        for k, row in enumerate(rows):
+            window, j = owner[row]
+            if ended_rows[k] or window.ended[j]:
+                continue
+            if tokens[k] == eot:
+                window.ended[j] = True
+            else:
+                window.histories[j].append(tokens[k])
+
+    def _finish(self, window: _Window) -> None:
+        """The window's result, back to its source; its rows leave at the end of the step."""
+        window.done = True
+        rows = slice(window.row, window.row + window.group)
+        scores = self._sum_logprobs[rows].tolist()
+        if window.search is not None:
+            candidates, scores = window.search.candidates(window.histories, scores)
+        else:
+            candidates = window.histories
+        best = rank([len(t) for t in candidates], scores, window.job.options.length_penalty)
+        tokens = candidates[best]
+        text = window.tokenizer.decode(tokens).strip()
+        window.job.result = DecodingResult(
+            audio_features=window.features,
+            language=window.language,
+            language_probs=window.language_probs,
+            tokens=tokens,
+            text=text,
+            avg_logprob=scores[best] / (len(tokens) + 1),
+            no_speech_prob=window.no_speech_prob,
+            temperature=window.temperature,
+            compression_ratio=compression_ratio(text),
+        )
+
+    def _compact(self) -> None:
+        """Windows that are done leave; windows from the end fill their places, so that
+        only they are copied."""
+        for window in self._windows:
+            window.done = window.done or window.cancelled
+        if not any(w.done for w in self._windows):
+            return
+        finished = [w for w in self._windows if not w.cancelled and w.job.result is not None]
+        order = _fill_holes(self._windows)
+        rows_from, rows_to, audios = [], [], []
+        row = 0
+        for audio, window in enumerate(order):
+            if window.row != row:
+                rows_from += range(window.row, window.row + window.group)
+                rows_to += range(row, row + window.group)
+            if window.audio != audio:
+                audios.append((window.audio, audio))
+            row += window.group
+        kept_rows = [r for w in order for r in range(w.row, w.row + w.group)]
+        length = max((w.position for w in order), default=0) + 1
+        self._table.move(rows_from, rows_to, audios, length)
+        index = torch.tensor(kept_rows, dtype=torch.long, device=self._last_tokens.device)
+        self._rules.select(index)
+        self._sum_logprobs = self._sum_logprobs.index_select(0, index)
+        self._last_tokens = self._last_tokens.index_select(0, index)
+        row = 0
+        for audio, window in enumerate(order):
+            window.row, window.audio = row, audio
+            row += window.group
+        self._windows = order
+        self._table.n_rows, self._table.n_audio = row, len(order)
+        for window in finished:
+            self._deliver(window.source, window.job)
+        if finished:
+            with self._lock:
+                self._lock.notify_all()  # callers whose recording just finished
+
+    @staticmethod
+    def _deliver(source: Source, job: WindowJob) -> None:
+        try:
+            source.job_done(job)
+        except Exception as exc:  # one recording's failure is only its own
+            source.fail(exc)
+
+
+def _fill_holes(windows: list[_Window]) -> list[_Window]:
+    """The windows that stay, in table order, except that a window from the end takes the
+    place of a finished one with as many rows (so that only it moves)."""
+    kept = [w for w in windows if not w.done]
+    order: list[_Window] = []
+    placed: set[int] = set()
+    position = {id(w): i for i, w in enumerate(windows)}
+    for i, window in enumerate(windows):
+        if id(window) in placed:
+            continue
+        if not window.done:
+            order.append(window)
+            placed.add(id(window))
+            continue
+        tail = next((w for w in reversed(kept) if id(w) not in placed), None)
+        if tail is not None and tail.group == window.group and position[id(tail)] > i:
+            order.append(tail)
+            placed.add(id(tail))
+    return order
+
+
+def _rows_of(windows: list[_Window], device: torch.device) -> Tensor:
+    return torch.tensor(
+        [r for w in windows for r in range(w.row, w.row + w.group)], device=device
+    )
+
+
+def runs(windows: list[_Window]) -> tuple[Run, ...]:
+    """Consecutive windows with rows groups of one size, for grouped cross-attention."""
+    out: list[Run] = []
+    for w in windows:
+        last = out[-1] if out else None
+        if last is not None and last.group == w.group:
+            out[-1] = Run(last.row_start, w.row + w.group, last.audio_start, w.audio + 1, w.group)
+        else:
+            out.append(Run(w.row, w.row + w.group, w.audio, w.audio + 1, w.group))
+    return tuple(out)
+
+
+def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions, n_ctx: int) -> list[int]:
+    """Prompt, start of transcript and prefix: what a window's decoding starts from."""
+    tokens = list(
+        tokenizer.sot_sequence_including_notimestamps
+        if options.without_timestamps
+        else tokenizer.sot_sequence
+    )
+    sample_len = options.sample_len or n_ctx // 2
+    if prefix := options.prefix:
+        prefix_tokens = (
+            tokenizer.encode(" " + prefix.strip()) if isinstance(prefix, str) else list(prefix)
+        )
+        # As the reference (whose slice keeps the whole prefix when the bound is 0).
+        tokens += prefix_tokens[-(n_ctx // 2 - sample_len) :]
+    if prompt := options.prompt:
+        prompt_tokens = (
+            tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
+        )
+        tokens = [tokenizer.sot_prev, *prompt_tokens[-(n_ctx // 2 - 1) :], *tokens]
+    return tokens
+
+
+def decode_jobs(engine: Engine, jobs: list[WindowJob]) -> list[DecodingResult]:
+    """Decode windows on `engine` (along with whatever else it decodes)."""
+    engine.run(JobList(jobs))
+    return [job.result for job in jobs]  # type: ignore[misc]
+
+
+def options_for(options: DecodingOptions, prompt) -> DecodingOptions:
+    return replace(options, prompt=prompt)

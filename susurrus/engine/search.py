@@ -1,0 +1,223 @@
+"""What happens to a step's logits: the token rules, then each window's search.
+
+The rules (suppressed tokens, timestamp pairing and order, the first timestamp's limit)
+are the reference's, applied to every row of the table at once. Instead of scanning each
+row's tokens at every step, each row carries what the rules read: how many tokens it has
+sampled, whether the last two were timestamps, and its latest timestamp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..features import CHUNK_LENGTH
+from ..tokenizer import Tokenizer
+
+NONE = -1  # "no timestamp yet" / "no limit"
+
+
+def suppress_tokens(tokenizer: Tokenizer, tokens: str | Iterable[int] | None) -> list[int]:
+    """Token ids never sampled: `tokens` ("-1": the non-speech symbols) and the control
+    tokens, which are never text."""
+    chosen: list[int] = []
+    if tokens:
+        if isinstance(tokens, str):
+            tokens = [int(t) for t in tokens.split(",") if t.strip()]
+        chosen = list(tokens)
+        if -1 in chosen:
+            chosen = [t for t in chosen if t >= 0] + list(tokenizer.non_speech_tokens)
+    chosen += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev]
+    chosen += [tokenizer.sot_lm, tokenizer.no_speech]
+    return sorted(set(chosen))
+
+
+class RowRules:
+    """Per-row state of the token rules, for the rows of the table in order."""
+
+    def __init__(self, n_vocab: int, tokenizer: Tokenizer, device: torch.device) -> None:
+        self.n_vocab = n_vocab
+        self.eot = tokenizer.eot
+        self.tb = tokenizer.timestamp_begin
+        self.no_timestamps = tokenizer.no_timestamps
+        self.device = device
+        self.timestamp_index = torch.arange(n_vocab - self.tb, device=device)
+        # Masks of suppressed tokens (and of blank starts), one row per distinct setting.
+        self._masks: dict[tuple, int] = {}
+        self.suppress = torch.zeros(0, n_vocab, dtype=torch.bool, device=device)
+        self.blank = torch.zeros(0, n_vocab, dtype=torch.bool, device=device)
+        long = dict(dtype=torch.long, device=device)
+        self.n_sampled = torch.zeros(0, **long)
+        self.max_ts = torch.zeros(0, **long)
+        self.last_ts = torch.zeros(0, dtype=torch.bool, device=device)
+        self.penult_ts = torch.zeros(0, dtype=torch.bool, device=device)
+        self.timestamps = torch.zeros(0, dtype=torch.bool, device=device)
+        self.max_initial = torch.zeros(0, **long)
+        self.mask_id = torch.zeros(0, **long)
+
+    def mask_for(self, suppress: list[int], blank: list[int]) -> int:
+        key = (tuple(suppress), tuple(blank))
+        if key not in self._masks:
+            row = torch.zeros(1, self.n_vocab, dtype=torch.bool, device=self.device)
+            self.suppress = torch.cat([self.suppress, row.index_fill(1, _ids(suppress, row), True)])
+            self.blank = torch.cat([self.blank, row.index_fill(1, _ids(blank, row), True)])
+            self._masks[key] = len(self._masks)
+        return self._masks[key]
+
+    def add(self, rows: int, mask_id: int, timestamps: bool, max_initial: int | None) -> None:
+        """Rows of a window joining at the end of the table, nothing sampled yet."""
+
+        def more(tensor: Tensor, value) -> Tensor:
+            return torch.cat([tensor, torch.full((rows,), value, dtype=tensor.dtype,
+                                                 device=self.device)])
+
+        self.n_sampled = more(self.n_sampled, 0)
+        self.max_ts = more(self.max_ts, NONE)
+        self.last_ts = more(self.last_ts, False)
+        self.penult_ts = more(self.penult_ts, False)
+        self.timestamps = more(self.timestamps, timestamps)
+        self.max_initial = more(self.max_initial, NONE if max_initial is None else max_initial)
+        self.mask_id = more(self.mask_id, mask_id)
+
+    def select(self, index: Tensor) -> None:
+        """Keep the rows `index`, in that order (rows leaving, beams reordered)."""
+        for name in ("n_sampled", "max_ts", "last_ts", "penult_ts", "timestamps",
+                     "max_initial", "mask_id"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+
+    def advance(self, tokens: Tensor) -> None:
+        """Each row sampled `tokens` (rows,)."""
+        is_ts = tokens >= self.tb
+        self.n_sampled = self.n_sampled + 1
+        self.penult_ts = self.last_ts
+        self.last_ts = is_ts
+        self.max_ts = torch.where(is_ts, torch.maximum(self.max_ts, tokens), self.max_ts)
+
+    def apply(self, logits: Tensor) -> None:
+        """Set to -inf the logits (rows, n_vocab) of the tokens each row may not sample."""
+        tb = self.tb
+        at_start = self.n_sampled == 0
+        suppress = self.suppress[self.mask_id] | (self.blank[self.mask_id] & at_start[:, None])
+        logits.masked_fill_(suppress, -np.inf)
+        rows = self.timestamps
+        if not bool(rows.any()):
+            return
+        timestamps = logits[:, tb:]  # views: filling them fills the logits
+        text = logits[:, :tb]
+        logits[:, self.no_timestamps].masked_fill_(rows, -np.inf)
+        sampled = self.n_sampled > 0
+        last = self.last_ts & sampled
+        # With one token sampled there is no penultimate: it counts as a timestamp.
+        penult = torch.where(self.n_sampled > 1, self.penult_ts, True) & sampled
+        # Timestamps come in pairs: after a closing pair only text, after one only a
+        # timestamp (or the end).
+        timestamps.masked_fill_((rows & last & penult)[:, None], -np.inf)
+        logits[:, : self.eot].masked_fill_((rows & last & ~penult)[:, None], -np.inf)
+        # Timestamps never go back; a new segment must start after the last one ended.
+        floor = torch.where(last & ~penult, self.max_ts, self.max_ts + 1)
+        floor = torch.where(self.max_ts >= tb, floor, tb)
+        below = self.timestamp_index < (floor - tb)[:, None]
+        timestamps.masked_fill_(rows[:, None] & below, -np.inf)
+        starting = rows & at_start
+        text.masked_fill_(starting[:, None], -np.inf)
+        limited = starting & (self.max_initial >= 0)
+        beyond = self.timestamp_index > self.max_initial[:, None]
+        timestamps.masked_fill_(limited[:, None] & beyond, -np.inf)
+        # When the timestamps together outweigh every single text token, emit a timestamp
+        # (log-probabilities compared without their common normaliser).
+        mass = timestamps.float().logsumexp(dim=-1)
+        best_text = text.float().amax(dim=-1)
+        text.masked_fill_((rows & (mass > best_text))[:, None], -np.inf)
+
+
+def _ids(ids: list[int], like: Tensor) -> Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=like.device)
+
+
+def max_initial_index(seconds: float | None) -> int | None:
+    """The latest timestamp index a window may start with (20 ms per index)."""
+    if seconds is None:
+        return None
+    return round(seconds / (CHUNK_LENGTH / 1500))
+
+
+class BeamSearch:
+    """Beam search over one window's `beam_size` rows.
+
+    Finished candidates are collected until there are `round(beam_size * patience)`.
+    Each row's sequence is known by a number: equal numbers mean equal sequences, looked
+    up from (prefix number, last token), so comparing candidates never copies sequences.
+    """
+
+    def __init__(self, beam_size: int, eot: int, patience: float | None) -> None:
+        self.beam_size = beam_size
+        self.eot = eot
+        self.max_candidates = round(beam_size * (patience or 1.0))
+        self.finished: dict[tuple[int, ...], float] = {}
+        self.sequence_ids = [0] * beam_size  # every beam starts the same
+        self.interned: dict[tuple[int, int], int] = {}
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) >= self.max_candidates
+
+    def update(
+        self,
+        histories: list[list[int]],
+        candidate_scores: list[list[float]],
+        top_tokens: list[list[int]],
+    ) -> tuple[list[int], list[int], list[float]]:
+        """Next tokens, source rows and scores of the beams, from each row's top
+        `beam_size + 1` tokens (one of them may end the text) and their scores (the row's
+        score plus the token's log-probability, summed in the scores' float type)."""
+        candidates: dict[tuple[int, int], tuple[float, int]] = {}
+        # Identical sequences (all beams start the same) collapse to one, the last row's
+        # winning, in first-seen order.
+        for row in range(self.beam_size):
+            prefix = self.sequence_ids[row]
+            for score, token in zip(candidate_scores[row], top_tokens[row]):
+                candidates[(prefix, token)] = (score, row)
+        tokens, sources, new_scores, ids = [], [], [], []
+        newly_finished: list[tuple[float, int]] = []
+        for key in sorted(candidates, key=lambda k: candidates[k][0], reverse=True):
+            score, row = candidates[key]
+            if key[1] == self.eot:
+                newly_finished.append((score, row))
+                continue
+            tokens.append(key[1])
+            sources.append(row)
+            new_scores.append(score)
+            ids.append(self.interned.setdefault(key, len(self.interned) + 1))
+            if len(tokens) == self.beam_size:
+                break
+        for score, row in newly_finished:  # already best first
+            if len(self.finished) >= self.max_candidates:
+                break
+            self.finished[tuple(histories[row])] = score
+        self.sequence_ids = ids
+        return tokens, sources, new_scores
+
+    def candidates(
+        self, histories: list[list[int]], scores: list[float]
+    ) -> tuple[list[list[int]], list[float]]:
+        """Finished sequences and their scores; too few finished, the best unfinished beams
+        count as finished."""
+        done = dict(self.finished)
+        if len(done) < self.beam_size:
+            for row in sorted(range(len(scores)), key=lambda r: -scores[r]):
+                done[tuple(histories[row])] = scores[row]
+                if len(done) >= self.beam_size:
+                    break
+        return [list(seq) for seq in done], list(done.values())
+
+
+def rank(lengths: list[int], sum_logprobs: list[float], length_penalty: float | None) -> int:
+    """Index of the best candidate by length-normalised log-probability."""
+    scores = []
+    for logprob, length in zip(sum_logprobs, lengths):
+        penalty = length if length_penalty is None else ((5 + length) / 6) ** length_penalty
+        scores.append(logprob / penalty)
+    return int(np.argmax(scores))

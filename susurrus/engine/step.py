@@ -1,0 +1,197 @@
+"""The decoding step every decode runs, and the table of rows it runs over.
+
+A row is one hypothesis of one window (one row for greedy decoding, `beam_size` rows for
+beam search, `best_of` for sampling). Rows of any window sit side by side in one table;
+each row has its own position, so windows that joined at different steps (continuous
+batching) advance together. The audio's cross-attention keys and values are kept once per
+window; a window's rows are contiguous and ask them as one group.
+
+`decoder_step` is the one function that advances rows by a token: eagerly over the active
+prefix of the table (the key length cut to what the rows have filled), or, on a GPU,
+captured as a CUDA graph over the whole table (see graphs.py), with the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..model import KVCache, TextDecoder
+
+# The self-attention cache grows in steps of this many positions (a reallocation each time).
+LENGTH_STEP = 64
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive windows whose rows come in groups of the same size: rows [row_start,
+    row_end) attend, `group` rows per window, to audios [audio_start, audio_end)."""
+
+    row_start: int
+    row_end: int
+    audio_start: int
+    audio_end: int
+    group: int
+
+
+def decoder_step(
+    decoder: TextDecoder,
+    tokens: Tensor,
+    positions: Tensor,
+    self_k: list[Tensor],
+    self_v: list[Tensor],
+    cross_k: list[Tensor],
+    cross_v: list[Tensor],
+    runs: tuple[Run, ...],
+    same_position: int | None = None,
+) -> Tensor:
+    """Logits (rows, n_vocab) of one new token per row.
+
+    `tokens` (rows, 1) go to `positions` (rows,) of the self-attention buffers (rows,
+    heads, length, head_dim); each row attends to its positions up to its own. With
+    `same_position` (every row at that position, known by the caller) the step writes a
+    slice and attends without a mask: the arithmetic of the plain cached decoder.
+    """
+    if same_position is not None:
+        pe = decoder.positional_embedding[same_position : same_position + 1]
+        mask = None
+    else:
+        pe = decoder.positional_embedding[positions][:, None]
+        keys = torch.arange(self_k[0].shape[2], device=tokens.device)
+        mask = (keys <= positions[:, None])[:, None, None, :]
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+    x = decoder.token_embedding(tokens).to(pe.dtype) + pe
+    for i, block in enumerate(decoder.blocks):
+        attn = block.attn
+        q, k, v = (attn.split_heads(y) for y in attn.project_qkv(block.attn_ln(x)))
+        cache_k, cache_v = self_k[i], self_v[i]
+        if same_position is not None:
+            cache_k[:, :, same_position : same_position + 1] = k
+            cache_v[:, :, same_position : same_position + 1] = v
+            end = same_position + 1
+            out = attn.sdpa(q, cache_k[:, :, :end], cache_v[:, :, :end])
+        else:
+            cache_k[rows, :, positions] = k[:, :, 0].to(cache_k.dtype)
+            cache_v[rows, :, positions] = v[:, :, 0].to(cache_v.dtype)
+            out = attn.sdpa(q, cache_k, cache_v, attn_mask=mask)
+        x = x + attn.out(attn.merge_heads(out))
+        h = block.cross_attn_ln(x)
+        parts = [
+            block.cross_attn.attend(
+                h[run.row_start : run.row_end],
+                cross_k[i][run.audio_start : run.audio_end],
+                cross_v[i][run.audio_start : run.audio_end],
+            )
+            for run in runs
+        ]
+        x = x + (parts[0] if len(parts) == 1 else torch.cat(parts))
+        x = x + block.mlp(block.mlp_ln(x))
+    return decoder.logits(decoder.ln(x)[:, -1])
+
+
+class RowTable:
+    """Self-attention caches of the active rows and cross-attention keys/values of the
+    active windows, both kept as a prefix of preallocated buffers.
+
+    Buffers grow when more rows, windows or positions are needed (up to the engine's
+    capacity) and never shrink while decoding goes on; rows that leave are filled by rows
+    moved from the end, so only those are copied.
+    """
+
+    def __init__(self, decoder: TextDecoder, n_audio_ctx: int, full: bool = False) -> None:
+        self.decoder = decoder
+        self.n_ctx = decoder.positional_embedding.shape[0]
+        attn = decoder.blocks[0].attn
+        self.n_head = attn.n_head
+        self.head_dim = decoder.positional_embedding.shape[1] // attn.n_head
+        self.dtype = attn.attention_dtype or decoder.positional_embedding.dtype
+        self.device = decoder.positional_embedding.device
+        self.n_audio_ctx = n_audio_ctx
+        self.full = full  # every buffer at full length (a CUDA graph's shapes never change)
+        self.self_k: list[Tensor] = []
+        self.self_v: list[Tensor] = []
+        self.cross_k: list[Tensor] = []
+        self.cross_v: list[Tensor] = []
+        self.row_capacity = self.audio_capacity = self.length_capacity = 0
+        self.n_rows = self.n_audio = 0
+
+    def _layers(self, shape: tuple[int, ...]) -> list[Tensor]:
+        return [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.decoder.blocks
+        ]
+
+    def reserve(self, rows: int, audios: int, length: int) -> None:
+        """Room for `rows` rows of `length` positions and `audios` windows."""
+        if rows > self.row_capacity or length > self.length_capacity:
+            new_rows = rows if rows <= self.row_capacity else max(rows, 2 * self.row_capacity)
+            new_length = self.n_ctx if self.full else min(
+                self.n_ctx, -(-max(length, self.length_capacity) // LENGTH_STEP) * LENGTH_STEP
+            )
+            shape = (new_rows, self.n_head, new_length, self.head_dim)
+            for name in ("self_k", "self_v"):
+                old = getattr(self, name)
+                new = self._layers(shape)
+                for a, b in zip(new, old):
+                    a[: self.n_rows, :, : b.shape[2]] = b[: self.n_rows]
+                setattr(self, name, new)
+            self.row_capacity, self.length_capacity = new_rows, new_length
+        if audios > self.audio_capacity:
+            audios = max(audios, 2 * self.audio_capacity)
+            # Laid out (audio, time, head, dim) as the projection makes them: the attention
+            # then reads them with the strides of a plain decode.
+            shape = (audios, self.n_audio_ctx, self.n_head, self.head_dim)
+            for name in ("cross_k", "cross_v"):
+                old = getattr(self, name)
+                new = [b.transpose(1, 2) for b in self._layers(shape)]
+                for a, b in zip(new, old):
+                    a[: self.n_audio] = b[: self.n_audio]
+                setattr(self, name, new)
+            self.audio_capacity = audios
+
+    def append(self, cache: KVCache, length: int) -> tuple[int, int]:
+        """Add the rows of a prefilled cache (its first `length` positions) and its audio;
+        returns (first row, audio index)."""
+        rows = cache.self_k[0].shape[0]
+        self.reserve(self.n_rows + rows, self.n_audio + 1, length + 1)
+        r, a = self.n_rows, self.n_audio
+        for buffers, source in ((self.self_k, cache.self_k), (self.self_v, cache.self_v)):
+            for buf, src in zip(buffers, source):
+                buf[r : r + rows, :, :length] = src[:, :, :length]
+        for buffers, source in ((self.cross_k, cache.cross_k), (self.cross_v, cache.cross_v)):
+            for buf, src in zip(buffers, source):
+                buf[a] = src[0]
+        self.n_rows += rows
+        self.n_audio += 1
+        return r, a
+
+    def move(self, rows_from: list[int], rows_to: list[int], audios: list[tuple[int, int]],
+             length: int) -> None:
+        """Copy rows (the first `length` positions) and audios (from, to) to new places."""
+        if rows_from:
+            src = torch.tensor(rows_from, device=self.device)
+            dst = torch.tensor(rows_to, device=self.device)
+            for buf in (*self.self_k, *self.self_v):
+                filled = buf[:, :, :length]
+                filled.index_copy_(0, dst, filled.index_select(0, src))
+        for a, b in audios:
+            for buf in (*self.cross_k, *self.cross_v):
+                buf[b] = buf[a]
+
+    def reorder(self, sources: list[int], length: int) -> None:
+        """Row i becomes the old row sources[i] (beam search), over the active rows."""
+        moved = [row for row, source in enumerate(sources) if source != row]
+        if moved:
+            self.move([sources[r] for r in moved], moved, [], length)
+
+    def views(self, length: int | None) -> tuple[list[Tensor], ...]:
+        """The active prefix: self-attention buffers cut to `length` positions (None: all)."""
+        n, a = self.n_rows, self.n_audio
+        cut = slice(None) if length is None else slice(0, length)
+        return (
+            [b[:n, :, cut] for b in self.self_k],
+            [b[:n, :, cut] for b in self.self_v],
+            [b[:a] for b in self.cross_k],
+            [b[:a] for b in self.cross_v],
+        )

@@ -1,0 +1,229 @@
+"""One engine, many recordings: sessions side by side, threads, options, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jiwer
+import pytest
+from whisper_normalizer.english import EnglishTextNormalizer
+
+import susurrus
+from susurrus.engine import Cancelled, Engine
+from susurrus.options import TranscribeOptions
+
+from .conftest import AUDIO, manifest, requires_shared
+
+pytestmark = requires_shared
+
+LONG = "en_lj_LJ001-0001-0016_concat.flac"  # 111 s of continuous reading: 4-5 windows
+SHORT = [r["file"] for r in manifest() if r["category"] == "short" and r["language"] == "en"]
+
+
+def tokens_of(result: dict) -> list[int]:
+    return [t for s in result["segments"] for t in s["tokens"]]
+
+
+def test_options_are_one_frozen_checked_value():
+    options = TranscribeOptions.create(temperature=0.0, beam_size=5, language="English")
+    assert options.temperatures == (0.0,) and options.language == "en"
+    with pytest.raises(AttributeError):
+        options.beam_size = 1  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(options)) == options
+    assert options.fingerprint() == TranscribeOptions.create(
+        temperature=[0], beam_size=5, language="en"
+    ).fingerprint()
+    assert options.fingerprint() != TranscribeOptions.create(beam_size=4).fingerprint()
+    with pytest.raises(ValueError, match="unknown transcription option"):
+        TranscribeOptions.create(beam_sise=5)
+    with pytest.raises(ValueError, match="patience requires beam_size"):
+        TranscribeOptions.create(patience=2.0)
+    with pytest.raises(ValueError, match="length_penalty"):
+        TranscribeOptions.create(length_penalty=3.0)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        TranscribeOptions.create(batch_size=0)
+
+
+def test_two_threads_on_one_engine_get_what_each_gets_alone(tiny_en):
+    files = [str(AUDIO / "jfk.flac"), str(AUDIO / LONG)]
+    alone = [tiny_en.transcribe(f, temperature=0.0) for f in files]
+    engine = Engine(tiny_en, max_batch=4)
+    together: list[dict | None] = [None, None]
+
+    def work(i: int) -> None:
+        together[i] = engine.transcribe(files[i], temperature=0.0)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [r["text"] for r in together] == [r["text"] for r in alone]
+    assert [tokens_of(r) for r in together] == [tokens_of(r) for r in alone]
+    # The two recordings really shared steps: fewer steps than rows advanced.
+    assert engine.row_steps > engine.steps
+
+
+def test_transcribe_many_decodes_side_by_side_as_one_at_a_time(tiny_en):
+    files = [str(AUDIO / f) for f in SHORT[:6]] + [str(AUDIO / LONG)]
+    alone = {f: tiny_en.transcribe(f, temperature=0.0, word_timestamps=True) for f in files}
+    engine = Engine(tiny_en, max_batch=4)
+    got = dict(
+        susurrus.transcribe_many(
+            tiny_en, files, batch_size=4, engine=engine, temperature=0.0, word_timestamps=True
+        )
+    )
+    assert sorted(got) == sorted(files)
+    same = [f for f in files if tokens_of(got[f]) == tokens_of(alone[f])]
+    assert len(same) >= 0.9 * len(files), sorted(set(files) - set(same))
+    truth = {r["file"]: r["transcript"] for r in manifest()}
+    norm = EnglishTextNormalizer()
+    refs = [norm(truth[os.path.basename(f)]) for f in files]
+    wer_many = jiwer.wer(refs, [norm(got[f]["text"]) for f in files])
+    wer_alone = jiwer.wer(refs, [norm(alone[f]["text"]) for f in files])
+    assert wer_many <= wer_alone + 1e-9
+    assert all(s["words"] for f in files for s in got[f]["segments"] if s["text"])
+    # Windows of several files shared steps: fewer steps than rows advanced, by a fifth.
+    assert engine.steps < 0.8 * engine.row_steps
+
+
+def test_one_bad_input_does_not_lose_the_others(tiny_en, tmp_path):
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio at all")
+    files = [str(AUDIO / "jfk.flac"), str(bad), str(AUDIO / SHORT[0])]
+    got = dict(susurrus.transcribe_many(tiny_en, files, batch_size=2, temperature=0.0))
+    assert isinstance(got[str(bad)], susurrus.SusurrusError)
+    assert "ask what you can do for your country" in got[files[0]]["text"]
+    assert got[files[2]]["text"].strip()
+
+
+def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
+    for batch_size in (None, 4):
+        streamed: list[dict] = []
+        result = tiny_en.transcribe(
+            str(AUDIO / LONG), temperature=0.0, batch_size=batch_size, on_segment=streamed.append
+        )
+        assert streamed == result["segments"] and len(streamed) > 5
+        starts = [s["start"] for s in streamed]
+        assert starts == sorted(starts)
+
+
+def test_cancel_stops_one_session_and_not_the_other(tiny_en):
+    engine = Engine(tiny_en, max_batch=4)
+    cancel = threading.Event()
+    outcome: dict = {}
+
+    def cancelled_one() -> None:
+        try:
+            engine.transcribe(
+                str(AUDIO / LONG), temperature=0.0, cancel=cancel,
+                on_segment=lambda s: cancel.set(),
+            )
+        except Cancelled as exc:
+            outcome["cancelled"] = exc
+
+    thread = threading.Thread(target=cancelled_one)
+    thread.start()
+    other = engine.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)
+    thread.join(timeout=300)
+    assert isinstance(outcome.get("cancelled"), Cancelled)
+    assert "ask what you can do for your country" in other["text"]
+    assert not engine._windows  # nothing of the cancelled recording stays in the table
+
+
+def test_batched_windows_take_every_sequential_option(tiny_en):
+    """hallucination_silence_threshold and condition_on_previous_text apply with
+    batch_size (no warning, no option dropped)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = tiny_en.transcribe(
+            str(AUDIO / LONG),
+            temperature=0.0,
+            batch_size=4,
+            word_timestamps=True,
+            hallucination_silence_threshold=2.0,
+            condition_on_previous_text=False,
+            initial_prompt="Printing.",
+        )
+    assert "printing" in result["text"].lower() and len(result["segments"]) > 5
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "susurrus", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+CLI = ["--model", "tiny.en", "--beam_size", "None", "--verbose", "False", "-f", "all"]
+
+
+def outputs(directory) -> dict[str, str]:
+    return {
+        p.name: p.read_text()
+        for p in sorted(directory.iterdir())
+        if not p.name.endswith(".resume.json") and not p.name.startswith(".")
+    }
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_outputs(tmp_path):
+    audio = str(AUDIO / LONG)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = run_cli(audio, *CLI, "-o", str(whole))
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    state = resumed / (LONG.rsplit(".", 1)[0] + ".resume.json")
+    proc = run_cli(audio, *CLI, "-o", str(resumed), "--resume")
+    deadline = time.monotonic() + 300
+    # Killed once at least one window is saved (and before the end).
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            saved = json.loads(state.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved and saved["session"]["segments"]:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = json.loads(state.read_text())
+    assert not saved["session"]["complete"]
+    assert not (resumed / "en_lj_LJ001-0001-0016_concat.json").exists()
+    proc = run_cli(audio, *CLI, "-o", str(resumed), "--resume")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert outputs(resumed) == outputs(whole)
+    # Finished: a rerun skips the file.
+    proc = run_cli(audio, *CLI, "-o", str(resumed), "--resume")
+    assert proc.wait(timeout=600) == 0
+    assert "already transcribed" in proc.stderr.read()
+    # A state made with other options is refused with one line.
+    proc = run_cli(audio, *CLI, "-o", str(resumed), "--resume", "--temperature", "0.2")
+    assert proc.wait(timeout=600) != 0
+    err = proc.stderr.read().strip()
+    assert "belongs to other options" in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+    proc = run_cli(str(AUDIO / LONG), *CLI, "-o", str(tmp_path), "--resume")
+    state = tmp_path / (LONG.rsplit(".", 1)[0] + ".resume.json")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not state.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    err = proc.stderr.read()
+    assert "run the same command again to continue" in err and "Traceback" not in err
+    assert json.loads(state.read_text())["session"]["segments"]
