@@ -16,18 +16,22 @@ from typing import Any
 
 import av
 import numpy as np
+import torch
 
 from susurrus.errors import SusurrusError
 
 # The model-side constants and functions live in features.py; the reference package keeps them
 # in `whisper.audio`, so they are importable from here too.
 from susurrus.features import (  # noqa: F401
+    CHUNK_FRAMES,
     CHUNK_LENGTH,
     HOP_LENGTH,
     N_FFT,
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,
+    _log10_mel,
+    log_mel_is_blank,
     log_mel_spectrogram,
     pad_or_trim,
 )
@@ -459,11 +463,44 @@ def format_probe(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# Below -60 dBFS no sample is audible: such a file is digital silence or idle-line noise,
-# and decoding it only invites hallucinated text.
-SILENCE_PEAK = 10 ** (-60 / 20)
+# Any sample this loud (-60 dBFS) lifts the log-mel spectrogram hundreds of times above its
+# floor, so louder recordings need no spectrogram to be known not silent.
+_SURELY_VISIBLE = 10 ** (-60 / 20)
 
 
 def is_silent(samples: Any) -> bool:
-    """True when no sample reaches -60 dBFS (or there are none): a NumPy array or a tensor."""
-    return len(samples) == 0 or float(abs(samples).max()) < SILENCE_PEAK
+    """Whether the model would see nothing in `samples` (16 kHz mono, a NumPy array or a
+    tensor): none at all, or a log-mel spectrogram that never leaves its floor (see
+    `features.log_mel_is_blank`). Level alone decides nothing: speech 80 dB down, a few
+    16-bit steps, still shows in the spectrogram the model normalises, and the model's own
+    no-speech probability then judges it."""
+    if len(samples) == 0:
+        return True
+    x = samples if torch.is_tensor(samples) else torch.from_numpy(np.asarray(samples))
+    peak = float(x.abs().max())
+    if peak == 0.0:
+        return True
+    if peak >= _SURELY_VISIBLE:
+        return False
+    # N_FFT zeros so that even a clip shorter than one frame gets a frame.
+    log_mel = _log10_mel(x.float(), 80, N_FFT, CHUNK_FRAMES)
+    return log_mel_is_blank(float(log_mel.max()))
+
+
+def streams_with_sound(file: str | os.PathLike, exclude: int | None = None) -> list[int]:
+    """The audio streams of `file` (counted as `--audio_stream` counts them) that are not
+    silent (see `is_silent`), leaving out `exclude`; streams that cannot be decoded are
+    left out too. Each stream is read only until its first block with sound."""
+    container, _ = _open(file, empty_message="contains no audio samples (the file is empty)")
+    with container:
+        count = len(container.streams.audio)
+    found = []
+    for index in range(count):
+        if index == exclude:
+            continue
+        try:
+            if any(not is_silent(block) for block in iter_audio(file, stream=index)):
+                found.append(index)
+        except SusurrusError:
+            continue
+    return found

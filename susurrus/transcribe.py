@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import SILENCE_PEAK, is_silent, load_audio
+from .audio import is_silent, load_audio
 from .decoding import DecodingOptions, DecodingResult, decode
 from .features import (
     FRAMES_PER_SECOND,
@@ -151,15 +151,16 @@ def read_recording(
 
 
 def recording_is_silent(audio: np.ndarray | torch.Tensor | MelStream) -> bool:
-    """No sample reaches -60 dBFS (see `audio.is_silent`), for samples or a MelStream."""
+    """The model would see nothing (see `audio.is_silent`), for samples or a MelStream."""
     if isinstance(audio, MelStream):
-        return audio.peak < SILENCE_PEAK
+        return audio.silent
     return is_silent(audio)
 
 
 def _empty_result(model: Whisper, decode_options: dict) -> dict:
     language = decode_options.get("language") or (None if model.is_multilingual else "en")
-    return {"text": "", "segments": [], "language": language}
+    # "no_speech" tells a reader of the JSON why there are no segments.
+    return {"text": "", "segments": [], "language": language, "no_speech": True}
 
 
 def _intersect_clips(user: str | list[float], speech: list[float]) -> list[float]:
