@@ -57,6 +57,8 @@ def _open(file: str | os.PathLike, *, empty_message: str) -> tuple[Any, str]:
     path = os.fspath(file)
     name = _display_name(file)
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise SusurrusError(f"{name}: a link to nothing (its target does not exist)")
         raise SusurrusError(f"No such file: {name}")
     if os.path.isdir(path):
         raise SusurrusError(f"{name}: is a directory, not an audio or video file")

@@ -20,6 +20,7 @@ from susurrus.audio import (
     probe,
     streams_with_sound,
 )
+from susurrus.errors import SusurrusError
 
 from .conftest import AUDIO, parity, requires_shared
 from .media_corpus import Track, excerpt, write_media, write_pcm16
@@ -232,3 +233,14 @@ def test_no_speech_is_an_answer_not_a_failure(tmp_path: Path, base) -> None:
     assert base.transcribe(np.zeros(16000, np.float32))["no_speech"] is True
     speech = base.transcribe(excerpt(JFK, 3.0), language="en", beam_size=None)
     assert speech["text"].strip() and "no_speech" not in speech
+
+
+def test_a_dangling_link_says_so(tmp_path: Path) -> None:
+    link = tmp_path / "talk.wav"
+    link.symlink_to(tmp_path / "moved-away.wav")
+    loop = tmp_path / "loop.wav"
+    loop.symlink_to(loop)
+    for path in (link, loop):
+        with pytest.raises(SusurrusError) as info:
+            load_audio(path)
+        assert str(info.value) == f"{path}: a link to nothing (its target does not exist)"
