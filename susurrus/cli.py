@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--audio_stream",
         type=int,
         default=None,
-        help="which audio stream of the file to use, counting audio streams from 0 "
-        "(default: the one ffmpeg picks: marked default, else most channels, else the first)",
+        help="which audio stream of the file to use, counting audio streams from 0"
+        "; None: the one ffmpeg picks (marked default, else most channels, else the first)",
     )
     g.add_argument("--output_dir", "-o", default=".", help="directory to save the outputs")
     g.add_argument(
