@@ -16,18 +16,22 @@ from typing import Any
 
 import av
 import numpy as np
+import torch
 
 from susurrus.errors import SusurrusError
 
 # The model-side constants and functions live in features.py; the reference package keeps them
 # in `whisper.audio`, so they are importable from here too.
 from susurrus.features import (  # noqa: F401
+    CHUNK_FRAMES,
     CHUNK_LENGTH,
     HOP_LENGTH,
     N_FFT,
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,
+    _log10_mel,
+    log_mel_is_blank,
     log_mel_spectrogram,
     pad_or_trim,
 )
@@ -53,6 +57,8 @@ def _open(file: str | os.PathLike, *, empty_message: str) -> tuple[Any, str]:
     path = os.fspath(file)
     name = _display_name(file)
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise SusurrusError(f"{name}: a link to nothing (its target does not exist)")
         raise SusurrusError(f"No such file: {name}")
     if os.path.isdir(path):
         raise SusurrusError(f"{name}: is a directory, not an audio or video file")
@@ -79,11 +85,28 @@ def _open(file: str | os.PathLike, *, empty_message: str) -> tuple[Any, str]:
     return container, name
 
 
+def _is_default(st: Any) -> bool:
+    return bool(st.disposition & av.stream.Disposition.default)
+
+
+def rank_audio_streams(streams: list[Any]) -> list[int]:
+    """Audio stream numbers (0 = the first audio stream) best first, as the ffmpeg command
+    picks one when no stream is mapped: a stream marked default before the others, then the
+    one with the most channels, then the earlier one. `streams` are PyAV audio streams."""
+
+    def key(i: int) -> tuple[bool, int, int]:
+        cc = streams[i].codec_context
+        channels = (cc.channels or 0) if cc is not None else 0
+        return (not _is_default(streams[i]), -channels, i)
+
+    return sorted(range(len(streams)), key=key)
+
+
 def _select_audio_stream(container: Any, name: str, stream: int | None) -> Any:
     audio = list(container.streams.audio)
     if not audio:
         raise SusurrusError(f"{name}: has no audio stream")
-    index = 0 if stream is None else int(stream)
+    index = rank_audio_streams(audio)[0] if stream is None else int(stream)
     if not 0 <= index < len(audio):
         n = len(audio)
         plural = "stream" if n == 1 else "streams"
@@ -92,6 +115,17 @@ def _select_audio_stream(container: Any, name: str, stream: int | None) -> Any:
             f"(valid: 0..{n - 1})"
         )
     return audio[index]
+
+
+def chosen_audio_stream(file: str | os.PathLike) -> int:
+    """The audio stream `load_audio(file)` reads when no stream is given (see
+    `rank_audio_streams`); SusurrusError when the file cannot be read or has no audio."""
+    container, name = _open(file, empty_message="contains no audio samples (the file is empty)")
+    with container:
+        audio = list(container.streams.audio)
+        if not audio:
+            raise SusurrusError(f"{name}: has no audio stream")
+        return rank_audio_streams(audio)[0]
 
 
 def _decode_s16(container: Any, st: Any, name: str, sr: int) -> Iterator[np.ndarray]:
@@ -199,7 +233,8 @@ def load_audio(
 ) -> np.ndarray:
     """Decode an audio or video file to a mono float32 array at `sr` Hz in [-1, 1).
 
-    `stream` counts audio streams only (0 = the first audio stream, the default).
+    `stream` counts audio streams only (0 = the first audio stream); None takes the one the
+    ffmpeg command would (see `rank_audio_streams`).
     Raises SusurrusError with a one-line message for anything wrong with the file.
     """
     sr = _check_rate(sr)
@@ -330,6 +365,7 @@ def _stream_info(st: Any, audio_index: int | None) -> dict[str, Any]:
     elif st.type == "audio":
         info.update(
             audio_index=audio_index,
+            default=_is_default(st),
             sample_rate=cc.sample_rate or None,
             channels=cc.channels or None,
             channel_layout=_layout_name(cc),
@@ -349,10 +385,14 @@ def probe(file: str | os.PathLike) -> dict[str, Any]:
     """Describe a media file: container, duration, bit rate and every stream.
 
     The result is JSON-serialisable; durations/times are seconds (None when unknown).
+    "audio_stream" is the audio stream transcription reads by default (None: no audio).
     """
     container, name = _open(file, empty_message="not an audio or video file (the file is empty)")
     with container:
-        audio_index = {s.index: i for i, s in enumerate(container.streams.audio)}
+        audio = list(container.streams.audio)
+        audio_index = {s.index: i for i, s in enumerate(audio)}
+        # The stream transcription reads unless told otherwise (`--audio_stream`).
+        chosen = rank_audio_streams(audio)[0] if audio else None
         return {
             "file": name,
             "format": container.format.name,
@@ -362,6 +402,7 @@ def probe(file: str | os.PathLike) -> dict[str, Any]:
             "bit_rate": container.bit_rate or None,
             "size": os.path.getsize(os.fspath(file)),
             "tags": dict(container.metadata),
+            "audio_stream": chosen,
             "streams": [_stream_info(s, audio_index.get(s.index)) for s in container.streams],
         }
 
@@ -414,17 +455,54 @@ def format_probe(info: dict[str, Any]) -> str:
         if s.get("bit_rate"):
             parts.append(f"{s['bit_rate'] // 1000} kb/s")
         kind = s["type"].capitalize()
-        lines.append(f"  Stream #0:{s['index']}{lang}: {kind}: {', '.join(parts)}")
+        default = " (default)" if s.get("default") else ""
+        lines.append(f"  Stream #0:{s['index']}{lang}: {kind}: {', '.join(parts)}{default}")
         if s.get("title"):
             lines.append(f"    title: {s['title']}")
+        if s["type"] == "audio" and s.get("audio_index") == info.get("audio_stream"):
+            # ffmpeg's own output has no such line; it says which stream a transcript uses.
+            lines.append(f"    transcribed by default (--audio_stream {s['audio_index']})")
     return "\n".join(lines)
 
 
-# Below -60 dBFS no sample is audible: such a file is digital silence or idle-line noise,
-# and decoding it only invites hallucinated text.
-SILENCE_PEAK = 10 ** (-60 / 20)
+# Any sample this loud (-60 dBFS) lifts the log-mel spectrogram hundreds of times above its
+# floor, so louder recordings need no spectrogram to be known not silent.
+_SURELY_VISIBLE = 10 ** (-60 / 20)
 
 
 def is_silent(samples: Any) -> bool:
-    """True when no sample reaches -60 dBFS (or there are none): a NumPy array or a tensor."""
-    return len(samples) == 0 or float(abs(samples).max()) < SILENCE_PEAK
+    """Whether the model would see nothing in `samples` (16 kHz mono, a NumPy array or a
+    tensor): none at all, or a log-mel spectrogram that never leaves its floor (see
+    `features.log_mel_is_blank`). Level alone decides nothing: speech 80 dB down, a few
+    16-bit steps, still shows in the spectrogram the model normalises, and the model's own
+    no-speech probability then judges it."""
+    if len(samples) == 0:
+        return True
+    x = samples if torch.is_tensor(samples) else torch.from_numpy(np.asarray(samples))
+    peak = float(x.abs().max())
+    if peak == 0.0:
+        return True
+    if peak >= _SURELY_VISIBLE:
+        return False
+    # N_FFT zeros so that even a clip shorter than one frame gets a frame.
+    log_mel = _log10_mel(x.float(), 80, N_FFT, CHUNK_FRAMES)
+    return log_mel_is_blank(float(log_mel.max()))
+
+
+def streams_with_sound(file: str | os.PathLike, exclude: int | None = None) -> list[int]:
+    """The audio streams of `file` (counted as `--audio_stream` counts them) that are not
+    silent (see `is_silent`), leaving out `exclude`; streams that cannot be decoded are
+    left out too. Each stream is read only until its first block with sound."""
+    container, _ = _open(file, empty_message="contains no audio samples (the file is empty)")
+    with container:
+        count = len(container.streams.audio)
+    found = []
+    for index in range(count):
+        if index == exclude:
+            continue
+        try:
+            if any(not is_silent(block) for block in iter_audio(file, stream=index)):
+                found.append(index)
+        except SusurrusError:
+            continue
+    return found

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--audio_stream",
         type=int,
         default=None,
-        help="which audio stream of the file to use, counting audio streams from 0",
+        help="which audio stream of the file to use, counting audio streams from 0"
+        "; None: the one ffmpeg picks (marked default, else most channels, else the first)",
     )
     g.add_argument("--output_dir", "-o", default=".", help="directory to save the outputs")
     g.add_argument(
@@ -298,6 +299,30 @@ def _error(message: str) -> None:
     print(f"susurrus: error: {message}", file=sys.stderr, flush=True)
 
 
+def _warn(message: str) -> None:
+    print(f"susurrus: warning: {message}", file=sys.stderr, flush=True)
+
+
+def no_speech_message(path: str, silent: bool, audio_stream: int | None) -> str:
+    """The warning for a file with no speech. When another audio stream of the file has
+    sound (a recorder that writes an empty track first, a film whose default track is
+    empty), it names the `--audio_stream` that reads it."""
+    from .audio import chosen_audio_stream, streams_with_sound
+
+    try:
+        used = chosen_audio_stream(path) if audio_stream is None else audio_stream
+        others = streams_with_sound(path, exclude=used)
+    except SusurrusError:
+        used, others = audio_stream, []  # the hint is a courtesy; the answer stands
+    if not others:
+        return f"{path}: no speech found" + (" (the audio is silent)" if silent else "")
+    hint = ", ".join(f"audio stream {i} (--audio_stream {i})" for i in others)
+    verb = "have" if len(others) > 1 else "has"
+    if silent:
+        return f"{path}: no speech found: audio stream {used} is silent; {hint} {verb} sound"
+    return f"{path}: no speech found in audio stream {used}; {hint} also {verb} sound"
+
+
 def probe_main(argv: list[str]) -> int:
     from .audio import format_probe, probe
 
@@ -393,7 +418,7 @@ def transcribe_main(argv: list[str]) -> int:
         return 2
 
     from .options import TranscribeOptions
-    from .transcribe import StateFile, read_recording, transcribe_many
+    from .transcribe import StateFile, read_recording, recording_is_silent, transcribe_many
 
     paths = args.pop("audio")
     verbose = args.pop("verbose")
@@ -452,13 +477,11 @@ def transcribe_main(argv: list[str]) -> int:
                         start = writers_timestamp(segment["start"])
                         end = writers_timestamp(segment["end"])
                         print(f"[{start} --> {end}] {segment['text']}", flush=True)
-                if result.get("no_speech"):
-                    raise SusurrusError(
-                        f"{path}: the audio is silent (no sample reaches -60 dBFS); nothing to "
-                        "transcribe"
-                    )
                 if not result["segments"] or not result["text"].strip():
-                    print(f"susurrus: {path}: no speech found", file=sys.stderr, flush=True)
+                    # An answer, not a failure: the outputs say so and the exit status stays 0.
+                    result["no_speech"] = True
+                    silent = recording_is_silent(read(path))
+                    _warn(no_speech_message(path, silent, audio_stream))
                 writer(result, path, writer_options)
             except SusurrusError as exc:
                 _error(str(exc))

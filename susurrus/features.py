@@ -90,10 +90,23 @@ def _log10_mel(audio: torch.Tensor, n_mels: int, padding: int, chunk_frames: int
     return out
 
 
+# The smallest mel power the spectrogram keeps; its log10 is the floor of the model's input.
+MEL_POWER_FLOOR = 1e-10
+LOG_MEL_FLOOR = float(torch.tensor(MEL_POWER_FLOOR).log10())
+
+
 def _log10_mel_frames(samples: torch.Tensor, window: torch.Tensor, filters: torch.Tensor):
     """log10 mel power of every 400-sample frame of `samples` (already padded), hop 160."""
     stft = torch.stft(samples, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
-    return (filters @ stft.abs().square()).clamp_(min=1e-10).log10_()
+    return (filters @ stft.abs().square()).clamp_(min=MEL_POWER_FLOOR).log10_()
+
+
+def log_mel_is_blank(maximum: float) -> bool:
+    """Whether a recording whose loudest log10 mel power is `maximum` shows the model
+    nothing: every frame then sits on the floor, so the normalised spectrogram is one
+    constant value. That is digital silence (or a stray least-significant bit too weak to
+    reach the floor); any quieter-than-quiet speech still rises above it."""
+    return not maximum > LOG_MEL_FLOOR
 
 
 def _normalise(log_spec: torch.Tensor, maximum: float | torch.Tensor) -> torch.Tensor:
@@ -224,6 +237,11 @@ class MelStream:
     @property
     def duration(self) -> float:
         return self.samples / SAMPLE_RATE
+
+    @property
+    def silent(self) -> bool:
+        """Whether the model would see nothing in the whole file (see `log_mel_is_blank`)."""
+        return log_mel_is_blank(self._maximum)
 
     def frames(self, start: int, stop: int) -> torch.Tensor:
         """Normalised log-mel frames [start, stop) (past the content: the padding's frames)."""

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio import SILENCE_PEAK, is_silent, load_audio
+from .audio import is_silent, load_audio
 from .engine import Cancelled, Engine
 from .engine.session import Session, make_session, recording_fingerprint
 from .errors import SusurrusError
@@ -47,9 +47,9 @@ def read_recording(
 
 
 def recording_is_silent(audio: np.ndarray | torch.Tensor | MelStream) -> bool:
-    """No sample reaches -60 dBFS (see `audio.is_silent`), for samples or a MelStream."""
+    """The model would see nothing (see `audio.is_silent`), for samples or a MelStream."""
     if isinstance(audio, MelStream):
-        return audio.peak < SILENCE_PEAK
+        return audio.silent
     return is_silent(audio)
 
 

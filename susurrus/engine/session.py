@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..audio import SILENCE_PEAK, is_silent, load_audio
+from ..audio import is_silent, load_audio
 from ..decoding import DecodingOptions, DecodingResult
 from ..features import (
     FRAMES_PER_SECOND,
@@ -184,7 +184,7 @@ class Session:
         if not isinstance(audio, MelStream):
             audio = audio if torch.is_tensor(audio) else torch.from_numpy(np.asarray(audio))
         clips = options.clip_timestamps
-        silent = audio.peak < SILENCE_PEAK if isinstance(audio, MelStream) else is_silent(audio)
+        silent = audio.silent if isinstance(audio, MelStream) else is_silent(audio)
         self.content_frames = 0
         if not silent and options.vad:
             if isinstance(audio, MelStream):
@@ -506,8 +506,8 @@ class Session:
             bar.close()
 
     def result(self) -> dict:
-        """What `transcribe` returns: text, segments, language (and `no_speech` when the
-        recording held nothing audible)."""
+        """What `transcribe` returns: text, segments, language (and `no_speech: True` when
+        no speech was found)."""
         if self.error is not None:
             raise self.error
         tokenizer = self.tokenizer or get_tokenizer(
@@ -516,8 +516,8 @@ class Session:
         tokens = [t for s in self.segments for t in s["tokens"]]
         result = {"text": tokenizer.decode(tokens), "segments": self.segments,
                   "language": self.language}
-        if self.no_speech:
-            result["no_speech"] = True
+        if self.no_speech or not any(s["text"].strip() for s in self.segments):
+            result["no_speech"] = True  # why there are no segments: an answer, not an error
         return result
 
     # -- saved state ----------------------------------------------------------------------
