@@ -295,12 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr(line: str) -> None:
+    """A line on stderr, on a line of its own even while progress bars are drawn (the
+    engine may be decoding the next file meanwhile)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _error(message: str) -> None:
-    print(f"susurrus: error: {message}", file=sys.stderr, flush=True)
+    _stderr(f"susurrus: error: {message}")
 
 
 def _warn(message: str) -> None:
-    print(f"susurrus: warning: {message}", file=sys.stderr, flush=True)
+    _stderr(f"susurrus: warning: {message}")
 
 
 def no_speech_message(path: str, silent: bool, audio_stream: int | None) -> str:
@@ -450,7 +459,7 @@ def transcribe_main(argv: list[str]) -> int:
                 failed += 1
                 continue
             if saved is not None and saved["session"].get("complete"):
-                print(f"susurrus: {path}: already transcribed (--resume)", file=sys.stderr)
+                _stderr(f"susurrus: {path}: already transcribed (--resume)")
                 continue
         todo.append(path)
 

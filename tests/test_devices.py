@@ -31,6 +31,7 @@ def test_half_precision_transcribes(device, dtype):
     result = model.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)
     assert JFK in result["text"].lower()
     assert model.dtype == dtype  # fp16=True (the default) keeps the half-precision weights
-    # fp16=False asks for full precision, as in the reference.
+    # fp16=False asks for full precision, as in the reference, from a float32 copy: the
+    # caller's model is never changed.
     result = model.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0, fp16=False)
-    assert model.dtype == torch.float32 and JFK in result["text"].lower()
+    assert model.dtype == dtype and JFK in result["text"].lower()

@@ -475,14 +475,15 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path):
 
     calls: list[dict] = []
 
-    def transcribe(model, audio, *, temperature=0.0, word_timestamps=False, **kwargs):
-        calls.append({"word_timestamps": word_timestamps, **kwargs})
-        return copy.deepcopy(RESULT)
+    def transcribe_many(model, audios, *, options, **kwargs):
+        for audio in audios:
+            calls.append({"word_timestamps": options.word_timestamps})
+            yield audio, copy.deepcopy(RESULT)
 
     monkeypatch.setattr(load, "load_model", lambda *a, **k: _Model())
     module = sys.modules["susurrus.transcribe"]
     monkeypatch.setattr(module, "read_recording", lambda *a, **k: np.full(16000, 0.1, np.float32))
-    monkeypatch.setattr(module, "transcribe", transcribe)
+    monkeypatch.setattr(module, "transcribe_many", transcribe_many)
 
     def run(*argv: str) -> tuple[int, dict | None]:
         from susurrus.cli import transcribe_main

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from susurrus import LANGUAGES, SusurrusError, get_tokenizer
-from susurrus.decoding import _suppress_tokens
+from susurrus.engine.search import suppress_tokens
 from susurrus.load import embedded_model_files
 from susurrus.tokenizer import language_code
 
@@ -56,7 +56,7 @@ def test_specials_match_shipped_vocabulary(name, multilingual):
 def test_suppressed_tokens_match_model_config(name, multilingual):
     config = json.loads((embedded_dir(name) / "config.json").read_text())
     tok = get_tokenizer(multilingual, num_languages=99)
-    assert _suppress_tokens(tok, "-1") == sorted(config["suppress_ids"])
+    assert suppress_tokens(tok, "-1") == sorted(config["suppress_ids"])
     assert tok.encode(" ") + [tok.eot] == sorted(config["suppress_ids_begin"])
     if multilingual:
         assert list(tok.all_language_tokens) == config["lang_ids"]

@@ -233,9 +233,9 @@ class Engine:
     def step(self) -> bool:
         """Admit waiting windows, then advance every row by one token. False: no work."""
         self._compact()
-        self._admit()
+        admitted = self._admit()
         if not self._windows:
-            return False
+            return admitted  # language detection alone is work done too
         logits = self._logits()
         self._rules.apply(logits)
         self._choose(logits)
@@ -244,7 +244,8 @@ class Engine:
 
     # -- admission ------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        """Take windows from the sources while there is room; whether any came."""
         with self._lock:
             sources = list(self._sources)
         jobs: list[tuple[WindowJob, Source]] = []
@@ -263,7 +264,7 @@ class Engine:
                 else:
                     jobs.append((job, source))
         if not jobs:
-            return
+            return False
         fresh = [job for job, _ in jobs if job.features is None]
         if fresh:
             mels = torch.stack([job.mel for job in fresh])
@@ -283,6 +284,7 @@ class Engine:
                 self._deliver(source, job)
             else:
                 self._start(job, source)
+        return True
 
     def _start(self, job: WindowJob, source: Source) -> None:
         model = self.model

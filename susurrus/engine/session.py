@@ -220,9 +220,6 @@ class Session:
         self._detecting = self.language is None
         if not self._detecting:
             self._set_language(self.language)
-        self.bar = tqdm(
-            total=self.content_frames, unit="frames", disable=self.verbose is not False
-        )
 
     def _set_language(self, language: str) -> None:
         self.language = language
@@ -279,6 +276,7 @@ class Session:
                 self._complete()
             return None
         self._in_flight += 1
+        self.bar  # shown from the first window on  # noqa: B018
         return self._job(window)
 
     def _job(self, window: _Window, features: torch.Tensor | None = None) -> WindowJob:
@@ -489,6 +487,16 @@ class Session:
             if self.on_segment is not None:
                 self.on_segment(segment)
 
+    @property
+    def bar(self) -> tqdm:
+        """The progress bar (verbose=False), made when decoding starts, so that sessions
+        prepared ahead print nothing before their turn."""
+        if getattr(self, "_bar", None) is None:
+            self._bar = tqdm(
+                total=self.content_frames, unit="frames", disable=self.verbose is not False
+            )
+        return self._bar
+
     def _progress(self, done: int, total: int, step: int) -> None:
         self.bar.update(step)
         if self.progress_callback is not None:
@@ -501,7 +509,7 @@ class Session:
             self.on_finish(self)
 
     def _close(self) -> None:
-        bar = getattr(self, "bar", None)
+        bar = getattr(self, "_bar", None)
         if bar is not None:
             bar.close()
 
