@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -49,6 +50,34 @@ CSP = (
     "media-src 'self' blob:; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
+
+
+class SecurityHeaders:
+    """Adds headers that keep browsers from sniffing types or framing the page."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                for name, value in (
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"content-security-policy", CSP.encode()),
+                    (b"referrer-policy", b"no-referrer"),
+                ):
+                    if name not in names:
+                        headers.append((name, value))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class Server:
@@ -221,13 +250,9 @@ def create_app(settings: Settings) -> FastAPI:
             )
         )
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next: Callable) -> Response:
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
+    # Plain ASGI rather than @app.middleware: Starlette's BaseHTTPMiddleware wraps `receive`,
+    # which hides a client's disconnect from the route (and so would never cancel a session).
+    app.add_middleware(SecurityHeaders)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
@@ -358,13 +383,17 @@ async def _audio(server: Server, request: Request, task: str) -> Response:
             if parsed.stream:
                 loop.call_soon_threadsafe(segments.put_nowait, segment)
 
-        future = server.pool.submit(
-            entry.engine.transcribe,
-            upload.path,
-            on_segment=on_segment,
-            cancel=cancel,
-            **parsed.options,
-        )
+        path = upload.path
+
+        def work() -> dict:
+            result = entry.engine.transcribe(
+                path, on_segment=on_segment, cancel=cancel, **parsed.options
+            )
+            # Counted here, before the done callback records the session's end.
+            audio_seconds[0] = duration or _last_end(result)
+            return result
+
+        future = server.pool.submit(work)
         # From here the worker owns the cleanup: the file stays until it has stopped reading.
         owned, cleanup = cleanup, []
         future.add_done_callback(lambda _: _run_all(owned))
@@ -380,7 +409,6 @@ async def _audio(server: Server, request: Request, task: str) -> Response:
                     parsed,
                     task,
                     duration,
-                    audio_seconds,
                     (upload.path, upload.filename),
                 ),
                 media_type="text/event-stream",
@@ -389,7 +417,6 @@ async def _audio(server: Server, request: Request, task: str) -> Response:
         names = (upload.path, upload.filename)
         result = await _wait(server, request, future, cancel, names)
         seconds = duration or _last_end(result)
-        audio_seconds[0] = seconds
         server.metrics.latency.observe(time.monotonic() - started)
         body, media_type = render(result, parsed, task, seconds)
         status = 200
@@ -468,7 +495,6 @@ async def _stream(
     parsed: Parsed,
     task: str,
     duration: float | None,
-    audio_seconds: list[float | None],
     names: tuple[str | None, str],
 ) -> AsyncIterator[bytes]:
     """Server-sent events: a delta per final segment, then the done event."""
@@ -493,7 +519,6 @@ async def _stream(
                 yield _sse({"type": "error", **error.body()})
             return
         seconds = duration or _last_end(result)
-        audio_seconds[0] = seconds
         server.metrics.latency.observe(time.monotonic() - started)
         yield _sse(stream_done(result, task, seconds))
     finally:

@@ -57,7 +57,7 @@ async def read_upload(
     content_type = headers.get("content-type", "")
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data" or b"boundary" not in params:
-        raise ApiError(400, "expected a multipart/form-data body with a 'file' part")
+        raise ApiError(400, "expected a multipart/form-data body with a 'file' part", param="file")
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         # Refused before reading a byte of it.
