@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..engine import Cancelled
 from ..errors import SusurrusError
+from ..tokenizer import LANGUAGES
 from .formats import ApiError, parse_fields, render, stream_done, stream_segment
 from .formats import Request as Parsed
 from .metrics import CONTENT_TYPE, Metrics
@@ -278,6 +279,8 @@ def create_app(settings: Settings) -> FastAPI:
             "max_queue": settings.max_queue,
             "max_upload_mb": settings.max_upload_mb,
             "loaded_models": sorted(loaded),
+            # For the page's language menu.
+            "languages": {code: name.title() for code, name in LANGUAGES.items()},
         }
 
     @app.get("/metrics")
