@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def find_chromium() -> str:
     )
 
 
+def wait_until(condition, timeout: float = 20.0) -> None:
+    # Not page.wait_for_function: it evaluates a string, which the page's CSP forbids.
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def browser():
     executable = find_chromium()
@@ -81,7 +90,7 @@ def test_page_transcribes_plays_and_downloads(browser, server, tmp_path):
     page.wait_for_selector("#key-label:not([hidden])")
     page.fill("#key", KEY)
     page.dispatch_event("#key", "change")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 1")
+    page.locator("#model option").nth(1).wait_for(state="attached")
     assert page.input_value("#model") == "tiny.en"  # the default is selected
     assert page.locator("#models li").count() > 1
 
@@ -105,8 +114,8 @@ def test_page_transcribes_plays_and_downloads(browser, server, tmp_path):
     second.click()
     start = float(second.get_attribute("data-start"))
     assert start == expected["result"]["segments"][1]["start"] > 0
-    page.wait_for_function(
-        f"Math.abs(document.getElementById('player').currentTime - {start}) < 0.5"
+    wait_until(
+        lambda: abs(page.evaluate("document.getElementById('player').currentTime") - start) < 0.5
     )
     assert "playing" in (second.get_attribute("class") or "")
 
@@ -134,7 +143,7 @@ def test_page_shows_names_and_errors_as_text(browser, server):
     page.wait_for_selector("#key-label:not([hidden])")
     page.fill("#key", KEY)
     page.dispatch_event("#key", "change")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 1")
+    page.locator("#model option").nth(1).wait_for(state="attached")
     name = "<img src=x onerror=alert(1)>.mp3"
     page.set_input_files(
         "#file", files=[{"name": name, "mimeType": "audio/mpeg", "buffer": b"not audio " * 100}]

@@ -97,7 +97,8 @@ function handleEvent(event) {
     state.result = { text: event.text, segments: event.segments, language: event.language };
     $("progress").value = 1;
     const words = event.text ? event.text.split(/\s+/).length : 0;
-    setStatus(`Done: ${words} words, ${event.duration.toFixed(1)} s of ${event.language || "audio"}.`);
+    const language = event.language ? event.language[0].toUpperCase() + event.language.slice(1) : "audio";
+    setStatus(`Done: ${words} words, ${event.duration.toFixed(1)} s of ${language}.`);
     $("downloads").hidden = false;
   } else if (event.error) {
     setStatus("Error: " + event.error.message, true);
