@@ -160,14 +160,16 @@ def hub_env(hub, home: Path, offline: bool = False) -> dict[str, str]:
     return env
 
 
-def python_transcribe(model: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def python_transcribe(models: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """One process (torch imported once) printing each model's text on its own line."""
     code = (
         "import sys, susurrus\n"
-        "m = susurrus.load_model(sys.argv[1], device='cpu')\n"
-        "print(susurrus.transcribe(m, sys.argv[2], temperature=0.0)['text'].strip())\n"
+        "for name in sys.argv[2:]:\n"
+        "    m = susurrus.load_model(name, device='cpu')\n"
+        "    print(susurrus.transcribe(m, sys.argv[1], temperature=0.0)['text'].strip())\n"
     )
     return subprocess.run(
-        [sys.executable, "-c", code, model, str(AUDIO_FILE)],
+        [sys.executable, "-c", code, str(AUDIO_FILE), *models],
         capture_output=True,
         text=True,
         env=env,
@@ -177,24 +179,29 @@ def python_transcribe(model: str, env: dict[str, str]) -> subprocess.CompletedPr
 
 def test_python_api_both_layouts_revision_and_offline(hub, expected_text, tmp_path):
     env = hub_env(hub, tmp_path / "hf")
-    for model in (TRANSFORMERS, CT2, TRANSFORMERS + "@v-ct2"):
-        done = python_transcribe(model, env)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == expected_text, model
+    models = [TRANSFORMERS, CT2, TRANSFORMERS + "@v-ct2"]
+    done = python_transcribe(models, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [expected_text] * len(models)
     # Only the weights and configs were fetched, into huggingface_hub's own cache.
     assert not any("README.md" in r for r in hub.requests)
     assert any("/api/models/acme-test/whisper-tiny.en/revision/v-ct2" in r for r in hub.requests)
     cached = list((tmp_path / "hf" / "hub").glob("models--acme-test--*/snapshots/*/*"))
     assert {p.name for p in cached} >= {"model.safetensors", "model.bin", "config.json"}
+    # The pinned revision is its own snapshot: the CTranslate2 files of tag v-ct2.
+    snapshots = list(
+        (tmp_path / "hf" / "hub").glob("models--acme-test--whisper-tiny.en/snapshots/*")
+    )
+    assert len(snapshots) == 2
 
     # Offline: what is cached loads without a request, anything else fails clearly.
     offline = hub_env(hub, tmp_path / "hf", offline=True)
     seen = len(hub.requests)
-    done = python_transcribe(CT2, offline)
+    done = python_transcribe([CT2], offline)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == expected_text
     assert len(hub.requests) == seen
-    done = python_transcribe("acme-test/never-downloaded", offline)
+    done = python_transcribe(["acme-test/never-downloaded"], offline)
     assert done.returncode != 0 and "HF_HUB_OFFLINE is set" in done.stderr
 
 
