@@ -119,7 +119,7 @@ def cli_texts(files: list[Path], model: str, options: list[str], out: Path) -> d
         check=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=1800,
-        stdout=subprocess.DEVNULL,
+        capture_output=True,
     )
     return {f.name: json.loads((out / f"{f.stem}.json").read_text())["text"].strip() for f in files}
 

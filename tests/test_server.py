@@ -456,7 +456,8 @@ def test_full_queue_answers_429(server, cli):
     assert leftovers(server) == []
 
 
-def test_disconnect_cancels_the_session(server):
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_disconnect_cancels_the_session(server, stream):
     """A client that goes away cancels its session (counted in the metrics); the session
     decoding beside it is unaffected."""
 
@@ -465,12 +466,15 @@ def test_disconnect_cancels_the_session(server):
 
     before = cancelled()
     socks = []
-    for path in (MEDIUM, MEDIUM):
+    for leaving in (False, True):
         body = (
             b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.flac"\r\n\r\n'
-            + path.read_bytes()
-            + b"\r\n--B--\r\n"
+            + MEDIUM.read_bytes()
+            + b"\r\n"
         )
+        if leaving and stream:
+            body += b'--B\r\nContent-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n'
+        body += b"--B--\r\n"
         head = (
             f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n"

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -237,7 +238,9 @@ def test_server_takes_a_repo_id(hub, expected_text, tmp_path):
     needs_server_extra()
     httpx = pytest.importorskip("httpx")
     server = ServerProcess(
-        ["--model", "tiny.en"], tmp_path / "server.log", env=hub_env(hub, tmp_path / "hf")
+        ["--model", "tiny.en", "--model-ttl", "2"],
+        tmp_path / "server.log",
+        env=hub_env(hub, tmp_path / "hf"),
     )
     try:
         for model in (TRANSFORMERS, CT2 + "@main"):
@@ -265,5 +268,10 @@ def test_server_takes_a_repo_id(hub, expected_text, tmp_path):
         assert response.json()["error"]["code"] == "model_not_found"
         models = httpx.get(server.url + "/v1/models", timeout=10).json()["data"]
         assert {TRANSFORMERS, CT2 + "@main"} <= {m["id"] for m in models if m["loaded"]}
+        # Idle past --model-ttl, the models are unloaded.
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "/health", timeout=10).json()["loaded_models"]:
+            assert time.monotonic() < deadline, "idle models were not unloaded"
+            time.sleep(0.25)
     finally:
         server.stop()

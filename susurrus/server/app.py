@@ -32,7 +32,6 @@ from ..engine import Cancelled
 from ..errors import SusurrusError
 from ..tokenizer import LANGUAGES
 from .formats import ApiError, parse_fields, render, stream_done, stream_segment
-from .formats import Request as Parsed
 from .metrics import CONTENT_TYPE, Metrics
 from .models import ModelManager
 from .settings import Settings
@@ -406,10 +405,10 @@ async def _audio(server: Server, request: Request, task: str) -> Response:
             return StreamingResponse(
                 _stream(
                     server,
+                    request,
                     future,
                     segments,
                     cancel,
-                    parsed,
                     task,
                     duration,
                     (upload.path, upload.filename),
@@ -492,10 +491,10 @@ def _translate(exc: BaseException, names: tuple[str | None, str]) -> Exception:
 
 async def _stream(
     server: Server,
+    request: Request,
     future: Future,
     segments: asyncio.Queue[dict],
     cancel: threading.Event,
-    parsed: Parsed,
     task: str,
     duration: float | None,
     names: tuple[str | None, str],
@@ -503,14 +502,30 @@ async def _stream(
     """Server-sent events: a delta per final segment, then the done event."""
     wrapped = asyncio.wrap_future(future)
     started = time.monotonic()
+
+    def stop() -> None:
+        if not cancel.is_set():
+            cancel.set()
+            server.metrics.cancelled.inc()
+
     try:
         while True:
             getter = asyncio.ensure_future(segments.get())
-            done, _ = await asyncio.wait({getter, wrapped}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {getter, wrapped}, timeout=0.25, return_when=asyncio.FIRST_COMPLETED
+            )
             if getter in done:
                 yield _sse(stream_segment(getter.result(), duration or 0.0))
                 continue
             getter.cancel()
+            if not done:
+                # Starlette notices a departed client only when it next writes, and the
+                # next segment may be far off: ask the server directly.
+                if await request.is_disconnected():
+                    log.info("client went away: cancelling its stream")
+                    stop()
+                    return
+                continue
             while not segments.empty():
                 yield _sse(stream_segment(segments.get_nowait(), duration or 0.0))
             break
@@ -526,6 +541,4 @@ async def _stream(
         yield _sse(stream_done(result, task, seconds))
     finally:
         if not future.done():
-            # The client went away (Starlette cancels the stream) or the server is stopping.
-            cancel.set()
-            server.metrics.cancelled.inc()
+            stop()  # the client went away while a write was pending, or the server stops
