@@ -528,3 +528,26 @@ def test_sigterm_finishes_running_sessions(tmp_path):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", process.port), timeout=2)
     assert json.loads(response.text)["text"]
+
+
+def test_settings_from_flags_and_environment(monkeypatch, tmp_path):
+    from susurrus.errors import SusurrusError
+    from susurrus.server.settings import parse_args
+
+    monkeypatch.setenv("SUSURRUS_API_KEY", "from-env")
+    monkeypatch.setenv("SUSURRUS_MAX_BATCH", "3")
+    monkeypatch.setenv("SUSURRUS_MODEL", "tiny.en,base")
+    settings = parse_args([])
+    assert (settings.api_key, settings.max_batch, settings.model) == ("from-env", 3, "tiny.en")
+    mine = tmp_path / "my-model"
+    mine.mkdir()
+    settings = parse_args(
+        ["--model", f"custom={mine}", "--model", str(mine), "--api-key", "flag", "--max-queue", "0"]
+    )
+    assert settings.model == "custom"
+    assert settings.model_dirs == {"custom": str(mine), "my-model": str(mine)}
+    assert (settings.api_key, settings.max_sessions) == ("flag", 3)
+    with pytest.raises(SusurrusError):
+        parse_args(["--model", f"x={tmp_path / 'missing'}"])
+    with pytest.raises(SusurrusError):
+        parse_args(["--max-batch", "0"])

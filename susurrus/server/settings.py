@@ -119,8 +119,9 @@ def parse_args(argv: list[str]) -> Settings:
     parser.add_argument(
         "--api-key",
         "--api_key",
-        default=_env("api_key"),
-        help="require `Authorization: Bearer KEY` on the API",
+        # Read after parsing: a default would print the key in --help.
+        default=None,
+        help="require `Authorization: Bearer KEY` on the API (or $SUSURRUS_API_KEY)",
     )
     parser.add_argument(
         "--max-upload-mb",
@@ -180,5 +181,5 @@ def parse_args(argv: list[str]) -> Settings:
             model_dirs[name] = directory
         default = default or name
     values = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
-    values.update(model=default, model_dirs=model_dirs)
+    values.update(model=default, model_dirs=model_dirs, api_key=args.api_key or _env("api_key"))
     return Settings(**values).check()
