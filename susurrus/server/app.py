@@ -411,13 +411,13 @@ async def _audio(server: Server, request: Request, task: str) -> Response:
                     cancel,
                     task,
                     duration,
-                    (upload.path, upload.filename),
+                    (path, upload.filename),
                 ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        names = (upload.path, upload.filename)
-        result = await _wait(server, request, future, cancel, names)
+        # `path`, not upload.path: the done callback may already have cleared that.
+        result = await _wait(server, request, future, cancel, (path, upload.filename))
         seconds = duration or _last_end(result)
         server.metrics.latency.observe(time.monotonic() - started)
         body, media_type = render(result, parsed, task, seconds)
