@@ -210,9 +210,13 @@ def test_openai_client_translation(client, tmp_path):
     assert verbose.text == want
     assert verbose.model_extra["task"] == "translate"
     assert verbose.language == "german"
+    for fmt in ("srt", "vtt"):
+        with open(GERMAN, "rb") as f:
+            body = client.audio.translations.create(model="base", file=f, response_format=fmt)
+        assert body == expected[GERMAN.name][fmt], fmt
     with open(GERMAN, "rb") as f:
-        srt = client.audio.translations.create(model="base", file=f, response_format="srt")
-    assert srt == expected[GERMAN.name]["srt"]
+        text = client.audio.translations.create(model="base", file=f, response_format="text")
+    assert text.strip() == want
 
 
 def test_english_only_model_cannot_translate(server):
