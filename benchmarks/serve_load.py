@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 AUDIO = ROOT.parent / "shared" / "audio"
 
 
-def dev_files(max_seconds: float) -> list[tuple[Path, float]]:
-    """The dev files up to `max_seconds` long, shortest first, with their durations."""
+def dev_files(max_seconds: float, english_only: bool) -> list[tuple[Path, float]]:
+    """The dev files up to `max_seconds` long (English ones only for an English-only model),
+    shortest first, with their durations."""
     with open(AUDIO / "manifest.tsv", encoding="utf-8") as f:
         rows = list(
             csv.DictReader(
@@ -47,7 +48,11 @@ def dev_files(max_seconds: float) -> list[tuple[Path, float]]:
                 quoting=csv.QUOTE_NONE,
             )
         )
-    files = [(AUDIO / r["file"], float(r["duration_s"])) for r in rows]
+    files = [
+        (AUDIO / r["file"], float(r["duration_s"]))
+        for r in rows
+        if r["language"] == "en" or not english_only
+    ]
     return sorted((f for f in files if f[1] <= max_seconds), key=lambda f: f[1])
 
 
@@ -152,7 +157,7 @@ def main() -> int:
             raise TimeoutError(f"over the {args.deadline:.0f} s deadline")
         return remaining
 
-    files = dev_files(args.max_seconds)
+    files = dev_files(args.max_seconds, args.model.endswith(".en"))
     jobs = [files[i % len(files)] for i in range(args.clients)]
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     model = args.model
