@@ -555,3 +555,25 @@ def test_settings_from_flags_and_environment(monkeypatch, tmp_path):
         parse_args(["--model", f"x={tmp_path / 'missing'}"])
     with pytest.raises(SusurrusError):
         parse_args(["--max-batch", "0"])
+
+
+def test_model_names_resolve_without_touching_paths(tmp_path):
+    from susurrus.server.formats import ApiError
+    from susurrus.server.models import ModelManager
+    from susurrus.server.settings import Settings
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    manager = ModelManager(Settings(model="tiny.en", model_dirs={"mine": str(mine)}))
+    assert manager.resolve("whisper-1") == manager.resolve(None) == "tiny.en"
+    assert manager.resolve("mine") == "mine"
+    assert manager.resolve("large-v3") == "large-v3"
+    assert manager.resolve("openai/whisper-small@main") == "openai/whisper-small@main"
+    # The configured directory's path is not a name a client may send.
+    for name in (str(mine), "../mine", "/etc/passwd", "openai/../x", "a/b@rev with space"):
+        with pytest.raises(ApiError) as error:
+            manager.resolve(name)
+        assert error.value.status == 404
+    closed = ModelManager(Settings(model="tiny.en", allow_hub=False))
+    with pytest.raises(ApiError):
+        closed.resolve("openai/whisper-small")
