@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[models,dev]"
+	$(BIN)/pip install -q -e ".[models,server,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,7 +21,14 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/susurrus samples/jfk.flac --model base --output_dir out/demo
 
-test: install
+# The page test drives Debian's chromium with Playwright (its own browser download needs a
+# network the CI machine lacks); as root, install chromium when it is missing.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium; \
+	fi
+
+test: install browser
 	$(BIN)/ruff check susurrus tests benchmarks
 	$(BIN)/pytest -q
 

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="susurrus",
         description="Transcribe or translate speech in audio and video files with Whisper. "
         "`susurrus probe FILE` describes a media file's streams; `susurrus export MODEL OUT.pt` "
-        "writes a model as an OpenAI checkpoint.",
+        "writes a model as an OpenAI checkpoint; `susurrus serve` runs an OpenAI-compatible "
+        "transcription server with a web page (see `susurrus serve --help`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("audio", nargs="+", help="audio or video file(s) to transcribe")
@@ -520,6 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "probe" and not os.path.exists("probe"):
             status = probe_main(argv[1:])
+        elif argv and argv[0] == "serve" and not os.path.exists("serve"):
+            from .server import main as serve_main
+
+            status = serve_main(argv[1:])
         elif argv and argv[0] == "export" and not os.path.exists("export"):
             from .export import main as export_main
 

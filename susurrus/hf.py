@@ -280,8 +280,19 @@ _SAFETENSORS = ["model.safetensors", "model.safetensors.index.json", "model-*.sa
 _PICKLES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
 
 
+# The CTranslate2 layout (Systran/faster-whisper-*): model.bin beside config.json.
+_CT2 = ["model.bin"]
+
+
 def download_repo(repo_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The local snapshot directory of a hub repository, downloaded when not cached."""
+    """The local snapshot directory of a hub repository, downloaded when not cached.
+
+    `repo_id` is "owner/name", or "owner/name@revision" for a branch, tag or commit. Either
+    layout is fetched: transformers (config.json + safetensors, else pickled weights) or
+    CTranslate2 (config.json + model.bin). The endpoint is huggingface_hub's (HF_ENDPOINT),
+    and with HF_HUB_OFFLINE=1 only its cache is used.
+    """
+    repo_id, _, revision = repo_id.partition("@")
     advice = "or pass the path of a local model directory instead"
     try:
         from huggingface_hub import snapshot_download
@@ -298,6 +309,7 @@ def download_repo(repo_id: str, cache_dir: str | os.PathLike | None = None) -> P
             snapshot_download(
                 repo_id,
                 cache_dir=None if cache_dir is None else str(cache_dir),
+                revision=revision or None,
                 allow_patterns=["config.json", "generation_config.json", *patterns],
                 local_files_only=offline,
                 etag_timeout=10,
@@ -305,8 +317,8 @@ def download_repo(repo_id: str, cache_dir: str | os.PathLike | None = None) -> P
         )
 
     try:
-        path = fetch(_SAFETENSORS)
-        if not any((path / name).is_file() for name in WEIGHT_FILES):
+        path = fetch(_SAFETENSORS + _CT2)
+        if not any((path / name).is_file() for name in (*WEIGHT_FILES, *_CT2)):
             path = fetch(_PICKLES)
     except Exception as exc:  # network, authentication and not-found errors alike
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__

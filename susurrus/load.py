@@ -185,8 +185,8 @@ def load_model(
         model = load_ct2_dir(config_dir, parts, EMBEDDED[name].sha256, native=plan.int8)
     elif name in _MODELS:
         model = load_openai_checkpoint(download_model(name, download_root), native=plan.int8)
-    elif hf.looks_like_repo_id(str(name)):
-        model = hf.load_hf_dir(hf.download_repo(str(name), download_root))
+    elif hf.looks_like_repo_id(str(name).partition("@")[0]):
+        model = _load_path(hf.download_repo(str(name), download_root), native=plan.int8)
     else:
         if os.sep in str(name) or str(name).endswith((".pt", ".bin")):
             raise SusurrusError(f"model file not found: {name}")
@@ -206,6 +206,31 @@ def load_model(
     model = model.to(device=device, dtype=dtype or plan.dtype).eval()
     if encoder_dtype is not None:
         model.encoder.set_layer_dtype(encoder_dtype)
+    _release_free_memory()
+    return model
+
+
+def load_hub_model(
+    repo_id: str,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    compute_type: str = "default",
+) -> Whisper:
+    """A Hugging Face hub repository ("owner/name" or "owner/name@revision"), never a local
+    path even when one of that name exists (the server loads what clients name with this)."""
+    if not hf.looks_like_repo_id(repo_id.partition("@")[0]):
+        raise SusurrusError(f"{repo_id!r} is not a Hugging Face repository id (owner/name)")
+    device = torch.device(device or default_device())
+    plan = resolve_compute_type(compute_type, device)
+    model = _load_path(hf.download_repo(repo_id, cache_dir), native=plan.int8)
+    model.name = repo_id
+    if plan.int8:
+        quantize_int8(model.decoder if plan.encoder_dtype else model)
+    model.set_attention_dtype(plan.attention_dtype)
+    model = model.to(device=device, dtype=plan.dtype).eval()
+    if plan.encoder_dtype is not None:
+        model.encoder.set_layer_dtype(plan.encoder_dtype)
     _release_free_memory()
     return model
 
