@@ -276,6 +276,10 @@ def test_models_health_and_metrics(server, client):
         "susurrus_request_seconds_bucket",
     ):
         assert name in metrics
+    # The engine's own counts: it ran decoding steps for the request.
+    assert _metric(server, 'susurrus_engine_steps{model="tiny.en"}') > 10
+    rows = _metric(server, 'susurrus_engine_row_steps{model="tiny.en"}')
+    assert rows >= _metric(server, 'susurrus_engine_steps{model="tiny.en"}')
     assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
 
 

@@ -163,6 +163,18 @@ class Engine:
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 
+    def stats(self) -> dict[str, int]:
+        """What the engine holds and has done: windows in its table (and rows), sources
+        running on it, decoding steps and rows advanced so far (their ratio is the mean
+        batch)."""
+        return {
+            "windows": len(self._windows),
+            "rows": self._table.n_rows,
+            "sources": len(self._sources),
+            "steps": self.steps,
+            "row_steps": self.row_steps,
+        }
+
     # -- running --------------------------------------------------------------------------
 
     def transcribe(

@@ -285,7 +285,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         _check_key(server, request)
-        server.metrics.models.set(len(server.models.loaded()))
+        loaded = server.models.loaded()
+        server.metrics.models.set(len(loaded))
+        server.metrics.engines({name: entry.engine.stats() for name, entry in loaded.items()})
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

@@ -52,6 +52,24 @@ class Metrics:
             registry=r,
         )
         self.models = Gauge("susurrus_models_loaded", "Models in memory", registry=r)
+        self.engine_windows = Gauge(
+            "susurrus_engine_windows",
+            "Windows decoding in the engine's table now, per model",
+            ["model"],
+            registry=r,
+        )
+        self.engine_steps = Gauge(
+            "susurrus_engine_steps",
+            "Decoding steps the model's engine has run",
+            ["model"],
+            registry=r,
+        )
+        self.engine_rows = Gauge(
+            "susurrus_engine_row_steps",
+            "Rows advanced by those steps (row_steps / steps: the mean batch)",
+            ["model"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._busy_since: float | None = None
         self._busy_total = 0.0
@@ -84,6 +102,13 @@ class Metrics:
         self.sessions.set(self._active)
         self.queue.set(max(0, self._active - self.max_batch))
         self.occupancy.set(min(self._active, self.max_batch) / self.max_batch)
+
+    def engines(self, stats: dict[str, dict[str, int]]) -> None:
+        """The engines' own counts, by model name."""
+        for name, values in stats.items():
+            self.engine_windows.labels(name).set(values["windows"])
+            self.engine_steps.labels(name).set(values["steps"])
+            self.engine_rows.labels(name).set(values["row_steps"])
 
     def render(self) -> bytes:
         with self._lock:
