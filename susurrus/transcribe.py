@@ -108,15 +108,16 @@ def transcribe(
         if not isinstance(audio, (str, os.PathLike)):
             raise ValueError("resume needs the recording as a path")
         keeper = StateFile(resume, audio, model, options)
-    session = make_session(
-        model,
-        audio,
-        options,
-        on_segment=on_segment,
-        verbose=verbose,
-        progress_callback=progress_callback,
-        on_window=None if keeper is None else keeper.save,
-    )
+    with engine.exclusive():
+        session = make_session(
+            model,
+            audio,
+            options,
+            on_segment=on_segment,
+            verbose=verbose,
+            progress_callback=progress_callback,
+            on_window=None if keeper is None else keeper.save,
+        )
     if keeper is not None:
         keeper.restore(session)
         session.on_finish = keeper.save
@@ -272,6 +273,16 @@ class _Group:
         )
 
 
+def _size(audio: Any) -> int:
+    """Bytes of a file (samples: their count), 0 when unknown: an order by length."""
+    if isinstance(audio, (str, os.PathLike)):
+        try:
+            return os.path.getsize(audio)
+        except OSError:
+            return 0
+    return len(audio) if hasattr(audio, "__len__") else 0
+
+
 def transcribe_many(
     model: Whisper,
     audios: Iterable[Any],
@@ -287,7 +298,8 @@ def transcribe_many(
     """Transcribe many recordings, up to `batch_size` side by side on one engine, each as
     `transcribe` would alone (its own previous-text prompt, fallback, words...).
 
-    Yields `(audio, result)` as each recording finishes, in the order they finish;
+    Yields `(audio, result)` as each recording finishes, in the order they finish (with
+    `batch_size` > 1 the largest files start first);
     `result` is the exception instead for an input that could not be transcribed (the
     others go on). Keyword arguments are `transcribe`'s options (or `options`). `read`
     turns an item of `audios` into what a session reads (default: the item itself, a path
@@ -304,42 +316,34 @@ def transcribe_many(
         keeper = None
         if state_path is not None:
             keeper = StateFile(state_path(audio), audio, model, options)
-        session = make_session(
-            model,
-            audio if read is None else read(audio),
-            options,
-            verbose=verbose,
-            on_window=None if keeper is None else keeper.save,
-        )
+        with engine.exclusive():
+            session = make_session(
+                model,
+                audio if read is None else read(audio),
+                options,
+                verbose=verbose,
+                on_window=None if keeper is None else keeper.save,
+            )
         if keeper is not None:
             keeper.restore(session)
             session.on_finish = keeper.save
         return session
 
+    if batch_size > 1 and isinstance(audios, (list, tuple)):
+        # Largest first: a long recording decodes its windows one after another, so started
+        # last it would run alone at the end while every other slot stands empty.
+        audios = sorted(audios, key=_size, reverse=True)
     group = _Group(make, audios, batch_size, lambda item, result: results.put((item, result)))
-    stop = threading.Event()
-
-    def drive() -> None:
-        try:
-            engine.run(group, cancelled=stop.is_set)
-        except Cancelled:
-            pass
-        except BaseException as exc:  # handed to the caller's thread
-            results.put((None, exc))
-        results.put(None)
-
-    thread = threading.Thread(target=drive, name="susurrus-engine", daemon=True)
-    thread.start()
+    # Decoding runs in the caller's thread, between the results it yields: torch's
+    # small CPU kernels run about a fifth slower from a thread other than the main one.
     try:
-        while (entry := results.get()) is not None:
-            item, result = entry
-            if item is None:
-                raise result
-            yield item, result
+        while not (group.finished and results.empty()):
+            engine.run(group, until=lambda: not results.empty())
+            while not results.empty():
+                yield results.get()
     finally:
-        # The caller stopped early (Ctrl-C, an exception, a break): the engine stops at its
-        # next step, so that no thread is left decoding while the interpreter exits.
-        stop.set()
-        thread.join()
+        # Stopped early (Ctrl-C, an exception, a break): nothing of it stays on the engine.
+        group.fail(Cancelled("stopped"))
+        engine.forget(group)
 
 

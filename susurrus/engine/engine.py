@@ -160,8 +160,17 @@ class Engine:
         self._sources: list[Source] = []
         self._lock = threading.Condition()
         self._driving = False
+        # Held while a step computes: other threads' heavy work (reading a recording) waits
+        # for it rather than running torch kernels beside it, which on a small machine
+        # slows both many times over (their thread pools fight for the same cores).
+        self._compute = threading.RLock()
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
+
+    def exclusive(self) -> threading.RLock:
+        """A lock to hold around CPU-heavy work done beside the engine (preparing a
+        session): it runs between two steps instead of during one."""
+        return self._compute
 
     def stats(self) -> dict[str, int]:
         """What the engine holds and has done: windows in its table (and rows), sources
@@ -195,28 +204,43 @@ class Engine:
             self.model, audio, engine=self, on_segment=on_segment, cancel=cancel, **options
         )
 
-    def run(self, source: Source, cancelled: Callable[[], bool] | None = None) -> None:
+    def run(
+        self,
+        source: Source,
+        cancelled: Callable[[], bool] | None = None,
+        until: Callable[[], bool] | None = None,
+    ) -> None:
         """Decode `source`'s windows until it is finished, along with every other source
-        of this engine. Thread-safe; `cancelled()` true stops the source (Cancelled)."""
+        of this engine. Thread-safe; `cancelled()` true stops the source (Cancelled).
+        `until()` true returns early, the source staying on the engine (call `run` again
+        to go on, or `forget` it)."""
         with self._lock:
-            self._sources.append(source)
+            if source not in self._sources:
+                self._sources.append(source)
+
+        def done() -> bool:
+            return source.finished or (until is not None and until())
+
+        stopped = True
         try:
             while True:
                 with self._lock:
-                    while self._driving and not source.finished:
+                    while self._driving and not done():
                         if cancelled is not None and cancelled():
                             raise Cancelled("cancelled")
                         # Woken when a result comes back or the driver stops; the timeout
                         # lets a waiting caller notice its cancellation.
                         self._lock.wait(timeout=0.1)
-                    if source.finished:
+                    if done():
                         break
                     self._driving = True
                 try:
-                    while not source.finished:
+                    while not done():
                         if cancelled is not None and cancelled():
                             raise Cancelled("cancelled")
-                        if not self.step() and not source.finished:
+                        with self._compute:
+                            worked = self.step()
+                        if not worked and not done():
                             # Nothing to decode now: the source prepares more (or is stuck).
                             wait = getattr(source, "wait", None)
                             if wait is None:
@@ -229,11 +253,17 @@ class Engine:
             error = getattr(source, "error", None)
             if error is not None:
                 raise error
+            stopped = source.finished
         finally:
-            with self._lock:
-                if source in self._sources:
-                    self._sources.remove(source)
-                self._drop(source)
+            if stopped:
+                self.forget(source)
+
+    def forget(self, source: Source) -> None:
+        """Take a source off the engine; its windows leave at the next step."""
+        with self._lock:
+            if source in self._sources:
+                self._sources.remove(source)
+            self._drop(source)
 
     def _drop(self, source: Source) -> None:
         """A source that stopped (cancelled, failed): its windows leave at the next step."""
