@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -701,6 +701,3 @@ def decode_jobs(engine: Engine, jobs: list[WindowJob]) -> list[DecodingResult]:
     engine.run(JobList(jobs))
     return [job.result for job in jobs]  # type: ignore[misc]
 
-
-def options_for(options: DecodingOptions, prompt) -> DecodingOptions:
-    return replace(options, prompt=prompt)
