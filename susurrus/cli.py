@@ -22,12 +22,12 @@ CUE_OPTIONS = ["max_cps", "min_cue_duration", "max_cue_duration"]
 
 
 def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    from .options import parse_bool
+
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}") from None
 
 
 def _optional(kind):

@@ -24,6 +24,17 @@ from .vad import (
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
+def parse_bool(text: str) -> bool:
+    """A boolean option as text (the CLI's `True`/`False`, a form field's `true`): the
+    usual spellings, anything else a ValueError."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 @dataclass(frozen=True)
 class TranscribeOptions:
     # What to decode

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SusurrusError
+from ..options import parse_bool
 from ..tokenizer import LANGUAGES, language_code
 from ..writers import WriteSRT, WriteVTT
 
@@ -57,13 +58,7 @@ MEDIA_TYPES = {
 }
 
 
-def _bool(value: str) -> bool:
-    key = value.strip().lower()
-    if key in ("true", "1", "yes", "on"):
-        return True
-    if key in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
+
 
 
 def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -104,10 +99,10 @@ DECODE_FIELDS: dict[str, Callable[[str], Any]] = {
     "compression_ratio_threshold": _optional(_finite),
     "logprob_threshold": _optional(_finite),
     "no_speech_threshold": _optional(_finite),
-    "condition_on_previous_text": _bool,
-    "carry_initial_prompt": _bool,
-    "word_timestamps": _bool,
-    "vad": _bool,
+    "condition_on_previous_text": parse_bool,
+    "carry_initial_prompt": parse_bool,
+    "word_timestamps": parse_bool,
+    "vad": parse_bool,
     "hallucination_silence_threshold": _optional(_positive),
     "suppress_tokens": str,
 }
@@ -116,7 +111,7 @@ LAYOUT_FIELDS: dict[str, Callable[[str], Any]] = {
     "max_line_width": _optional(_positive_int),
     "max_line_count": _optional(_positive_int),
     "max_words_per_line": _optional(_positive_int),
-    "highlight_words": _bool,
+    "highlight_words": parse_bool,
     "max_cps": _optional(_positive),
     "min_cue_duration": _optional(_positive),
     "max_cue_duration": _optional(_positive),
@@ -218,7 +213,7 @@ def parse_fields(fields: dict[str, list[str]], task: str, multilingual: bool) ->
     word_layout = ("max_line_width", "max_line_count", "max_words_per_line", "highlight_words")
     if not options.get("word_timestamps") and any(layout.get(n) for n in word_layout):
         raise ApiError(400, "subtitle line options require word_timestamps=true", param="layout")
-    stream = convert("stream", _bool) if one("stream") is not None else False
+    stream = convert("stream", parse_bool) if one("stream") is not None else False
     return Request(
         model=(one("model") or "").strip() or None,
         response_format=response_format,
