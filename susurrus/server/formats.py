@@ -59,8 +59,6 @@ MEDIA_TYPES = {
 
 
 
-
-
 def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(value: str) -> Any:
         return None if value.strip().lower() in ("none", "null", "") else kind(value)
