@@ -10,9 +10,10 @@ it for everyone, so two threads transcribing on one engine share its batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -164,13 +165,23 @@ class Engine:
         # for it rather than running torch kernels beside it, which on a small machine
         # slows both many times over (their thread pools fight for the same cores).
         self._compute = threading.RLock()
+        self._preparing = 0  # threads waiting for `exclusive`: the driver lets them in first
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 
-    def exclusive(self) -> threading.RLock:
-        """A lock to hold around CPU-heavy work done beside the engine (preparing a
-        session): it runs between two steps instead of during one."""
-        return self._compute
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold around CPU-heavy work done beside the engine (preparing a session): it
+        runs between two steps instead of during one, and before the next step."""
+        with self._lock:
+            self._preparing += 1
+        try:
+            with self._compute:
+                yield
+        finally:
+            with self._lock:
+                self._preparing -= 1
+                self._lock.notify_all()
 
     def stats(self) -> dict[str, int]:
         """What the engine holds and has done: windows in its table (and rows), sources
@@ -238,6 +249,11 @@ class Engine:
                     while not done():
                         if cancelled is not None and cancelled():
                             raise Cancelled("cancelled")
+                        with self._lock:
+                            # Work waiting for `exclusive` goes first: a step takes the
+                            # lock back at once, and a waiting thread would starve.
+                            while self._preparing:
+                                self._lock.wait(timeout=0.05)
                         with self._compute:
                             worked = self.step()
                         if not worked and not done():
