@@ -207,6 +207,7 @@ def main() -> int:
         return 0
 
     files = dev_files()
+    long = long_input(HERE / "data")
     trees = {"now": ROOT}
     scratch = None
     if args.baseline:
@@ -217,7 +218,6 @@ def main() -> int:
             capture_output=True,
         )
         trees["baseline"] = Path(scratch)
-    long = long_input(HERE / "data")
     rows = []
     try:
         for setting in args.settings.split(","):
