@@ -22,7 +22,6 @@ Writes benchmarks/results/engine-<date>.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -38,21 +37,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = ROOT.parent / "shared" / "audio"
 SETTINGS = {"greedy": {}, "beam5": {"beam_size": 5}}
+sys.path.insert(0, str(HERE))  # run.py: the manifest and the long input's making
 
 
 def dev_files() -> list[tuple[str, str, str]]:
     """(path, language, transcript) of the English and Mandarin dev recordings."""
-    with open(SHARED / "manifest.tsv", encoding="utf-8") as f:
-        rows = list(
-            csv.DictReader(
-                (line for line in f if not line.startswith("#")),
-                delimiter="\t",
-                quoting=csv.QUOTE_NONE,
-            )
-        )
+    from run import read_manifest
+
     return [
         (str(SHARED / r["file"]), r["language"], r["transcript"])
-        for r in rows
+        for r in read_manifest(SHARED)
         if r["language"] in ("en", "zh") and r["category"] != "nonspeech"
     ]
 
@@ -167,8 +161,6 @@ def long_input(data: Path) -> tuple[str, str, str]:
     """The 213 s English long-form input of benchmarks/run.py (`en-long`): every English
     short or long dev file in manifest order, joined with 0.5 s of silence."""
     import numpy as np
-
-    sys.path.insert(0, str(HERE))
     from run import GAP_S, SR, read_manifest, write_wav
 
     import susurrus

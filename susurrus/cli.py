@@ -403,7 +403,7 @@ def transcribe_main(argv: list[str]) -> int:
         import torch
 
         from .load import load_model
-        from .writers import get_writer
+        from .writers import format_timestamp, get_writer
 
         if threads:
             torch.set_num_threads(threads)
@@ -484,8 +484,8 @@ def transcribe_main(argv: list[str]) -> int:
                     raise result
                 if many and batch_size and verbose:
                     for segment in result["segments"]:
-                        start = writers_timestamp(segment["start"])
-                        end = writers_timestamp(segment["end"])
+                        start = format_timestamp(segment["start"])
+                        end = format_timestamp(segment["end"])
                         print(f"[{start} --> {end}] {segment['text']}", flush=True)
                 if not result["segments"] or not result["text"].strip():
                     # An answer, not a failure: the outputs say so and the exit status stays 0.
@@ -506,12 +506,6 @@ def transcribe_main(argv: list[str]) -> int:
             _error("interrupted; add --resume to be able to continue an interrupted run")
         return 130
     return 1 if failed else 0
-
-
-def writers_timestamp(seconds: float) -> str:
-    from .writers import format_timestamp
-
-    return format_timestamp(seconds)
 
 
 def main(argv: list[str] | None = None) -> None:

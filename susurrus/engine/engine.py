@@ -432,11 +432,11 @@ class Engine:
             same = positions[0] if len(set(positions)) == 1 else None
             length = max(positions) + 1
             self._table.reserve(self._table.n_rows, self._table.n_audio, length)
-            table = self._table
             n_audio = decoding[-1].audio + 1
-            self_k, self_v, cross_k, cross_v = table.views(length)
+            self_k, self_v, cross_k, cross_v = self._table.views(length)
             position_rows = torch.tensor(
-                [w.position for w in decoding for _ in range(w.group)], device=self.model.device
+                [p for w, p in zip(decoding, positions) for _ in range(w.group)],
+                device=self.model.device,
             )
             parts.append(
                 decoder_step(
@@ -495,7 +495,7 @@ class Engine:
             chosen = logits if index is None else logits.index_select(0, index)
             best = chosen.max(dim=-1)
             current = best.values - chosen.logsumexp(dim=-1)
-            self._account(index, best.indices, current, next_tokens, eot)
+            self._account(greedy, index, best.indices, current, next_tokens, eot)
         for window in self._windows:
             if window.search is None and window.temperature > 0:
                 rows = slice(window.row, window.row + window.group)
@@ -505,7 +505,7 @@ class Engine:
                     dim=-1
                 )
                 index = torch.arange(rows.start, rows.stop, device=device)
-                self._account(index, picked, current, next_tokens, eot)
+                self._account([window], index, picked, current, next_tokens, eot)
         beams = [w for w in self._windows if w.search is not None]
         if beams:
             index = _rows_of(beams, device)
@@ -552,35 +552,37 @@ class Engine:
             ):
                 self._finish(window)
 
-    def _account(self, index: Tensor | None, picked: Tensor, current: Tensor,
-                 next_tokens: Tensor, eot: int) -> None:
-        """Record sampled tokens (greedy or sampling) of rows `index` (None: all rows)."""
+    def _account(
+        self,
+        windows: list[_Window],
+        index: Tensor | None,
+        picked: Tensor,
+        current: Tensor,
+        next_tokens: Tensor,
+        eot: int,
+    ) -> None:
+        """Record the sampled tokens (greedy or sampling) of `windows`, whose rows, in
+        order, are `index` (None: every row of the table)."""
         last = self._last_tokens if index is None else self._last_tokens.index_select(0, index)
         ended = last == eot
-        ended_rows = ended.tolist()
         update = current * ~ended
         picked = picked.masked_fill(ended, eot)
         if index is None:
             self._sum_logprobs += update
             next_tokens.copy_(picked)
-            rows = range(picked.shape[0])
         else:
             self._sum_logprobs.index_add_(0, index, update)
             next_tokens.index_copy_(0, index, picked)
-            rows = index.tolist()
-        tokens = picked.tolist()
-        owner = {}
-        for window in self._windows:
+        tokens = iter(picked.tolist())
+        for window in windows:
             for j in range(window.group):
-                owner[window.row + j] = (window, j)
-        for k, row in enumerate(rows):
-            window, j = owner[row]
-            if ended_rows[k] or window.ended[j]:
-                continue
-            if tokens[k] == eot:
-                window.ended[j] = True
-            else:
-                window.histories[j].append(tokens[k])
+                token = next(tokens)
+                if window.ended[j]:
+                    continue  # ended before this step: its eot repeats, nothing to keep
+                if token == eot:
+                    window.ended[j] = True
+                else:
+                    window.histories[j].append(token)
 
     def _finish(self, window: _Window) -> None:
         """The window's result, back to its source; its rows leave at the end of the step."""

@@ -276,7 +276,7 @@ class Session:
                 self._complete()
             return None
         self._in_flight += 1
-        self.bar  # shown from the first window on  # noqa: B018
+        self._progress_bar()  # shown from the first window on
         return self._job(window)
 
     def _job(self, window: _Window, features: torch.Tensor | None = None) -> WindowJob:
@@ -487,8 +487,7 @@ class Session:
             if self.on_segment is not None:
                 self.on_segment(segment)
 
-    @property
-    def bar(self) -> tqdm:
+    def _progress_bar(self) -> tqdm:
         """The progress bar (verbose=False), made when decoding starts, so that sessions
         prepared ahead print nothing before their turn."""
         if getattr(self, "_bar", None) is None:
@@ -498,7 +497,7 @@ class Session:
         return self._bar
 
     def _progress(self, done: int, total: int, step: int) -> None:
-        self.bar.update(step)
+        self._progress_bar().update(step)
         if self.progress_callback is not None:
             self.progress_callback(done, total)
 
@@ -645,7 +644,7 @@ class SequentialSession(Session):
         self.all_tokens = list(state["all_tokens"])
         self.prompt_reset_since = state["prompt_reset_since"]
         self.last_speech = state["last_speech"]
-        self.bar.update(min(self.seek, self.content_frames))
+        self._progress_bar().update(min(self.seek, self.content_frames))
 
 
 class PlannedSession(Session):
@@ -770,7 +769,7 @@ class PlannedSession(Session):
                 self._ready, (segment["start"], segment["end"], next(self._counter), segment)
             )
         self.done_frames = state["done_frames"]
-        self.bar.update(self.done_frames)
+        self._progress_bar().update(self.done_frames)
 
 
 def split_segments(
