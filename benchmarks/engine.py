@@ -6,6 +6,8 @@ checkout against the same measurement of a baseline revision where it has one:
 - `per-file`: one `transcribe` call per file of the dev set (16 English + 6 Mandarin);
 - `many-1`: all files in one `transcribe_many` call, one at a time (no batching);
 - `many-8`: all files in one call, 8 side by side, each with its own prompt;
+- `many-8-cut`: the same, each file as `--batch_size 8` decodes it alone (a long file cut
+  at pauses into windows decoded side by side): what `susurrus FILES... --batch_size 8` does;
 - `queued-64`: 64 recordings (the dev set repeated) queued at 8 side by side: memory is
   bounded by the slots, not the queue (`one`: a single recording, for scale);
 - `arrivals`: a recording started every 0.5 s from its own thread on a shared engine,
@@ -75,8 +77,12 @@ def worker(spec: dict) -> dict:
             result = model.transcribe(path, language=language, **options, **batch)
             texts[path] = result["text"]
             tokens += sum(len(s["tokens"]) for s in result["segments"])
-    elif kind in ("many-1", "many-8", "queued-64"):
+    elif kind in ("many-1", "many-8", "many-8-cut", "queued-64"):
         width = 1 if kind == "many-1" else 8
+        if kind == "many-8-cut":
+            # As `susurrus FILES... --batch_size 8`: each file as it would be alone with
+            # --batch_size 8 (a long one cut into windows decoded side by side).
+            options = {**options, "batch_size": 8}
         # One language for all: the English-only set, or per-file languages via groups.
         by_language: dict[str, list[str]] = {}
         for path, language, _ in files:
@@ -191,7 +197,7 @@ def main() -> int:
     parser.add_argument("--baseline", default=None, help="git revision to compare with")
     parser.add_argument(
         "--kinds",
-        default="per-file,many-1,many-8,arrivals,one,queued-64,long-seq,long-b8",
+        default="per-file,many-1,many-8,many-8-cut,arrivals,one,queued-64,long-seq,long-b8",
     )
     args = parser.parse_args()
     if args.worker:
@@ -222,7 +228,7 @@ def main() -> int:
                 elif kind.startswith("long"):
                     chosen = [long]
                 for name, tree in trees.items():
-                    new_api = kind in ("many-1", "many-8", "queued-64", "arrivals")
+                    new_api = kind in ("many-1", "many-8", "many-8-cut", "queued-64", "arrivals")
                     if name == "baseline" and new_api:
                         continue  # the baseline has no engine
                     spec = {
@@ -288,7 +294,7 @@ def report(rows: list[dict], args) -> None:
             None,
         )
         same = "–"
-        if reference and row["kind"] in ("per-file", "many-1", "many-8", "arrivals"):
+        if reference and row["kind"] in ("per-file", "many-1", "many-8", "many-8-cut", "arrivals"):
             agree = sum(row["texts"][p] == reference["texts"][p] for p in reference["texts"])
             same = f"{agree}/{len(reference['texts'])}"
         print(

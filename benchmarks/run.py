@@ -9,6 +9,7 @@ measured and how.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import difflib
@@ -200,6 +201,20 @@ def run_worker(python: str, argv: list[str], env: dict[str, str], timeout: float
     out = json.loads(lines[-1])
     out["process_s"] = time.perf_counter() - start
     return out
+
+
+@contextlib.contextmanager
+def busy_loops(count: int):
+    """`count` processes spinning on a core each while the block runs, stopped after."""
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
 
 
 def median(values: list[float]) -> float | None:
@@ -427,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", default=platform.node() or "machine")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="busy-loop processes kept running during every run (a machine where another "
+        "program takes cores)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="1 run, tiny.en, jfk + en-long only: a smoke run"
     )
     args = parser.parse_args(argv)
@@ -458,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "runs": runs,
         "loadavg_start": loadavg(),
+        "busy_loops": args.busy,
         "command": " ".join(["benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "python": platform.python_version(),
         "susurrus_source": git_state(),
@@ -503,16 +526,21 @@ def main(argv: list[str] | None = None) -> int:
 
     all_runs: list[dict] = []
     versions: dict[str, str] = {}
+    kernel_choices: dict[tuple[str, str], list[str]] = {}
     for i, (model, setting, run, system, common) in enumerate(jobs, 1):
         label = f"[{i}/{len(jobs)}] {model} {setting} {system} run {run + 1}"
         python = args.our_python if system in OURS else args.peer_python
         try:
-            out = run_worker(python, [system, *common], env, args.timeout)
+            with busy_loops(args.busy):
+                out = run_worker(python, [system, *common], env, args.timeout)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             log(f"{label}: FAILED {exc}")
             skipped.append(f"{model} {setting} {system} run {run + 1}: failed")
             continue
         out["run"] = run
+        if out.get("kernels") and (model, system) not in kernel_choices:
+            kernel_choices[model, system] = out["kernels"]
+            log(f"{model} {system}: kernels chosen here: " + "; ".join(out["kernels"]))
         all_runs.append(out)
         versions[PACKAGES[system]] = out["version"]
         times = ", ".join(
@@ -521,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         log(f"{label}: load {out['load_s']:.2f}s, {times}")
     meta["loadavg_end"] = loadavg()
+    meta["kernels"] = {f"{m} {s}": k for (m, s), k in kernel_choices.items()}
     meta["elapsed_s"] = round(time.time() - started, 1)
     from importlib.metadata import version
 

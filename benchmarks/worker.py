@@ -102,6 +102,12 @@ class Susurrus:
         if batch_size is not None:
             self.options["batch_size"] = batch_size
         self.version = susurrus.__version__
+        try:  # the matrix-product kernels measured on this machine (kernels.py)
+            from susurrus import kernels
+
+            self.kernels = kernels.table_for(self.model).describe()
+        except ImportError:  # an older susurrus (a baseline revision)
+            self.kernels = None
 
     def __call__(self, audio: np.ndarray, language: str) -> dict:
         result = self.susurrus.transcribe(self.model, audio, language=language, **self.options)
@@ -227,6 +233,7 @@ def run_system(argv: list[str]) -> dict:
     return {
         "system": args.system,
         "version": system.version,
+        "kernels": getattr(system, "kernels", None),
         "model": args.model,
         "setting": args.setting,
         "threads": args.threads,

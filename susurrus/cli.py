@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_optional(int),
         default=0,
-        help="CPU threads for torch; 0 leaves torch's default",
+        help="CPU threads for torch; 0 (default): every core, and decoding steps measure "
+        "as they run whether one thread is faster (a busy machine)",
     )
 
     g = parser.add_argument_group("input and output")
@@ -195,10 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch_size",
         type=_optional(int),
         default=None,
-        help="with several files: decode this many files side by side, each exactly as "
-        "alone; with one file: decode this many 30-second windows at once, cut at pauses "
-        "beforehand, each without the previous one's text as prompt "
-        "(default: one window after another, as whisper)",
+        help="decode this many 30-second windows at once, cut at pauses beforehand, each "
+        "without the previous one's text as prompt; with several files, windows of that "
+        "many files at once, each file as alone (default: one window after another, as "
+        "whisper)",
     )
     _add_bool(
         g,
@@ -436,11 +437,10 @@ def transcribe_main(argv: list[str]) -> int:
     resume = args.pop("resume")
     many = len(paths) > 1
     try:
-        # One file: batch_size cuts it into windows decoded side by side; several files:
-        # that many files decode side by side, each as it would alone.
-        options = TranscribeOptions.create(
-            temperature=temperature, batch_size=None if many else batch_size, **args
-        )
+        # batch_size cuts each file into windows decoded side by side (a file of up to
+        # 30 s is one window); several files also decode that many at a time. Each file
+        # gets what it gets alone with the same flags, whatever else is in the command.
+        options = TranscribeOptions.create(temperature=temperature, batch_size=batch_size, **args)
     except ValueError as exc:
         _error(str(exc))
         return 2
@@ -474,6 +474,7 @@ def transcribe_main(argv: list[str]) -> int:
         options=options,
         read=read,
         state_path=state_path if resume else None,
+        threads=threads or None,
         # Segments of files decoded side by side would interleave: printed per file.
         verbose=verbose if not (many and batch_size) else None,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import ct2, hf
+from . import ct2, hf, kernels
 from .download import _MODELS, alignment_heads_for, available_models, download_model
 from .errors import SusurrusError
 from .model import ModelDimensions, Whisper
@@ -206,6 +206,8 @@ def load_model(
     model = model.to(device=device, dtype=dtype or plan.dtype).eval()
     if encoder_dtype is not None:
         model.encoder.set_layer_dtype(encoder_dtype)
+    if device.type == "cpu":
+        kernels.tune(model)
     _release_free_memory()
     return model
 

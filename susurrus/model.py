@@ -9,6 +9,7 @@ once per window rather than once per token.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +242,9 @@ class TextDecoder(nn.Module):
             ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)
         )
         self.ln = LayerNorm(n_state)
+        # The output projection's product, (hidden, weight) -> logits; a kernel chosen by
+        # measurement on the CPU can take the place of the plain matmul (see kernels.py).
+        self.project: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def new_cache(self, batch_size: int, n_ctx: int | None = None) -> KVCache:
         n_ctx = n_ctx or self.positional_embedding.shape[0]
@@ -297,7 +301,10 @@ class TextDecoder(nn.Module):
         """Output projection tied to the token embedding, in float32."""
         if hasattr(self.token_embedding, "logits"):  # int8 (see quantize.py)
             return self.token_embedding.logits(hidden).float()
-        return (hidden @ self.token_embedding.weight.to(hidden.dtype).T).float()
+        weight = self.token_embedding.weight
+        if self.project is not None:
+            return self.project(hidden, weight).float()
+        return (hidden @ weight.to(hidden.dtype).T).float()
 
 
 class Whisper(nn.Module):

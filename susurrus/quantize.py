@@ -132,10 +132,11 @@ def _has_vnni() -> bool:
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights (per-row scales) and a float bias.
 
-    On the CPU the activations are quantized on the fly too: per row (per audio frame,
-    per prompt position) for inputs of several positions, since one scale for them all
-    would crush the quiet ones, and per call through FBGEMM's fused kernel for the
-    decoder's one new token per row per step.
+    On the CPU the activations are quantized on the fly too, always per row (per audio
+    frame, per prompt position, per decoding row), since one scale for them all would
+    crush the quiet ones and tie each row's result to its neighbours: a product of many
+    rows in int8 matrix products, the decoder's one new token per row per step through
+    FBGEMM's fused kernel.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
@@ -178,8 +179,8 @@ class Int8Linear(nn.Module):
             qweight = torch._make_per_channel_quantized_tensor(
                 self.weight_int8, self.scale.double(), zero, 0
             )
-            bias = None if self.bias is None else self.bias.float()
-            return torch.ops.quantized.linear_prepack(qweight, bias)
+            # The bias is added after the rows' scales are undone (_per_row_fused).
+            return torch.ops.quantized.linear_prepack(qweight, None)
 
     def _per_row(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -192,19 +193,44 @@ class Int8Linear(nn.Module):
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def _per_row_fused(self, x: Tensor) -> Tensor:
+        """Each row quantized on its own scale, through FBGEMM's fused kernel.
+
+        FBGEMM quantizes all rows of a call with one scale, taken from their joint range:
+        a window's numbers would then depend on the windows decoded beside it (another
+        user's audio, on a server). So each row is first divided by its own largest
+        magnitude, and a row holding +1 and -1 pins the joint range to [-1, 1] whatever
+        the rows: every row's rounding depends on that row alone, alone or in a batch.
+        """
+        rows = x.reshape(-1, x.shape[-1])
+        top = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)
+        pinned = torch.cat([rows / top, self._pin(x.shape[-1])])
+        # Without VNNI the u8 x s8 pair sums saturate at 16 bits unless the activations
+        # keep to 7 bits (reduce_range), which costs accuracy: about 1 WER point on base.
+        out = torch.ops.quantized.linear_dynamic(pinned, self._packed, not _has_vnni())
+        out = out[:-1].mul_(top)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    @functools.cache
+    def _pin(features: int) -> Tensor:
+        pin = torch.zeros(1, features)
+        pin[0, 0], pin[0, 1] = 1.0, -1.0
+        return pin
+
     def forward(self, x: Tensor) -> Tensor:
         if _fbgemm_available(x.device) and x.dtype == torch.float32:
             # Several positions per sequence (audio frames, a prompt) differ widely in scale:
             # the first position's outliers, or left padding, would crush the others under
-            # one shared scale. One new token per row (a decoding step) shares FBGEMM's.
+            # one shared scale.
             several = x.dim() > 2 and x.shape[-2] > 1
             if several or x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
                 return self._per_row(x)
             if self._packed is None:
                 self._packed = self._pack()
-            # Without VNNI the u8 x s8 pair sums saturate at 16 bits unless the activations
-            # keep to 7 bits (reduce_range), which costs accuracy: about 1 WER point on base.
-            return torch.ops.quantized.linear_dynamic(x, self._packed, not _has_vnni())
+            return self._per_row_fused(x)
         # The product in float32: a row's scale can be a float16 subnormal.
         weight = (self.weight_int8.float() * self.scale[:, None]).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -293,6 +293,7 @@ def transcribe_many(
     options: TranscribeOptions | None = None,
     read: Callable[[Any], Any] | None = None,
     state_path: Callable[[Any], str | os.PathLike] | None = None,
+    threads: int | None = None,
     **kwargs: Any,
 ) -> Iterator[tuple[Any, dict | Exception]]:
     """Transcribe many recordings, up to `batch_size` side by side on one engine, each as
@@ -304,12 +305,13 @@ def transcribe_many(
     others go on). Keyword arguments are `transcribe`'s options (or `options`). `read`
     turns an item of `audios` into what a session reads (default: the item itself, a path
     or samples); `state_path(item)` names a file to save and resume its progress in.
+    `threads` fixes the decoding steps' CPU threads (default: measured, see Engine).
     """
     options = options or TranscribeOptions.create(**kwargs)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model = _full_precision(model, options)
-    engine = engine or Engine(model, max_batch=batch_size)
+    engine = engine or Engine(model, max_batch=batch_size, threads=threads)
     results: queue.Queue = queue.Queue()
 
     def make(audio: Any) -> Session:

@@ -219,6 +219,37 @@ def outputs(directory) -> dict[str, str]:
     }
 
 
+def test_several_files_with_batch_size_get_what_each_gets_alone(tmp_path):
+    """`susurrus A B C --batch_size 3`: the windows of all three share steps, and each
+    file's outputs are those of `susurrus FILE --batch_size 3` (the long one cut)."""
+    files = [str(AUDIO / LONG), str(AUDIO / "jfk.flac"), str(AUDIO / SHORT[0])]
+    together = tmp_path / "together"
+    proc = run_cli(*files, *CLI, "--batch_size", "3", "-o", str(together))
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    alone: dict[str, str] = {}
+    for i, path in enumerate(files):
+        out = tmp_path / f"alone{i}"
+        proc = run_cli(path, *CLI, "--batch_size", "3", "-o", str(out))
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()
+        alone.update(outputs(out))
+    got = outputs(together)
+    assert len(alone) == 5 * len(files) and set(got) == set(alone)
+    for name, text in alone.items():
+        if not name.endswith(".json"):
+            assert got[name] == text, name  # txt, srt, vtt, tsv: identical
+            continue
+        # The same tokens; the float32 sums of a step over several rows may round
+        # differently in the last digits of a log-probability.
+        mine, theirs = json.loads(got[name]), json.loads(text)
+        assert mine["text"] == theirs["text"]
+        for a, b in zip(mine["segments"], theirs["segments"], strict=True):
+            assert a["tokens"] == b["tokens"]
+            assert (a["start"], a["end"]) == (b["start"], b["end"])
+            assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], abs=1e-4)
+    text = alone[LONG.rsplit(".", 1)[0] + ".txt"].lower()
+    assert "in the only sense with which we are at present concerned" in text
+
+
 def test_kill_9_then_resume_gives_the_uninterrupted_outputs(tmp_path):
     audio = str(AUDIO / LONG)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"

@@ -33,6 +33,7 @@ from ..model import Whisper
 from ..tokenizer import Tokenizer, get_tokenizer
 from .search import BeamSearch, RowRules, max_initial_index, rank, suppress_tokens
 from .step import RowTable, Run, decoder_step
+from .threads import ThreadPolicy
 
 if TYPE_CHECKING:
     from ..graphs import StaticStep
@@ -138,11 +139,17 @@ class Engine:
     """Decodes windows of any number of recordings on one model, `max_batch` at a time."""
 
     def __init__(
-        self, model: Whisper, *, max_batch: int = 8, static_steps: bool | None = None
+        self,
+        model: Whisper,
+        *,
+        max_batch: int = 8,
+        static_steps: bool | None = None,
+        threads: int | None = None,
     ) -> None:
         """`static_steps`: run the step over the whole table with static shapes (see
         graphs.py); by default on a GPU when `model.cuda_graphs`, where it is captured as
-        a CUDA graph."""
+        a CUDA graph. `threads`: CPU threads of each decoding step; by default the faster
+        of one and torch's count, measured as the steps run (see threads.py)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
@@ -166,6 +173,8 @@ class Engine:
         # slows both many times over (their thread pools fight for the same cores).
         self._compute = threading.RLock()
         self._preparing = 0  # threads waiting for `exclusive`: the driver lets them in first
+        # On a GPU there is nothing to choose: the device does the work.
+        self.threads = ThreadPolicy(fixed=threads, active=model.device.type == "cpu")
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 
@@ -294,9 +303,10 @@ class Engine:
         admitted = self._admit()
         if not self._windows:
             return admitted  # language detection alone is work done too
-        logits = self._logits()
-        self._rules.apply(logits)
-        self._choose(logits)
+        with self.threads.step():
+            logits = self._logits()
+            self._rules.apply(logits)
+            self._choose(logits)
         self._compact()
         return True
 

@@ -1,0 +1,145 @@
+"""Matrix-product kernels chosen by measurement (kernels.py): the choice, its cache, and
+float32 parity with every candidate forced."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from susurrus import kernels, load_model
+
+from .conftest import requires_shared
+from .test_transcribe import check_parity, run_parity
+
+
+def test_choice_follows_recorded_timings():
+    # Timings recorded on two machines (ms): an AMD EPYC Zen 4, where oneDNN beats MKL's
+    # F.linear on one row of the output projection and `weight @ x.T` wins on five rows,
+    # and a Sapphire Rapids Xeon, where F.linear is best for the small layers.
+    amd_one_row = {"linear": 9.7, "onednn": 4.1, "weight_first": 9.8}
+    amd_five_rows = {"linear": 18.6, "onednn": 7.0, "weight_first": 5.1}
+    intel_small = {"linear": 0.012, "onednn": 0.019, "weight_first": 0.016}
+    assert kernels.choose(amd_one_row) == "onednn"
+    assert kernels.choose(amd_five_rows) == "weight_first"
+    assert kernels.choose(intel_small) == "linear"
+    # Within 5% of the reference's own path is noise: keep F.linear.
+    assert kernels.choose({"linear": 1.04, "onednn": 1.0}) == "linear"
+    assert kernels.choose({"onednn": 2.0, "weight_first": 1.0}) == "weight_first"
+
+
+def test_bucket_for_rows():
+    one, two, three = kernels.CANDIDATES.values()
+    pairs = ((1, one), (8, two), (32, three))
+    assert kernels.pick(pairs, 1) is one
+    assert kernels.pick(pairs, 5) is two
+    assert kernels.pick(pairs, 8) is two
+    assert kernels.pick(pairs, 40) is three  # beyond the largest bucket: its choice
+
+
+@pytest.mark.parametrize("name", list(kernels.CANDIDATES))
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_every_candidate_computes_the_same_product(name, rows):
+    torch.manual_seed(rows)
+    linear = nn.Linear(384, 1536)
+    x = torch.randn(rows, 1, 384)
+    expected = F.linear(x, linear.weight, linear.bias)
+    got = kernels.CANDIDATES[name](x, linear.weight, linear.bias)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _fresh(monkeypatch):
+    # A new process as far as the choices go: nothing remembered in memory.
+    monkeypatch.setattr(kernels, "_tables", {})
+
+
+def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
+    _fresh(monkeypatch)
+    path = tmp_path / "kernels.json"
+    table = kernels.table_for(tiny_en, path)
+    data = json.loads(path.read_text())
+    entry = data["machines"][kernels.machine_key()]
+    # Every product shape of tiny.en (384 wide, 1536 in the MLP, 51864 tokens) is there,
+    # with the decoder's layers timed together in whole steps, each bucket with a known
+    # kernel.
+    assert set(entry) == {
+        "float32:384x384",
+        "float32:1536x384",
+        "float32:384x1536",
+        "projection:float32:51864x384",
+        f"decoder:float32:384x{len(kernels._decoder_layers(tiny_en)[1])}",
+    }
+    assert set(entry["float32:384x384"]) == {"1", "4", "8", "32", "1500"}
+    for buckets in entry.values():
+        assert set(buckets.values()) <= set(kernels.CANDIDATES)
+    assert entry == table.choices
+    # Each choice is the measured minimum (or F.linear within 5% of it).
+    for key, buckets in table.timings.items():
+        for rows, found in buckets.items():
+            assert entry[key][rows] == kernels.choose(found)
+
+    # The next process reads the file and measures nothing.
+    _fresh(monkeypatch)
+
+    def measure(*args, **kwargs):
+        raise AssertionError("measured again despite a valid cache")
+
+    monkeypatch.setattr(kernels.KernelTable, "measure", measure)
+    again = kernels.table_for(tiny_en, path)
+    assert again.choices == entry
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        json.dumps({"format": 0, "machines": {}}),
+        "stale",  # the right key with a kernel this version does not know
+    ],
+)
+def test_a_corrupt_or_stale_cache_is_ignored_and_measured_again(
+    tiny_en, tmp_path, monkeypatch, caplog, content
+):
+    _fresh(monkeypatch)
+    path = tmp_path / "kernels.json"
+    if content == "stale":
+        content = json.dumps(
+            {"format": kernels.FORMAT, "machines": {kernels.machine_key(): {"x": {"1": "turbo"}}}}
+        )
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="susurrus.kernels"):
+        table = kernels.table_for(tiny_en, path)
+    if content.startswith("{not"):
+        assert "ignoring the kernel cache" in caplog.text
+    elif "turbo" in content:
+        assert "stale" in caplog.text
+    assert "float32:384x384" in table.choices
+    data = json.loads(path.read_text())
+    assert data["format"] == kernels.FORMAT
+    assert data["machines"][kernels.machine_key()] == table.choices
+
+
+def test_the_loaded_model_uses_its_choices(tiny_en):
+    layer = tiny_en.decoder.blocks[0].mlp[0]
+    assert isinstance(layer, kernels.TunedLinear)
+    assert isinstance(tiny_en.decoder.project, kernels.TunedProjection)
+    x = torch.randn(3, 1, layer.in_features)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@requires_shared
+@pytest.mark.parametrize("name", list(kernels.CANDIDATES))
+def test_float32_parity_with_each_kernel_forced(name, monkeypatch):
+    """Token for token with the reference whichever kernel every product takes."""
+    monkeypatch.setenv(kernels.ENV_FORCE, name)
+    model = load_model("tiny.en", device="cpu")
+    assert model.decoder.blocks[0].mlp[0].kernel_choices[torch.float32][0][1] is (
+        kernels.CANDIDATES[name]
+    )
+    for setting in ("greedy", "beam5"):
+        check_parity(*run_parity(model, "tiny.en", setting))

@@ -1,0 +1,79 @@
+"""The decoding steps' thread policy (engine/threads.py): its choices from step times,
+and that it never leaves the caller's thread count changed."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from susurrus.engine import Engine
+from susurrus.engine.threads import ThreadPolicy
+
+from .conftest import AUDIO, requires_shared
+
+
+def _feed(policy: ThreadPolicy, seconds_for: dict[int, float], steps: int) -> list[int]:
+    """Run `steps` steps whose duration depends on the thread count in use (as recorded
+    on a 2-core machine); the counts used, step by step."""
+    used = []
+    for _ in range(steps):
+        policy._start()
+        count = policy._trying or policy.current
+        used.append(count)
+        policy._record(seconds_for[count])
+    return used
+
+
+def test_a_busy_machine_moves_steps_to_one_thread_and_back():
+    # Step times of base, auto, measured on a 2-core AMD EPYC: idle 2 threads 9 ms and
+    # 1 thread 13 ms; with a busy loop on one core, 2 threads 60 ms and 1 thread 14 ms.
+    policy = ThreadPolicy(max_threads=2)
+    idle = {2: 0.009, 1: 0.013}
+    busy = {2: 0.060, 1: 0.014}
+    used = _feed(policy, idle, 40)
+    assert policy.current == 2  # tried one thread once, kept two
+    assert used.count(1) == ThreadPolicy.PROBE_STEPS
+    used = _feed(policy, busy, 2 * ThreadPolicy.PROBE_EVERY)
+    assert policy.current == 1
+    # Switched at the first comparison: most steps of the busy period ran on one thread.
+    assert used.count(1) > 1.5 * ThreadPolicy.PROBE_EVERY
+    _feed(policy, idle, 2 * ThreadPolicy.PROBE_EVERY + 2 * ThreadPolicy.PROBE_STEPS)
+    assert policy.current == 2  # the load went away: back to both cores
+    assert policy.switches == 2
+
+
+def test_a_small_difference_does_not_switch():
+    policy = ThreadPolicy(max_threads=2)
+    _feed(policy, {2: 0.010, 1: 0.0095}, 3 * ThreadPolicy.PROBE_EVERY)
+    assert policy.current == 2 and policy.switches == 0
+
+
+def test_fixed_threads_are_never_measured():
+    policy = ThreadPolicy(fixed=1, max_threads=2)
+    used = _feed(policy, {2: 0.001, 1: 1.0}, 50)
+    assert set(used) == {1} and policy.switches == 0
+
+
+@requires_shared
+def test_steps_leave_the_callers_thread_count_alone(tiny_en):
+    from susurrus import load_audio
+
+    audio = load_audio(str(AUDIO / "jfk.flac"))
+    counts = {}
+
+    def run(name: str, engine_threads: int | None, own: int) -> None:
+        torch.set_num_threads(own)  # OpenMP counts are per thread
+        engine = Engine(tiny_en, max_batch=1, threads=engine_threads)
+        result = engine.transcribe(audio, language="en")
+        counts[name] = (torch.get_num_threads(), result["text"], engine.threads.current)
+
+    for name, engine_threads, own in (("fixed", 1, 2), ("measured", None, 2)):
+        t = threading.Thread(target=run, args=(name, engine_threads, own))
+        t.start()
+        t.join()
+    fixed, measured = counts["fixed"], counts["measured"]
+    assert fixed[0] == 2 and measured[0] == 2
+    assert fixed[2] == 1 and measured[2] in (1, 2)
+    assert "ask not what your country can do for you" in fixed[1]
+    assert fixed[1] == measured[1]
