@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..errors import SusurrusError
+from .worker import WorkerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,41 +64,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str]) -> int:
-    from ..cli import _error, _stderr, parse_request
+def make_config(argv: list[str]) -> tuple[list[str], WorkerConfig, dict]:
+    """The command line as (inputs, the workers' configuration, the run's own options:
+    workers, ray, gpus_per_worker, retries). Usage errors exit through argparse; wrong
+    values raise SusurrusError or ValueError."""
+    from ..cli import parse_request
     from ..options import TranscribeOptions
-    from .runner import run_batch
-    from .worker import WorkerConfig
 
     parser = build_parser()
+    request = parse_request(parser, argv)
+    extra = {name: request["options"].pop(name)
+             for name in ("workers", "ray", "gpus_per_worker", "retries")}
+    if extra["workers"] is not None and extra["workers"] < 1:
+        raise SusurrusError(f"--workers must be at least 1, got {extra['workers']}")
+    if extra["retries"] < 0:
+        raise SusurrusError(f"--retries must be 0 or more, got {extra['retries']}")
+    if extra["gpus_per_worker"] < 0:
+        raise SusurrusError("--gpus-per-worker must be 0 or more")
+    # Files side by side are the batch here; each file is decoded as it would be alone.
+    options = TranscribeOptions.create(batch_size=None, **request["options"])
+    config = WorkerConfig(
+        output_dir=os.path.abspath(request["output_dir"]),
+        model=request["model"],
+        model_dir=request["model_dir"],
+        device=request["device"],
+        compute_type=request["compute_type"],
+        threads=request["threads"] or 0,
+        options=options,
+        batch_size=request["batch_size"] or 1,
+        output_format=request["output_format"],
+        writer_options=tuple(sorted(request["writer_options"].items())),
+        audio_stream=request["audio_stream"],
+    )
+    return request["audio"], config, extra
+
+
+def main(argv: list[str]) -> int:
+    from ..cli import _error, _stderr
+    from .runner import run_batch
+
     try:
-        request = parse_request(parser, argv)
-        extra = vars(parser.parse_args(argv))
-        if extra["workers"] is not None and extra["workers"] < 1:
-            raise SusurrusError(f"--workers must be at least 1, got {extra['workers']}")
-        if extra["retries"] < 0:
-            raise SusurrusError(f"--retries must be 0 or more, got {extra['retries']}")
-        if extra["gpus_per_worker"] < 0:
-            raise SusurrusError("--gpus-per-worker must be 0 or more")
-        for name in ("workers", "ray", "gpus_per_worker", "retries"):
-            request["options"].pop(name)
-        # Files side by side are the batch here; each file is decoded as it would be alone.
-        options = TranscribeOptions.create(batch_size=None, **request["options"])
-        config = WorkerConfig(
-            output_dir=os.path.abspath(request["output_dir"]),
-            model=request["model"],
-            model_dir=request["model_dir"],
-            device=request["device"],
-            compute_type=request["compute_type"],
-            threads=request["threads"] or 0,
-            options=options,
-            batch_size=request["batch_size"] or 1,
-            output_format=request["output_format"],
-            writer_options=tuple(sorted(request["writer_options"].items())),
-            audio_stream=request["audio_stream"],
-        )
+        inputs, config, extra = make_config(argv)
         summary = run_batch(
-            request["audio"],
+            inputs,
             config,
             workers=extra["workers"],
             ray=extra["ray"] is not None,

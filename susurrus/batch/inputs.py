@@ -134,12 +134,16 @@ def discover(inputs: list[str], output_dir: str | None = None) -> list[Item]:
         else:
             raise SusurrusError(f"{given}: no such file or folder")
 
-    seen: set[str] = set()
-    unique = []
+    first: dict[str, int] = {}
+    unique: list[tuple[str, str, str | None]] = []
     for path, root, language in found:
-        if path not in seen:
-            seen.add(path)
+        if path not in first:
+            first[path] = len(unique)
             unique.append((path, root, language))
+        elif language is not None:
+            # Named twice (a folder and a manifest): the manifest's language holds.
+            kept = unique[first[path]]
+            unique[first[path]] = (kept[0], kept[1], language)
     if not unique:
         return []
     common = os.path.commonpath([root for _, root, _ in unique])

@@ -40,7 +40,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> Any:
             "--ray needs Ray: pip install 'susurrus[ray]' (or pip install ray)"
         ) from None
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+        }
         if address:
             kwargs["address"] = address
         elif num_cpus:
