@@ -93,7 +93,7 @@ class TreeMemory:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        workers = [kb for pid, (kb, cmd) in self.peaks.items() if "multiprocessing" in cmd]
+        workers = [kb for pid, (kb, cmd) in self.peaks.items() if "spawn_main" in cmd]
         pythons = [kb for pid, (kb, cmd) in self.peaks.items()
                    if "susurrus" in cmd and "multiprocessing" not in cmd]
         return {

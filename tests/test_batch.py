@@ -152,6 +152,12 @@ def test_bad_manifest_and_missing_input_are_one_line_errors(tmp_path):
         assert proc.returncode == 2
         assert proc.stderr.startswith("susurrus: error: ") and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    (tmp_path / "in").mkdir()
+    shutil.copy(AUDIO / "jfk.flac", tmp_path / "in")
+    proc = command("batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "nope")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("susurrus: error: a worker could not start: ") and "nope" in last
 
 
 def test_local_workers_archive_then_rerun_rewrites_nothing(archive, plain, tmp_path):

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,7 @@ class LocalPool:
             todo.sort(key=lambda item: (-item.size, item.id))
 
         finished = False
+        next_check = 0.0
         for _ in range(min(self.workers, len(pending))):
             spawn()
         try:
@@ -148,11 +150,12 @@ class LocalPool:
                         item = todo.pop(0)
                         slot.held[item.id] = item
                         slot.inbox.put(item)
-                try:
+                with contextlib.suppress(queue.Empty):
                     handle(outbox.get(timeout=0.5))
+                if time.monotonic() < next_check:
                     continue
-                except queue.Empty:
-                    pass
+                # Every half second, even while messages keep coming: who died?
+                next_check = time.monotonic() + 0.5
                 for slot in list(slots.values()):
                     if not slot.process.is_alive():
                         # What it reported before dying is read first.
