@@ -8,11 +8,12 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
-import queue
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..errors import SusurrusError
@@ -22,43 +23,58 @@ from .worker import Worker, WorkerConfig, one_line
 log = logging.getLogger("susurrus")
 
 
-def _worker_main(config: WorkerConfig, label: str, inbox: Any, outbox: Any) -> None:
-    """A worker process: load the model, then transcribe what arrives in `inbox` until
-    None (or until the coordinator is gone), reporting on `outbox`."""
+def _worker_main(config: WorkerConfig, label: str, conn: Connection) -> None:
+    """A worker process: load the model, then transcribe the items that arrive on `conn`
+    until None (or until the coordinator is gone), reporting on the same pipe.
+
+    Each worker has a pipe of its own: a worker killed in the middle of a message can
+    only break its own pipe (a queue shared by all would keep its lock forever)."""
     # Ctrl-C reaches the whole process group: the coordinator alone decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
+    sending = threading.Lock()  # the reading thread and this one both report
+
+    def send(message: tuple) -> None:
+        with sending:
+            conn.send(message)
+
     try:
         worker = Worker(config, label)
     except BaseException as exc:
-        outbox.put(("fatal", label, one_line(exc)))
+        send(("fatal", one_line(exc)))
         return
-    outbox.put(("ready", label, os.getpid()))
+    send(("ready", os.getpid()))
 
     def items():
         while True:
             try:
-                item = inbox.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent:
-                    return  # orphaned: nobody would read what it writes
-                continue
+                if not conn.poll(1.0):
+                    if os.getppid() != parent:
+                        return  # orphaned: nobody would read what it writes
+                    continue
+                item = conn.recv()
+            except (EOFError, OSError):
+                return  # the coordinator is gone
             if item is None:
                 return
-            outbox.put(("start", label, item.id))
+            send(("start", item.id))
             yield item
 
-    for record in worker.process(items()):
-        outbox.put(("done", label, record))
+    try:
+        for record in worker.process(items()):
+            send(("done", record))
+    except (BrokenPipeError, EOFError):
+        pass  # the coordinator is gone: nobody to report to
 
 
 @dataclass
 class _Slot:
     label: str
     process: Any
-    inbox: Any
+    conn: Connection
     pid: int | None = None
     ready: bool = False
+    closed: bool = False
     held: dict[int, Item] = field(default_factory=dict)
 
 
@@ -80,7 +96,6 @@ class LocalPool:
         on_start: Callable[[dict], None] | None = None,
     ) -> None:
         ctx = mp.get_context("spawn")
-        outbox = ctx.Queue()
         slots: dict[str, _Slot] = {}
         todo = list(pending)  # largest first; retried files go back in order
         left = len(pending)
@@ -92,20 +107,19 @@ class LocalPool:
             nonlocal spawned
             label = f"local-{spawned}"
             spawned += 1
-            inbox = ctx.Queue()
+            ours, theirs = ctx.Pipe(duplex=True)
             process = ctx.Process(
-                target=_worker_main, args=(self.config, label, inbox, outbox), daemon=True,
+                target=_worker_main, args=(self.config, label, theirs), daemon=True,
                 name=f"susurrus-{label}",
             )
             process.start()
-            slots[label] = _Slot(label, process, inbox)
+            theirs.close()  # so that the worker's death reads as the end of the pipe
+            slots[label] = _Slot(label, process, ours)
 
-        def handle(message: tuple) -> None:
+        def handle(slot: _Slot, message: tuple) -> None:
             nonlocal left
-            kind, label, payload = message
-            slot = slots.get(label)
-            if slot is None:
-                return  # from a worker already given up on
+            kind, payload = message
+            label = slot.label
             if kind == "ready":
                 slot.ready, slot.pid = True, payload
             elif kind == "fatal":
@@ -146,24 +160,37 @@ class LocalPool:
         try:
             while left:
                 for slot in slots.values():
-                    while slot.ready and todo and len(slot.held) < self.capacity:
+                    while slot.ready and not slot.closed and todo and (
+                        len(slot.held) < self.capacity
+                    ):
                         item = todo.pop(0)
                         slot.held[item.id] = item
-                        slot.inbox.put(item)
-                with contextlib.suppress(queue.Empty):
-                    handle(outbox.get(timeout=0.5))
+                        try:
+                            slot.conn.send(item)
+                        except OSError:
+                            slot.closed = True  # the worker is dying: its files come back
+                open_slots = {slot.conn: slot for slot in slots.values() if not slot.closed}
+                for conn in wait(list(open_slots), timeout=0.5):
+                    slot = open_slots[conn]
+                    try:
+                        handle(slot, conn.recv())
+                    except (EOFError, OSError):
+                        slot.closed = True
                 if time.monotonic() < next_check:
                     continue
                 # Every half second, even while messages keep coming: who died?
                 next_check = time.monotonic() + 0.5
                 for slot in list(slots.values()):
-                    if not slot.process.is_alive():
+                    if slot.closed or not slot.process.is_alive():
                         # What it reported before dying is read first.
-                        with contextlib.suppress(queue.Empty):
-                            while True:
-                                handle(outbox.get(timeout=0.2))
-                        if slot.label in slots:
-                            bury(slot)
+                        with contextlib.suppress(EOFError, OSError):
+                            while not slot.closed and slot.conn.poll(0.1):
+                                handle(slot, slot.conn.recv())
+                        slot.process.join(timeout=5)
+                        if slot.process.is_alive():
+                            slot.process.kill()  # a broken pipe but alive: of no use
+                            slot.process.join(timeout=5)
+                        bury(slot)
                 held = sum(len(slot.held) for slot in slots.values())
                 while left and len(slots) < min(self.workers, len(todo) + held):
                     if spawned >= spawn_limit:
@@ -175,7 +202,7 @@ class LocalPool:
         finally:
             for slot in slots.values():
                 with contextlib.suppress(Exception):
-                    slot.inbox.put(None)
+                    slot.conn.send(None)
             for slot in slots.values():
                 # Interrupted: the workers' files are unfinished anyway (their progress is
                 # saved after every window), so they stop now.
@@ -183,3 +210,4 @@ class LocalPool:
                 if slot.process.is_alive():
                     slot.process.kill()
                     slot.process.join(timeout=5)
+                slot.conn.close()
