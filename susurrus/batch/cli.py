@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = "files, folders and manifests (.csv, .tsv, .jsonl) to transcribe"
         elif action.dest == "batch_size":
             action.help = "files decoded side by side on each worker's engine"
+        elif action.dest == "threads":
+            action.help = "torch threads per worker; 0: the cores / --workers here, 1 per Ray actor"
         elif action.dest == "resume":
             action.help = argparse.SUPPRESS  # always on: progress is saved per window
         elif action.dest == "verbose":
