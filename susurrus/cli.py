@@ -353,20 +353,20 @@ def probe_main(argv: list[str]) -> int:
     return status
 
 
-def transcribe_main(argv: list[str]) -> int:
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
+def parse_request(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """The command line as checked values: the transcription options as `transcribe()`'s
+    keyword arguments (`options`), the writers' word and cue options (`writer_options`),
+    and the rest by name. Usage errors exit through `parser.error`; an unknown language
+    raises SusurrusError. Shared by the main command and `susurrus batch`."""
     from .tokenizer import language_code
 
-    model_name = args.pop("model")
-    model_dir = args.pop("model_dir")
-    device = args.pop("device")
-    output_dir = args.pop("output_dir")
-    output_format = args.pop("output_format")
-    audio_stream = args.pop("audio_stream")
-
-
-    vad = args["vad"]
+    args = vars(parser.parse_args(argv))
+    request = {
+        name: args.pop(name)
+        for name in ("model", "model_dir", "device", "output_dir", "output_format",
+                     "audio_stream", "audio", "verbose", "batch_size", "resume", "threads",
+                     "compute_type")
+    }
     for option in CUE_OPTIONS:
         value = args[option]
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -388,18 +388,42 @@ def transcribe_main(argv: list[str]) -> int:
         warnings.warn("--max_words_per_line has no effect with --max_line_width", stacklevel=1)
     writer_options = {option: args.pop(option) for option in WORD_OPTIONS}
     writer_options.update(cue_options)
+    request["writer_options"] = writer_options
+
+    if args["language"] is not None:
+        args["language"] = language_code(args["language"])
+    temperature = args.pop("temperature")
+    increment = args.pop("temperature_increment_on_fallback")
+    if increment is not None and increment > 0:
+        temperature = tuple(np.arange(temperature, 1.0 + 1e-6, increment).tolist())
+    args["temperature"] = temperature
+    if request["batch_size"] is not None and request["batch_size"] < 1:
+        raise SusurrusError(f"--batch_size must be at least 1, got {request['batch_size']}")
+    request["options"] = args
+    return request
+
+
+def transcribe_main(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        request = parse_request(parser, argv)
+    except SusurrusError as exc:
+        _error(str(exc))
+        return 2
+    args = request["options"]
+    model_name = request["model"]
+    model_dir = request["model_dir"]
+    device = request["device"]
+    output_dir = request["output_dir"]
+    output_format = request["output_format"]
+    audio_stream = request["audio_stream"]
+    writer_options = request["writer_options"]
+    vad = args["vad"]
+    temperature = args.pop("temperature")
 
     try:
-        if args["language"] is not None:
-            args["language"] = language_code(args["language"])
-        temperature = args.pop("temperature")
-        increment = args.pop("temperature_increment_on_fallback")
-        if increment is not None and increment > 0:
-            temperature = tuple(np.arange(temperature, 1.0 + 1e-6, increment).tolist())
-        if args["batch_size"] is not None and args["batch_size"] < 1:
-            raise SusurrusError(f"--batch_size must be at least 1, got {args['batch_size']}")
-        threads = args.pop("threads")
-        compute_type = args.pop("compute_type")
+        threads = request["threads"]
+        compute_type = request["compute_type"]
 
         import torch
 
@@ -431,10 +455,10 @@ def transcribe_main(argv: list[str]) -> int:
     from .options import TranscribeOptions
     from .transcribe import StateFile, read_recording, recording_is_silent, transcribe_many
 
-    paths = args.pop("audio")
-    verbose = args.pop("verbose")
-    batch_size = args.pop("batch_size")
-    resume = args.pop("resume")
+    paths = request["audio"]
+    verbose = request["verbose"]
+    batch_size = request["batch_size"]
+    resume = request["resume"]
     many = len(paths) > 1
     try:
         # batch_size cuts each file into windows decoded side by side (a file of up to
@@ -524,6 +548,10 @@ def main(argv: list[str] | None = None) -> None:
             from .export import main as export_main
 
             status = export_main(argv[1:])
+        elif argv and argv[0] == "batch" and not os.path.exists("batch"):
+            from .batch.cli import main as batch_main
+
+            status = batch_main(argv[1:])
         else:
             status = transcribe_main(argv)
     except KeyboardInterrupt:

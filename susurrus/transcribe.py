@@ -293,6 +293,7 @@ def transcribe_many(
     options: TranscribeOptions | None = None,
     read: Callable[[Any], Any] | None = None,
     state_path: Callable[[Any], str | os.PathLike] | None = None,
+    options_of: Callable[[Any], TranscribeOptions] | None = None,
     threads: int | None = None,
     **kwargs: Any,
 ) -> Iterator[tuple[Any, dict | Exception]]:
@@ -304,8 +305,10 @@ def transcribe_many(
     `result` is the exception instead for an input that could not be transcribed (the
     others go on). Keyword arguments are `transcribe`'s options (or `options`). `read`
     turns an item of `audios` into what a session reads (default: the item itself, a path
-    or samples); `state_path(item)` names a file to save and resume its progress in.
-    `threads` fixes the decoding steps' CPU threads (default: measured, see Engine).
+    or samples); `state_path(item)` names a file to save and resume its progress in;
+    `options_of(item)` gives an item options of its own (a language per file), which
+    must keep `fp16` as `options` has it. `threads` fixes the decoding steps' CPU
+    threads (default: measured as they run, see Engine).
     """
     options = options or TranscribeOptions.create(**kwargs)
     if batch_size < 1:
@@ -315,14 +318,15 @@ def transcribe_many(
     results: queue.Queue = queue.Queue()
 
     def make(audio: Any) -> Session:
+        own = options if options_of is None else options_of(audio)
         keeper = None
         if state_path is not None:
-            keeper = StateFile(state_path(audio), audio, model, options)
+            keeper = StateFile(state_path(audio), audio, model, own)
         with engine.exclusive():
             session = make_session(
                 model,
                 audio if read is None else read(audio),
-                options,
+                own,
                 verbose=verbose,
                 on_window=None if keeper is None else keeper.save,
             )
