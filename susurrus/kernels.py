@@ -41,6 +41,7 @@ STEP_BUCKETS = (1, 4, 8, 32)
 # for decoding steps they are timed inside whole decoder steps (_measure_decoder).
 ENCODER_BUCKETS = (1500,)
 MEASURE_SECONDS = 0.01  # per candidate and bucket: enough for a stable minimum
+DECODER_ROUNDS = 6  # whole decoder steps timed per candidate and bucket
 COLD_BYTES = 48 << 20  # more than a last-level cache holds (copies of a small weight)
 ENV_FORCE = "SUSURRUS_KERNEL"
 
@@ -93,7 +94,10 @@ def machine_key(threads: int | None = None) -> str:
 
 
 def cache_path() -> Path:
-    # The model cache's own rule ($SUSURRUS_CACHE_DIR, $XDG_CACHE_HOME, ~/.cache).
+    """$SUSURRUS_KERNEL_CACHE, else kernels.json in the model cache's folder
+    ($SUSURRUS_CACHE_DIR, $XDG_CACHE_HOME/susurrus, ~/.cache/susurrus)."""
+    if file := os.environ.get("SUSURRUS_KERNEL_CACHE"):
+        return Path(file).expanduser()
     if root := os.environ.get("SUSURRUS_CACHE_DIR"):
         return Path(root).expanduser() / "kernels.json"
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -105,29 +109,32 @@ def shape_key(dtype: torch.dtype, out_features: int, in_features: int) -> str:
     return f"{str(dtype).removeprefix('torch.')}:{out_features}x{in_features}"
 
 
-def time_candidate(
-    kernel: Kernel, weight: Tensor, bias: Tensor | None, rows: int, seconds: float
-) -> float:
-    """Best time of one product of `rows` rows through `kernel`, in seconds.
+def time_candidates(
+    kernels: dict[str, Kernel], weight: Tensor, bias: Tensor | None, rows: int, seconds: float
+) -> dict[str, float]:
+    """Best time of one product of `rows` rows through each kernel, in seconds.
 
     Decoding reads every weight once per step, long after it left the caches, so the
-    product is timed on copies of the weight that together exceed the last-level cache:
-    timed on one hot copy, the small layers would favour kernels that lose in practice.
+    product is timed on copies of the weight that together exceed the last-level cache.
+    The kernels take turns, so that a burst of other work slows them alike, and each keeps
+    its best time.
     """
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
     size = weight.numel() * weight.element_size()
     copies = [weight] + [weight.clone() for _ in range(max(0, COLD_BYTES // size - 1))]
-    kernel(x, weight, bias)  # first call: the library's own set-up
-    best = float("inf")
+    for kernel in kernels.values():
+        kernel(x, weight, bias)  # first call: the library's own set-up
+    best = dict.fromkeys(kernels, float("inf"))
     spent = 0.0
     runs = 0
-    while runs < 3 or (spent < seconds and runs < 50):
+    while runs < 3 or (spent < seconds * len(kernels) and runs < 50):
         w = copies[runs % len(copies)]
-        start = time.perf_counter()
-        kernel(x, w, bias)
-        took = time.perf_counter() - start
-        best = min(best, took)
-        spent += took
+        for name, kernel in kernels.items():
+            start = time.perf_counter()
+            kernel(x, w, bias)
+            took = time.perf_counter() - start
+            best[name] = min(best[name], took)
+            spent += took
         runs += 1
     return best
 
@@ -167,12 +174,11 @@ class KernelTable:
         entry: dict[str, str] = {}
         timings: dict[str, dict[str, float]] = {}
         with torch.inference_mode():
+            usable = {
+                name: kernel for name, kernel in CANDIDATES.items() if _usable(name, weight.dtype)
+            }
             for rows in buckets:
-                found = {
-                    name: time_candidate(kernel, weight, bias, rows, seconds)
-                    for name, kernel in CANDIDATES.items()
-                    if _usable(name, weight.dtype)
-                }
+                found = time_candidates(usable, weight, bias, rows, seconds)
                 entry[str(rows)] = choose(found)
                 timings[str(rows)] = {name: round(t * 1e3, 4) for name, t in found.items()}
         self.choices[key] = entry
@@ -329,20 +335,20 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
                 step_cache = decoder.new_cache(rows, n_ctx=48)
                 step_cache.cross_k, step_cache.cross_v = cache.cross_k, cache.cross_v
                 tokens = torch.zeros(rows, 1, dtype=torch.long)
-                found = {}
-                for name, kernel in CANDIDATES.items():
-                    if not _usable(name, dtype):
-                        continue
-                    for m in layers:
-                        m.__class__ = TunedLinear
-                        m.kernel_choices = {dtype: ((1 << 30, kernel),)}
-                    times = []
-                    for _ in range(6):
+                usable = [n for n in CANDIDATES if _usable(n, dtype)]
+                found = dict.fromkeys(usable, float("inf"))
+                # Candidates take turns (a burst of other work slows them alike), each
+                # keeping its best step; the first round only warms up.
+                for turn in range(DECODER_ROUNDS + 1):
+                    for name in usable:
+                        for m in layers:
+                            m.__class__ = TunedLinear
+                            m.kernel_choices = {dtype: ((1 << 30, CANDIDATES[name]),)}
                         step_cache.length = 40
                         start = time.perf_counter()
                         decoder(tokens, step_cache)
-                        times.append(time.perf_counter() - start)
-                    found[name] = sorted(times[1:])[len(times[1:]) // 2]
+                        if turn:
+                            found[name] = min(found[name], time.perf_counter() - start)
                 entry[str(rows)] = choose(found)
                 timings[str(rows)] = {name: round(t * 1e3, 4) for name, t in found.items()}
     finally:

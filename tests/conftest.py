@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,12 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 AUDIO = SHARED / "audio"
 PARITY = SHARED / "reference" / "parity"
+
+# The kernel choices (kernels.py) measured by the tests' own processes stay out of the
+# user's cache: measured under the tests' load, they would be kept for real runs.
+os.environ.setdefault(
+    "SUSURRUS_KERNEL_CACHE", os.path.join(tempfile.mkdtemp(prefix="susurrus-tests-"), "k.json")
+)
 
 requires_shared = pytest.mark.skipif(not AUDIO.is_dir(), reason="../shared/audio is not present")
 
