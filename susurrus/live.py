@@ -46,6 +46,13 @@ from .vad import speech_regions
 log = logging.getLogger("susurrus")
 
 SENTENCE_END = (".", "?", "!", "。", "？", "！")
+# Full stops that end no sentence.
+ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "st.", "prof.", "mt.", "jr.", "sr.", "vs.", "etc."}
+
+
+def ends_sentence(word: str) -> bool:
+    text = word.strip()
+    return text.endswith(SENTENCE_END) and text.lower() not in ABBREVIATIONS
 # The VAD's settings for live gating: short pauses only, so that a sentence's end shows.
 VAD_MIN_SPEECH_MS = 120
 VAD_MIN_SILENCE_MS = 300
@@ -183,6 +190,7 @@ class LiveSession:
         self._start = 0  # absolute sample where the buffer starts
         self._total = 0  # samples fed
         self._considered = 0  # samples looked at by the last decision to decode or not
+        self._vad_until = 0  # samples the VAD has looked at
         self._speech: list[tuple[float, float]] = []  # heard speech in the buffer, absolute s
         self._previous: list[dict] = []  # the last decode's words after the confirmed ones
         self._in_flight = False
@@ -333,19 +341,31 @@ class LiveSession:
         return tokens[-PROMPT_TOKENS:] or None
 
     def _hear(self) -> None:
-        """Speech regions of the buffer (absolute seconds), by Silero VAD."""
+        """Speech regions of the buffer (absolute seconds), by Silero VAD over the audio
+        that came since the last look (and a second before it again, for context)."""
         if not self.vad:
             self._speech = [(self._start / SAMPLE_RATE, self._total / SAMPLE_RATE)]
             return
+        begin = max(self._start, self._vad_until - SAMPLE_RATE)
+        if self._total - begin < 512:
+            return
         regions = speech_regions(
-            self._buffer,
+            self._buffer[begin - self._start :],
             threshold=self.vad_threshold,
             min_speech_ms=VAD_MIN_SPEECH_MS,
             min_silence_ms=VAD_MIN_SILENCE_MS,
             speech_pad_ms=0,
         )
-        offset = self._start / SAMPLE_RATE
-        self._speech = [(a + offset, b + offset) for a, b in regions]
+        self._vad_until = self._total
+        offset = begin / SAMPLE_RATE
+        kept = [(a, min(b, offset)) for a, b in self._speech if a < offset]
+        merged: list[tuple[float, float]] = []
+        for a, b in kept + [(a + offset, b + offset) for a, b in regions]:
+            if merged and a <= merged[-1][1] + VAD_MIN_SILENCE_MS / 1000:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self._speech = merged
 
     def _has_speech(self) -> bool:
         return bool(self._speech)
@@ -458,7 +478,7 @@ class LiveSession:
         inside = [w for w in self.confirmed if w["end"] > begin]
         cut = None
         if length > self.trim:
-            ends = [w["end"] for w in inside if w["word"].strip().endswith(SENTENCE_END)]
+            ends = [w["end"] for w in inside if ends_sentence(w["word"])]
             if ends:
                 cut = ends[-1]
         if cut is None and length > 2 * self.trim and inside:
@@ -498,7 +518,9 @@ class LiveSession:
         return result
 
 
-def words_to_segments(words: list[dict], max_gap: float = 1.0, max_length: float = 10.0) -> list[dict]:
+def words_to_segments(
+    words: list[dict], max_gap: float = 1.0, max_length: float = 10.0
+) -> list[dict]:
     """Confirmed words as segments for the writers: cut after a sentence's end, at a pause
     longer than `max_gap`, or before a segment grows past `max_length` seconds."""
     groups: list[list[dict]] = []
@@ -506,7 +528,7 @@ def words_to_segments(words: list[dict], max_gap: float = 1.0, max_length: float
         last = groups[-1] if groups else None
         if (
             last is None
-            or last[-1]["word"].strip().endswith(SENTENCE_END)
+            or ends_sentence(last[-1]["word"])
             or word["start"] - last[-1]["end"] > max_gap
             or word["end"] - last[0]["start"] > max_length
         ):
