@@ -44,6 +44,7 @@ STATIC = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
+    "capture.js": "text/javascript; charset=utf-8",
 }
 # The page loads only its own files; the chosen audio plays from a blob: URL.
 CSP = (
