@@ -7,8 +7,9 @@ in the same batches. The policy (LocalAgreement-2, as in Whisper-Streaming):
 
 - Each decode yields words with times (word timestamps). A word is *confirmed* once two
   successive decodes agree on it (the longest common prefix of their words after the
-  confirmed ones); confirmed words are never retracted. The rest of the latest decode is
-  the *tentative* tail.
+  confirmed ones), or at once when the decode saw the speaker pause (the VAD heard
+  `PAUSE_S` of silence after the last speech); confirmed words are never retracted. The
+  rest of the latest decode is the *tentative* tail.
 - The confirmed text that has left the buffer is the decoding prompt, so the text reads
   on across cuts.
 - The buffer is cut at the end of a confirmed sentence once it is longer than `trim`
@@ -59,6 +60,8 @@ VAD_MIN_SILENCE_MS = 300
 VAD_PAD_S = 0.3  # words this far outside heard speech still count (onsets, tails)
 PROMPT_TOKENS = 200  # the confirmed text before the buffer given as prompt, in tokens
 DETECT_SPEECH_S = 2.0  # speech heard before the language is detected
+# Silence after the last speech heard that ends an utterance: a decode that saw it is final.
+PAUSE_S = 0.6
 
 
 @dataclass
@@ -292,20 +295,22 @@ class LiveSession:
         self._in_flight = True
         self.decodes += 1
         start = self._start + len(self._buffer) - len(audio)
+        # Whether the speaker has paused: the decode then saw the whole utterance.
+        paused = bool(self._speech) and self._total / SAMPLE_RATE - self._speech[-1][1] >= PAUSE_S
         return WindowJob(options, mel=mel[:, :N_FRAMES].to(self.model.device),
-                         tag=(start, size, final))
+                         tag=(start, size, final, paused))
 
     def job_done(self, job: WindowJob) -> None:
         result = job.result
         assert result is not None
-        start, size, final = job.tag
+        start, size, final, paused = job.tag
         with self._lock:
             self._in_flight = False
             if self.language is None:
                 self._set_language(result.language)  # once, for the whole stream
             before = [_key(w["word"]) for w in self.tentative]
             words = self._words(result, start, size)
-            new = self._agree(words, final)
+            new = self._agree(words, final or paused)
             changed = before != [_key(w["word"]) for w in self.tentative]
             if not final:
                 self._cut()
