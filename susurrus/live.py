@@ -337,7 +337,14 @@ class LiveSession:
         if self.tokenizer is None:
             return None
         before = self._start / SAMPLE_RATE
-        text = words_text([w for w in self.confirmed if w["end"] <= before])
+        # The last words before the buffer (enough for PROMPT_TOKENS; a stream may run for hours).
+        earlier = []
+        for word in reversed(self.confirmed):
+            if word["end"] <= before:
+                earlier.append(word)
+                if len(earlier) >= PROMPT_TOKENS:
+                    break
+        text = words_text(earlier[::-1])
         tokens: list[int] = []
         if self.options.initial_prompt:
             tokens = self.tokenizer.encode(" " + self.options.initial_prompt.strip())

@@ -213,3 +213,35 @@ def test_cli_errors_are_one_line(tmp_path):
     done = live_cli(str(tmp_path / "missing.wav"), "--model", "tiny.en", cwd=tmp_path)
     lines = done.stderr.decode().strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "No such file" in lines[0], lines
+
+
+def test_terminal_display_redraws_the_tentative_tail_in_place():
+    import io
+
+    from susurrus.live import LiveEvent
+    from susurrus.live_cli import Display
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def word(text: str) -> dict:
+        return {"word": text, "start": 0.0, "end": 0.0}
+
+    out = Terminal()
+    display = Display(out)
+    display(LiveEvent([], [word(" Ask"), word(" not")], 1.0))
+    display(LiveEvent([word(" Ask"), word(" not.")], [word(" What")], 2.0))
+    display.close()
+    text = out.getvalue()
+    # The tail is dimmed and redrawn on the same line; a finished sentence gets its own line.
+    assert "\r\033[K Ask\033[2m not\033[0m" not in text  # confirmed text is never dimmed
+    assert "\r\033[K\033[2m Ask not\033[0m" in text
+    assert "Ask not.\n" in text
+    assert text.endswith("\r\033[K")
+    plain = io.StringIO()
+    display = Display(plain)
+    display(LiveEvent([word(" Ask"), word(" not.")], [word(" What")], 2.0))
+    display(LiveEvent([word(" What")], [], 3.0))
+    display.close()
+    assert plain.getvalue() == "Ask not.\nWhat\n"
