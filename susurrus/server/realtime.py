@@ -35,7 +35,6 @@ import anyio
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..errors import SusurrusError
 from ..live import LiveEvent, LiveSession, words_text
 from ..tokenizer import language_code
 from .formats import ApiError
@@ -292,8 +291,15 @@ async def realtime_socket(server: Any, websocket: WebSocket) -> None:
         with contextlib.suppress(Exception):  # the client may have gone meanwhile
             await asyncio.wait_for(sender, 30)
             await websocket.close()
-    except (WebSocketDisconnect, RuntimeError, SusurrusError) as exc:
-        log.info("live stream ended: %s", exc)
+    except WebSocketDisconnect:
+        log.info("live stream: the client went away")
+    except Exception:  # a model that does not load, a failed decode: said, not shown
+        log.exception("live stream failed")
+        with contextlib.suppress(Exception):  # no detail: it may name paths on the server
+            await websocket.send_json(
+                _error("The server had an error.", "server_error", "server_error")
+            )
+            await websocket.close(code=1011)
     finally:
         for task in tasks:
             task.cancel()
