@@ -95,7 +95,8 @@ def percentile(values: list[float], q: float) -> float | None:
 # -- one stream on the simulated clock ------------------------------------------------------
 
 
-def simulate(model, samples: np.ndarray, chunk: float, language: str | None) -> dict:
+def simulate(model, samples: np.ndarray, chunk: float, language: str | None,
+             pause: float | None = None) -> dict:
     from susurrus import LiveSession
 
     clock = [0.0]
@@ -109,7 +110,7 @@ def simulate(model, samples: np.ndarray, chunk: float, language: str | None) -> 
             confirmed_at.append(now)
         seen.append((now, list(event.confirmed) + list(event.tentative)))
 
-    session = LiveSession(model, language=language, on_event=on_event)
+    session = LiveSession(model, language=language, on_event=on_event, pause=pause)
     step = int(chunk * 16000)
     n_chunks = (len(samples) + step - 1) // step
     fed = 0  # chunks fed
@@ -170,7 +171,7 @@ def latencies(units, live: dict, offline_words: list[dict], language: str) -> tu
 
 
 def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compute_type: str,
-                  units) -> list[dict]:
+                  units, pause: float | None = None) -> list[dict]:
     import susurrus
     from susurrus import load_audio, transcribe
 
@@ -188,7 +189,7 @@ def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compu
         per_language: dict[str, dict] = {}
         for f in files:
             samples, off = offline[f["file"]]
-            live = simulate(model, samples, chunk, f["language"])
+            live = simulate(model, samples, chunk, f["language"], pause)
             off_words = [w for s in off["segments"] for w in s.get("words", [])]
             conf, tent = latencies(units, live, off_words, f["language"])
             bucket = per_language.setdefault(
@@ -313,6 +314,9 @@ def main() -> None:
     parser.add_argument("--streams-compute-type", default="auto")
     parser.add_argument("--long", action="store_true",
                         help="add the 111 s long-form English recording to the accuracy runs")
+    parser.add_argument("--pause", type=float, default=None,
+                        help="LiveSession(pause=): silence that makes a decode final")
+    parser.add_argument("--no-streams", action="store_true", help="skip the streams count")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -337,13 +341,17 @@ def main() -> None:
     began = time.time()
     accuracy = []
     for model_name in models:
-        accuracy += accuracy_runs(model_name, chunks, files, args.compute_type, units)
-    streams = [concurrency(m, args.streams_compute_type, levels, QUICK_EN[:2]) for m in models]
+        accuracy += accuracy_runs(model_name, chunks, files, args.compute_type, units,
+                                  args.pause)
+    streams = [] if args.no_streams else [
+        concurrency(m, args.streams_compute_type, levels, QUICK_EN[:2]) for m in models
+    ]
     result = {
         "date": str(date.today()),
         "threads": args.threads,
         "quick": args.quick,
         "compute_type": args.compute_type,
+        "pause": args.pause,
         "files": [f["file"] for f in files],
         "accuracy": accuracy,
         "streams": streams,

@@ -7,9 +7,9 @@ in the same batches. The policy (LocalAgreement-2, as in Whisper-Streaming):
 
 - Each decode yields words with times (word timestamps). A word is *confirmed* once two
   successive decodes agree on it (the longest common prefix of their words after the
-  confirmed ones), or at once when the decode saw the speaker pause (the VAD heard
-  `PAUSE_S` of silence after the last speech); confirmed words are never retracted. The
-  rest of the latest decode is the *tentative* tail.
+  confirmed ones); with `pause`, also at once when the decode saw the speaker pause
+  (the VAD heard that much silence after the last speech). Confirmed words are never
+  retracted. The rest of the latest decode is the *tentative* tail.
 - The confirmed text that has left the buffer is the decoding prompt, so the text reads
   on across cuts.
 - The buffer is cut at the end of a confirmed sentence once it is longer than `trim`
@@ -60,8 +60,7 @@ VAD_MIN_SILENCE_MS = 300
 VAD_PAD_S = 0.3  # words this far outside heard speech still count (onsets, tails)
 PROMPT_TOKENS = 200  # the confirmed text before the buffer given as prompt, in tokens
 DETECT_SPEECH_S = 2.0  # speech heard before the language is detected
-# Silence after the last speech heard that ends an utterance: a decode that saw it is final.
-PAUSE_S = 0.6
+
 
 
 @dataclass
@@ -162,12 +161,17 @@ class LiveSession:
         min_step: float = 0.0,
         vad: bool = True,
         vad_threshold: float = 0.5,
+        pause: float | None = None,
         **options: Any,
     ) -> None:
         """`model`: a model (a private engine is made) or a shared engine. `trim`: buffer
         length in seconds past which it is cut at a confirmed sentence end. `min_step`:
         seconds of new audio before a new decode (0: whenever any came). Other keyword
-        arguments are transcription options (beam_size, initial_prompt, thresholds, ...)."""
+        arguments are transcription options (beam_size, initial_prompt, thresholds, ...).
+        `pause`: seconds of silence (by the VAD) after the last speech that make a decode
+        final, confirming all its words at once (None: only agreement confirms; measured
+        in benchmarks/live.py: lower latency, but fragments confirmed before their
+        sentence is complete)."""
         self.engine = model if isinstance(model, Engine) else Engine(model, max_batch=8)
         self.model = self.engine.model
         options.setdefault("temperature", 0.0)
@@ -178,6 +182,7 @@ class LiveSession:
         self.min_step = int(min_step * SAMPLE_RATE)
         self.vad = vad
         self.vad_threshold = vad_threshold
+        self.pause = pause
         self.on_event = on_event
         self.language = self.options.language or (None if self.model.is_multilingual else "en")
         self.tokenizer: Tokenizer | None = None
@@ -296,7 +301,11 @@ class LiveSession:
         self.decodes += 1
         start = self._start + len(self._buffer) - len(audio)
         # Whether the speaker has paused: the decode then saw the whole utterance.
-        paused = bool(self._speech) and self._total / SAMPLE_RATE - self._speech[-1][1] >= PAUSE_S
+        paused = (
+            self.pause is not None
+            and bool(self._speech)
+            and self._total / SAMPLE_RATE - self._speech[-1][1] >= self.pause
+        )
         return WindowJob(options, mel=mel[:, :N_FRAMES].to(self.model.device),
                          tag=(start, size, final, paused))
 
