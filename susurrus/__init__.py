@@ -8,6 +8,7 @@ from .download import available_models
 from .engine import Cancelled, Engine
 from .errors import SusurrusError
 from .features import log_mel_spectrogram, pad_or_trim
+from .live import LiveEvent, LiveSession
 from .load import load_model
 from .model import ModelDimensions, Whisper
 from .options import TranscribeOptions
@@ -23,6 +24,8 @@ __all__ = [
     "DecodingResult",
     "Engine",
     "LANGUAGES",
+    "LiveEvent",
+    "LiveSession",
     "ModelDimensions",
     "SusurrusError",
     "TO_LANGUAGE_CODE",

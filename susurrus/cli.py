@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="susurrus",
         description="Transcribe or translate speech in audio and video files with Whisper. "
         "`susurrus probe FILE` describes a media file's streams; `susurrus export MODEL OUT.pt` "
-        "writes a model as an OpenAI checkpoint; `susurrus serve` runs an OpenAI-compatible "
+        "writes a model as an OpenAI checkpoint; `susurrus live [SOURCE]` transcribes a "
+        "microphone, stdin or a file while it plays; `susurrus serve` runs an OpenAI-compatible "
         "transcription server with a web page (see `susurrus serve --help`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -544,6 +545,10 @@ def main(argv: list[str] | None = None) -> None:
             from .server import main as serve_main
 
             status = serve_main(argv[1:])
+        elif argv and argv[0] == "live" and not os.path.exists("live"):
+            from .live_cli import main as live_main
+
+            status = live_main(argv[1:])
         elif argv and argv[0] == "export" and not os.path.exists("export"):
             from .export import main as export_main
 

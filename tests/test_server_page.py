@@ -58,12 +58,16 @@ def wait_until(condition, timeout: float = 20.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser():
-    executable = find_chromium()
+def playwright():
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True)
-        yield browser
-        browser.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    browser = playwright.chromium.launch(executable_path=find_chromium(), headless=True)
+    yield browser
+    browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +160,63 @@ def test_page_shows_names_and_errors_as_text(browser, server):
     assert page.locator("img").count() == 0
     assert not dialogs
     context.close()
+
+
+def fake_microphone_file(path: Path) -> Path:
+    """jfk.flac as the 16-bit WAV that Chromium's fake capture device plays."""
+    import wave
+
+    import numpy as np
+
+    from susurrus import load_audio
+
+    samples = load_audio(str(JFK))
+    pcm = np.round(np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(16000)
+        f.writeframes(pcm.tobytes())
+    return path
+
+
+def test_page_microphone_shows_live_captions(playwright, server, tmp_path):
+    """The microphone button with Chromium's fake capture device playing a dev file: the
+    live captions show its words while it plays, and the final transcript after Stop."""
+    wav = fake_microphone_file(tmp_path / "jfk.wav")
+    # One Playwright per thread: the module's, with a browser of its own for the fake device.
+    browser = playwright.chromium.launch(
+        executable_path=find_chromium(),
+        headless=True,
+        args=[
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}",
+            "--autoplay-policy=no-user-gesture-required",
+        ],
+    )
+    context = browser.new_context(permissions=["microphone"])
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#key-label:not([hidden])")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.locator("#model option").nth(1).wait_for(state="attached")
+    page.click("#mic")
+    page.wait_for_selector("#live:not([hidden])")
+    assert page.get_attribute("#mic", "aria-pressed") == "true"
+    # Words appear while the (looping) file still plays: confirmed, then more of them.
+    wait_until(lambda: "country" in page.text_content("#live-confirmed").lower(), 120)
+    page.click("#mic")
+    wait_until(lambda: "complete" in page.text_content("#status"), 60)
+    captions = page.text_content("#live-confirmed")
+    for word in ("fellow", "americ", "not what", "country can do for you"):
+        assert word.lower() in captions.lower(), captions
+    assert page.text_content("#live-tentative") == ""
+    assert not errors, errors
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "server-page-live.png"), full_page=True)
+    context.close()
+    browser.close()

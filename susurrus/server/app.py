@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +34,7 @@ from ..tokenizer import LANGUAGES
 from .formats import ApiError, parse_fields, render, stream_done, stream_segment
 from .metrics import CONTENT_TYPE, Metrics
 from .models import ModelManager
+from .realtime import realtime_socket
 from .settings import Settings
 from .upload import ClientGone, Upload, read_upload
 
@@ -43,6 +44,7 @@ STATIC = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
+    "capture.js": "text/javascript; charset=utf-8",
 }
 # The page loads only its own files; the chosen audio plays from a blob: URL.
 CSP = (
@@ -302,6 +304,10 @@ def create_app(settings: Settings) -> FastAPI:
         _check_key(server, request)
         name = server.models.resolve(model)
         return _model_card(name, name in server.models.loaded(), settings)
+
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket) -> None:
+        await realtime_socket(server, websocket)
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:

@@ -195,6 +195,127 @@ async function refreshServer() {
   }
 }
 
+
+// -- the microphone: live captions over the /v1/realtime WebSocket ---------------------------
+// Audio is captured by an AudioWorklet, brought to 16 kHz mono PCM16 here and sent as binary
+// frames every 250 ms; the server answers with confirmed text (only ever appended) and a
+// tentative tail (replaced by each event).
+const live = { socket: null, context: null, stream: null, pending: [], pendingLength: 0, rest: new Float32Array(0), phase: 0 };
+
+function downsample(block, rate) {
+  if (rate === 16000) return Int16Array.from(block, (x) => Math.round(Math.max(-1, Math.min(1, x)) * 32767));
+  // Averages the input samples that fall in each 16 kHz sample (a box filter: enough
+  // against aliasing for speech) and converts to 16-bit. Input left over, and the
+  // fraction of a sample, carry to the next block.
+  const input = new Float32Array(live.rest.length + block.length);
+  input.set(live.rest);
+  input.set(block, live.rest.length);
+  const ratio = rate / 16000;
+  const out = [];
+  let position = live.phase;
+  while (position + ratio <= input.length) {
+    let sum = 0, count = 0;
+    for (let i = Math.floor(position); i < Math.floor(position + ratio); i++) { sum += input[i]; count++; }
+    const value = Math.max(-1, Math.min(1, count ? sum / count : 0));
+    out.push(Math.round(value * 32767));
+    position += ratio;
+  }
+  const used = Math.floor(position);
+  live.rest = input.slice(used);
+  live.phase = position - used;
+  return Int16Array.from(out);
+}
+
+function sendPending() {
+  if (!live.socket || live.socket.readyState !== WebSocket.OPEN || live.pendingLength === 0) return;
+  const joined = new Int16Array(live.pendingLength);
+  let offset = 0;
+  for (const part of live.pending) { joined.set(part, offset); offset += part.length; }
+  live.pending = [];
+  live.pendingLength = 0;
+  live.socket.send(joined.buffer);
+}
+
+function liveEvent(event) {
+  if (event.type === "conversation.item.input_audio_transcription.delta") {
+    $("live-confirmed").textContent += event.delta;
+    $("live-tentative").textContent = event.tentative;
+  } else if (event.type === "conversation.item.input_audio_transcription.completed") {
+    $("live-tentative").textContent = "";
+    setStatus("Live transcript complete.");
+    live.socket.close();
+  } else if (event.type === "error") {
+    setStatus("Error: " + event.error.message, true);
+  }
+}
+
+async function startMicrophone() {
+  const key = $("key").value.trim();
+  if (key) localStorage.setItem("susurrus-key", key);
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
+  } catch (error) {
+    setStatus("Error: no microphone (" + error.message + ")", true);
+    return;
+  }
+  // A 16 kHz context lets the browser resample with a proper filter; where a browser cannot
+  // connect a microphone to a context of another rate, the default rate and downsample().
+  let context = new AudioContext({ sampleRate: 16000 });
+  let source;
+  try {
+    source = context.createMediaStreamSource(stream);
+  } catch (error) {
+    context.close();
+    context = new AudioContext();
+    source = context.createMediaStreamSource(stream);
+  }
+  await context.audioWorklet.addModule("/static/capture.js");
+  const node = new AudioWorkletNode(context, "susurrus-capture");
+  node.port.onmessage = (message) => {
+    const pcm = downsample(message.data, context.sampleRate);
+    live.pending.push(pcm);
+    live.pendingLength += pcm.length;
+  };
+  source.connect(node);
+  const params = new URLSearchParams({ model: $("model").value || "" });
+  if ($("language").value) params.set("language", $("language").value);
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const protocols = ["realtime"];
+  const stored = key || localStorage.getItem("susurrus-key") || "";
+  if (stored) protocols.push("openai-insecure-api-key." + stored);
+  const socket = new WebSocket(scheme + location.host + "/v1/realtime?" + params, protocols);
+  socket.onmessage = (message) => liveEvent(JSON.parse(message.data));
+  socket.onclose = () => stopCapture();
+  Object.assign(live, { socket, context, stream, pending: [], pendingLength: 0, rest: new Float32Array(0), phase: 0 });
+  live.timer = setInterval(sendPending, 250);
+  $("live-confirmed").textContent = "";
+  $("live-tentative").textContent = "";
+  $("live").hidden = false;
+  $("mic").textContent = "Stop microphone";
+  $("mic").setAttribute("aria-pressed", "true");
+  setStatus("Listening… speak now.");
+}
+
+function stopCapture() {
+  clearInterval(live.timer);
+  if (live.stream) live.stream.getTracks().forEach((track) => track.stop());
+  if (live.context) live.context.close();
+  live.stream = null;
+  live.context = null;
+  $("mic").textContent = "Microphone";
+  $("mic").setAttribute("aria-pressed", "false");
+}
+
+function stopMicrophone() {
+  sendPending();
+  stopCapture();
+  if (live.socket && live.socket.readyState === WebSocket.OPEN) {
+    setStatus("Finishing the live transcript…");
+    live.socket.send(JSON.stringify({ type: "input_audio_buffer.commit" }));
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => pickFile(e.target.files[0]));
@@ -209,6 +330,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("start").addEventListener("click", start);
   $("stop").addEventListener("click", () => state.abort && state.abort.abort());
   $("download").addEventListener("click", () => download($("format").value));
+  $("mic").addEventListener("click", () => (live.stream ? stopMicrophone() : startMicrophone()));
   document.querySelectorAll("#downloads a").forEach((a) =>
     a.addEventListener("click", (e) => { e.preventDefault(); download(a.dataset.format); }));
   $("key").value = localStorage.getItem("susurrus-key") || "";
