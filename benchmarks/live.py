@@ -16,7 +16,7 @@ Per model and chunk size:
   model (`--compute-type`, default auto); the largest N whose streams keep up (p90 of the
   lag, how far the audio decoded trails the audio heard when a decode ends, under 3 s).
 
-    flock -x /work/notes/cpu.lock .venv/bin/python benchmarks/live.py [--quick]
+    .venv/bin/python benchmarks/live.py [--quick]
         [--models tiny.en,base] [--chunks 0.25,0.5,1] [--threads 2]
 
 Writes benchmarks/results/live-<date>[-quick].json and prints a Markdown table.
