@@ -79,10 +79,7 @@ def worker(spec: dict) -> dict:
             tokens += sum(len(s["tokens"]) for s in result["segments"])
     elif kind in ("many-1", "many-8", "many-8-cut", "queued-64"):
         width = 1 if kind == "many-1" else 8
-        if kind == "many-8-cut":
-            # As `susurrus FILES... --batch_size 8`: each file as it would be alone with
-            # --batch_size 8 (a long one cut into windows decoded side by side).
-            options = {**options, "batch_size": 8}
+        cut = kind == "many-8-cut"
         # One language for all: the English-only set, or per-file languages via groups.
         by_language: dict[str, list[str]] = {}
         for path, language, _ in files:
@@ -90,9 +87,19 @@ def worker(spec: dict) -> dict:
         engine = susurrus.Engine(model, max_batch=width)
         # One call per language, both on the shared engine, driven from this thread in
         # turn (each call's generator steps the engine for both).
+        from susurrus.options import TranscribeOptions
+
+        # many-8-cut: as `susurrus FILES... --batch_size 8`, each file as it would be alone
+        # with --batch_size 8 (a long one cut into windows decoded side by side).
         calls = [
             susurrus.transcribe_many(
-                model, paths, batch_size=width, engine=engine, language=language, **options
+                model,
+                paths,
+                batch_size=width,
+                engine=engine,
+                options=TranscribeOptions.create(
+                    language=language, batch_size=8 if cut else None, **options
+                ),
             )
             for language, paths in by_language.items()
         ]

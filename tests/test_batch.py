@@ -189,19 +189,11 @@ def test_local_workers_archive_then_rerun_rewrites_nothing(archive, plain, tmp_p
     check_archive(out, plain, archive)
 
 
-def test_interrupted_run_resumes_the_long_file(tmp_path):
+def test_interrupted_run_resumes_the_long_file(plain, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     for name in [LONG, *GOOD[:2]]:
         shutil.copy(AUDIO / name, folder / name)
-    # What the plain command gives with the same --batch_size (the long file cut).
-    alone = tmp_path / "plain"
-    files = [str(folder / name) for name in [LONG, *GOOD[:2]]]
-    proc = command(*files, *FLAGS, "--batch_size", "2", "-f", "txt", "-o", str(alone),
-                   "--verbose", "False")
-    assert proc.returncode == 0, proc.stderr
-    plain = {name: (alone / name.replace(".flac", ".txt")).read_text()
-             for name in [LONG, *GOOD[:2]]}
     out = tmp_path / "out"
     args = [sys.executable, "-m", "susurrus", "batch", str(folder), "-o", str(out), *FLAGS,
             "--batch_size", "2"]

@@ -221,7 +221,8 @@ def outputs(directory) -> dict[str, str]:
 
 def test_several_files_with_batch_size_get_what_each_gets_alone(tmp_path):
     """`susurrus A B C --batch_size 3`: the windows of all three share steps, and each
-    file's outputs are those of `susurrus FILE --batch_size 3` (the long one cut)."""
+    file's outputs are those of `susurrus FILE` (the long one one window after another,
+    with its previous text as prompt)."""
     files = [str(AUDIO / LONG), str(AUDIO / "jfk.flac"), str(AUDIO / SHORT[0])]
     together = tmp_path / "together"
     proc = run_cli(*files, *CLI, "--batch_size", "3", "-o", str(together))
@@ -229,7 +230,7 @@ def test_several_files_with_batch_size_get_what_each_gets_alone(tmp_path):
     alone: dict[str, str] = {}
     for i, path in enumerate(files):
         out = tmp_path / f"alone{i}"
-        proc = run_cli(path, *CLI, "--batch_size", "3", "-o", str(out))
+        proc = run_cli(path, *CLI, "-o", str(out))
         assert proc.wait(timeout=600) == 0, proc.stderr.read()
         alone.update(outputs(out))
     got = outputs(together)

@@ -83,9 +83,8 @@ def make_config(argv: list[str]) -> tuple[list[str], WorkerConfig, dict]:
         raise SusurrusError(f"--retries must be 0 or more, got {extra['retries']}")
     if extra["gpus_per_worker"] < 0:
         raise SusurrusError("--gpus-per-worker must be 0 or more")
-    # As the main command: batch_size files side by side, each decoded as
-    # `susurrus FILE --batch_size N` decodes it alone (a long one cut into windows).
-    options = TranscribeOptions.create(batch_size=request["batch_size"], **request["options"])
+    # Files side by side are the batch here; each file is decoded as it would be alone.
+    options = TranscribeOptions.create(batch_size=None, **request["options"])
     config = WorkerConfig(
         output_dir=os.path.abspath(request["output_dir"]),
         model=request["model"],

@@ -300,7 +300,8 @@ class Engine:
     def step(self) -> bool:
         """Admit waiting windows, then advance every row by one token. False: no work."""
         self._compact()
-        admitted = self._admit()
+        with self.threads.apply():
+            admitted = self._admit()
         if not self._windows:
             return admitted  # language detection alone is work done too
         with self.threads.step():

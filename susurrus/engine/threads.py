@@ -61,6 +61,22 @@ class ThreadPolicy:
         return self.fixed is None and (self.max_threads or torch.get_num_threads()) > 1
 
     @contextmanager
+    def apply(self) -> Iterator[None]:
+        """Run other work of the engine (encoding windows) under the count its steps use,
+        untimed: when one thread is faster for steps, the machine is busy, and the
+        encoder's products wait on a late thread as well."""
+        count = self.current if self.active else None
+        before = torch.get_num_threads()
+        if count is None or count == before:
+            yield
+            return
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    @contextmanager
     def step(self) -> Iterator[None]:
         """Run one decoding step under the chosen count, timing it."""
         if not self.active:
