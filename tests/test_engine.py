@@ -223,7 +223,8 @@ def test_several_files_with_batch_size_get_what_each_gets_alone(tmp_path):
     """`susurrus A B C --batch_size 3`: the windows of all three share steps, and each
     file's outputs are those of `susurrus FILE` (the long one one window after another,
     with its previous text as prompt)."""
-    files = [str(AUDIO / LONG), str(AUDIO / "jfk.flac"), str(AUDIO / SHORT[0])]
+    other = next(f for f in SHORT if f != "jfk.flac")
+    files = [str(AUDIO / LONG), str(AUDIO / "jfk.flac"), str(AUDIO / other)]
     together = tmp_path / "together"
     proc = run_cli(*files, *CLI, "--batch_size", "3", "-o", str(together))
     assert proc.wait(timeout=600) == 0, proc.stderr.read()
@@ -248,7 +249,7 @@ def test_several_files_with_batch_size_get_what_each_gets_alone(tmp_path):
             assert (a["start"], a["end"]) == (b["start"], b["end"])
             assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], abs=1e-4)
     text = alone[LONG.rsplit(".", 1)[0] + ".txt"].lower()
-    assert "in the only sense with which we are at present concerned" in text
+    assert "differs from most if not" in text and "calligraphy to perfection" in text
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_outputs(tmp_path):
