@@ -38,6 +38,12 @@ def _optional(kind):
     return parse
 
 
+def _threads(text: str) -> int | str | None:
+    if text == "auto":
+        return text
+    return _optional(int)(text)
+
+
 def _add_bool(group, name: str, default: bool, help: str) -> None:
     """`--name True|False` as the reference, `--name` alone for True, `--no-name` for False."""
     group.add_argument(
@@ -98,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--threads",
-        type=_optional(int),
+        type=_threads,
         default=0,
-        help="CPU threads for torch; 0 (default): every core, and decoding steps measure "
-        "as they run whether one thread is faster (a busy machine)",
+        help="CPU threads for torch; 0 (default) leaves torch's default; auto: every core, "
+        "and decoding steps measure as they run whether one thread is faster (a busy "
+        "machine), at the cost of float sums that may differ in their last digits between "
+        "runs",
     )
 
     g = parser.add_argument_group("input and output")
@@ -431,7 +439,7 @@ def transcribe_main(argv: list[str]) -> int:
         from .load import load_model
         from .writers import format_timestamp, get_writer
 
-        if threads:
+        if threads and threads != "auto":
             torch.set_num_threads(threads)
         if vad:
             from .vad import ensure_available

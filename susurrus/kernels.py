@@ -328,11 +328,14 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
         with torch.inference_mode():
             # One window's audio for every row (its beams, say): the attention costs the
             # same whichever kernel, and the memory stays small.
-            cache = decoder.new_cache(1, n_ctx=48)
+            # A step well into a window (position 40), or at the end of a small model's.
+            n_ctx = min(48, decoder.positional_embedding.shape[0])
+            position = max(0, n_ctx - 8)
+            cache = decoder.new_cache(1, n_ctx=n_ctx)
             features = torch.randn(1, n_audio, n_state, dtype=dtype)
             decoder.fill_cross_cache(cache, features)
             for rows in STEP_BUCKETS:
-                step_cache = decoder.new_cache(rows, n_ctx=48)
+                step_cache = decoder.new_cache(rows, n_ctx=n_ctx)
                 step_cache.cross_k, step_cache.cross_v = cache.cross_k, cache.cross_v
                 tokens = torch.zeros(rows, 1, dtype=torch.long)
                 usable = [n for n in CANDIDATES if _usable(n, dtype)]
@@ -344,7 +347,7 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
                         for m in layers:
                             m.__class__ = TunedLinear
                             m.kernel_choices = {dtype: ((1 << 30, CANDIDATES[name]),)}
-                        step_cache.length = 40
+                        step_cache.length = position
                         start = time.perf_counter()
                         decoder(tokens, step_cache)
                         if turn:
@@ -415,7 +418,14 @@ def tune(model: nn.Module) -> KernelTable | None:
     other devices keep F.linear. Returns the table used (None when a kernel is forced).
     """
     name = forced()
-    table = None if name is not None else table_for(model)
+    table = None
+    if name is None:
+        try:
+            table = table_for(model)
+        except (RuntimeError, ValueError) as e:
+            # A shape or build the candidates cannot run: the plain products still can.
+            logger.warning("could not measure the matrix-product kernels (%s); using F.linear", e)
+            return None
 
     def pairs_for(key: str) -> tuple[tuple[int, Kernel], ...] | None:
         if name is not None:

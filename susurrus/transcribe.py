@@ -294,7 +294,7 @@ def transcribe_many(
     read: Callable[[Any], Any] | None = None,
     state_path: Callable[[Any], str | os.PathLike] | None = None,
     options_of: Callable[[Any], TranscribeOptions] | None = None,
-    threads: int | None = None,
+    threads: int | str | None = None,
     **kwargs: Any,
 ) -> Iterator[tuple[Any, dict | Exception]]:
     """Transcribe many recordings, up to `batch_size` side by side on one engine, each as
@@ -307,8 +307,8 @@ def transcribe_many(
     turns an item of `audios` into what a session reads (default: the item itself, a path
     or samples); `state_path(item)` names a file to save and resume its progress in;
     `options_of(item)` gives an item options of its own (a language per file), which
-    must keep `fp16` as `options` has it. `threads` fixes the decoding steps' CPU
-    threads (default: measured as they run, see Engine).
+    must keep `fp16` as `options` has it. `threads`: the engine's CPU threads
+    (default: the caller's; "auto": measured as the steps run, see Engine).
     """
     options = options or TranscribeOptions.create(**kwargs)
     if batch_size < 1:

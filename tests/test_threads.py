@@ -62,13 +62,13 @@ def test_steps_leave_the_callers_thread_count_alone(tiny_en):
     audio = load_audio(str(AUDIO / "jfk.flac"))
     counts = {}
 
-    def run(name: str, engine_threads: int | None, own: int) -> None:
+    def run(name: str, engine_threads: int | str, own: int) -> None:
         torch.set_num_threads(own)  # OpenMP counts are per thread
         engine = Engine(tiny_en, max_batch=1, threads=engine_threads)
         result = engine.transcribe(audio, language="en")
         counts[name] = (torch.get_num_threads(), result["text"], engine.threads.current)
 
-    for name, engine_threads, own in (("fixed", 1, 2), ("measured", None, 2)):
+    for name, engine_threads, own in (("fixed", 1, 2), ("measured", "auto", 2)):
         t = threading.Thread(target=run, args=(name, engine_threads, own))
         t.start()
         t.join()

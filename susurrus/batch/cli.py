@@ -91,7 +91,7 @@ def make_config(argv: list[str]) -> tuple[list[str], WorkerConfig, dict]:
         model_dir=request["model_dir"],
         device=request["device"],
         compute_type=request["compute_type"],
-        threads=request["threads"] or 0,
+        threads=_worker_threads(request["threads"]),
         options=options,
         batch_size=request["batch_size"] or 1,
         output_format=request["output_format"],
@@ -125,3 +125,10 @@ def main(argv: list[str]) -> int:
         return 130
     _stderr(f"susurrus batch: {summary.line()}")
     return summary.exit_status
+
+
+def _worker_threads(threads: int | str | None) -> int:
+    # Each worker has its cores: a per-step thread measure (auto) has nothing to choose.
+    if threads == "auto":
+        raise SusurrusError("--threads auto is for one process; give batch a number per worker")
+    return threads or 0

@@ -144,12 +144,13 @@ class Engine:
         *,
         max_batch: int = 8,
         static_steps: bool | None = None,
-        threads: int | None = None,
+        threads: int | str | None = None,
     ) -> None:
         """`static_steps`: run the step over the whole table with static shapes (see
         graphs.py); by default on a GPU when `model.cuda_graphs`, where it is captured as
-        a CUDA graph. `threads`: CPU threads of each decoding step; by default the faster
-        of one and torch's count, measured as the steps run (see threads.py)."""
+        a CUDA graph. `threads`: CPU threads of the engine's work (default: the calling
+        thread's); "auto": the faster of one and torch's count, measured as the steps run
+        (see threads.py; float sums may then differ in their last digits between runs)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
@@ -174,7 +175,11 @@ class Engine:
         self._compute = threading.RLock()
         self._preparing = 0  # threads waiting for `exclusive`: the driver lets them in first
         # On a GPU there is nothing to choose: the device does the work.
-        self.threads = ThreadPolicy(fixed=threads, active=model.device.type == "cpu")
+        on_cpu = model.device.type == "cpu"
+        if threads == "auto":
+            self.threads = ThreadPolicy(active=on_cpu)
+        else:
+            self.threads = ThreadPolicy(fixed=threads, active=on_cpu and threads is not None)
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 
