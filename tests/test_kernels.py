@@ -141,5 +141,6 @@ def test_float32_parity_with_each_kernel_forced(name, monkeypatch):
     assert model.decoder.blocks[0].mlp[0].kernel_choices[torch.float32][0][1] is (
         kernels.CANDIDATES[name]
     )
-    for setting in ("greedy", "beam5"):
-        check_parity(*run_parity(model, "tiny.en", setting))
+    # Greedy here (beam 5 with each forced kernel passed too, at 3 minutes more); the
+    # measured choice is checked in both settings by test_transcribe.py.
+    check_parity(*run_parity(model, "tiny.en", "greedy"))
