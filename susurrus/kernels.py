@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import SusurrusError
+
 logger = logging.getLogger(__name__)
 
 Kernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -407,7 +409,7 @@ def forced() -> str | None:
     if not name:
         return None
     if name not in CANDIDATES:
-        raise ValueError(f"{ENV_FORCE}={name!r}: choose one of {', '.join(CANDIDATES)}")
+        raise SusurrusError(f"{ENV_FORCE}={name!r}: choose one of {', '.join(CANDIDATES)}")
     return name
 
 
