@@ -2,8 +2,9 @@
 
 int8 stores every linear layer's weight (and the output projection, tied to the token
 embedding) as int8 with one float scale per output row: a quarter of the float32 bytes. On
-the CPU the matrix products run in FBGEMM's int8 kernels with the activations quantized on
-the fly, per call (`quantized::linear_dynamic`); decoding one token is bound by memory
+the CPU the matrix products run in int8 kernels with the activations quantized on the fly,
+each row on its own scale (FBGEMM's `quantized::linear_dynamic` for decoding steps, with the
+rows brought to one range first); decoding one token is bound by memory
 bandwidth, so reading 4x fewer weight bytes is most of the gain. Elsewhere (CUDA) the weight
 is dequantized just before the product: the memory saving stays, the speed is the float one.
 `auto` on a CPU with native bfloat16 keeps the encoder out of int8 (see resolve_compute_type).
