@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .download import default_cache_dir
 from .errors import SusurrusError
 
 logger = logging.getLogger(__name__)
@@ -100,11 +101,7 @@ def cache_path() -> Path:
     ($SUSURRUS_CACHE_DIR, $XDG_CACHE_HOME/susurrus, ~/.cache/susurrus)."""
     if file := os.environ.get("SUSURRUS_KERNEL_CACHE"):
         return Path(file).expanduser()
-    if root := os.environ.get("SUSURRUS_CACHE_DIR"):
-        return Path(root).expanduser() / "kernels.json"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "susurrus" / "kernels.json"
+    return default_cache_dir() / "kernels.json"
 
 
 def shape_key(dtype: torch.dtype, out_features: int, in_features: int) -> str:
@@ -245,22 +242,37 @@ def _write_cache(path: Path, key: str, table: KernelTable) -> None:
         logger.warning("could not save the kernel choices to %s: %s", path, e)
 
 
-def _products(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None, tuple[int, ...]]]:
-    """Every distinct float product shape of `model`: key -> (weight, bias, row buckets)."""
-    found: dict[str, tuple[Tensor, Tensor | None, tuple[int, ...]]] = {}
-    for module in model.modules():
-        if type(module) in (nn.Linear, TunedLinear) and module.weight.device.type == "cpu":
-            w = module.weight
-            key = shape_key(w.dtype, *w.shape)
-            if key not in found:
-                bias = None if module.bias is None else module.bias.detach()
-                found[key] = (w.detach(), bias, ENCODER_BUCKETS)
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    """The float linear layers of `module` on the CPU (int8 layers have kernels of their
+    own)."""
+    return [
+        m
+        for m in module.modules()
+        if type(m) in (nn.Linear, TunedLinear) and m.weight.device.type == "cpu"
+    ]
+
+
+def _projection(model: nn.Module) -> tuple[nn.Module, Tensor] | None:
+    """The decoder and its tied output projection's float CPU weight, if it has one."""
     decoder = getattr(model, "decoder", None)
     embedding = getattr(decoder, "token_embedding", None)
     if type(embedding) is nn.Embedding and embedding.weight.device.type == "cpu":
-        w = embedding.weight.detach()
-        key = "projection:" + shape_key(w.dtype, *w.shape)
-        found.setdefault(key, (w, None, STEP_BUCKETS))
+        return decoder, embedding.weight
+    return None
+
+
+def _products(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None, tuple[int, ...]]]:
+    """Every distinct float product shape of `model`: key -> (weight, bias, row buckets)."""
+    found: dict[str, tuple[Tensor, Tensor | None, tuple[int, ...]]] = {}
+    for module in _linears(model):
+        w = module.weight
+        key = shape_key(w.dtype, *w.shape)
+        if key not in found:
+            bias = None if module.bias is None else module.bias.detach()
+            found[key] = (w.detach(), bias, ENCODER_BUCKETS)
+    if (projection := _projection(model)) is not None:
+        w = projection[1].detach()
+        found.setdefault("projection:" + shape_key(w.dtype, *w.shape), (w, None, STEP_BUCKETS))
     return found
 
 
@@ -299,11 +311,7 @@ def _decoder_layers(model: nn.Module) -> tuple[str, list[nn.Linear]] | None:
     decoder = getattr(model, "decoder", None)
     if decoder is None or not hasattr(decoder, "new_cache"):
         return None
-    layers = [
-        m
-        for m in decoder.modules()
-        if type(m) in (nn.Linear, TunedLinear) and m.weight.device.type == "cpu"
-    ]
+    layers = _linears(decoder)
     if not layers:
         return None
     w = layers[0].weight
@@ -434,19 +442,16 @@ def tune(model: nn.Module) -> KernelTable | None:
             return ((1, CANDIDATES[name]),)
         return table.kernels(key)
 
-    for module in model.modules():
-        if type(module) in (nn.Linear, TunedLinear) and module.weight.device.type == "cpu":
-            w = module.weight
-            pairs = pairs_for(shape_key(w.dtype, *w.shape))
-            if pairs is not None:
-                choices = dict(getattr(module, "kernel_choices", {}))
-                choices[w.dtype] = pairs
-                module.__class__ = TunedLinear
-                module.kernel_choices = choices
-    decoder = getattr(model, "decoder", None)
-    embedding = getattr(decoder, "token_embedding", None)
-    if type(embedding) is nn.Embedding and embedding.weight.device.type == "cpu":
-        w = embedding.weight
+    for module in _linears(model):
+        w = module.weight
+        pairs = pairs_for(shape_key(w.dtype, *w.shape))
+        if pairs is not None:
+            choices = dict(getattr(module, "kernel_choices", {}))
+            choices[w.dtype] = pairs
+            module.__class__ = TunedLinear
+            module.kernel_choices = choices
+    if (projection := _projection(model)) is not None:
+        decoder, w = projection
         pairs = pairs_for("projection:" + shape_key(w.dtype, *w.shape))
         if pairs is not None:
             old = getattr(decoder, "project", None)

@@ -65,16 +65,8 @@ class ThreadPolicy:
         """Run other work of the engine (encoding windows) under the count its steps use,
         untimed: when one thread is faster for steps, the machine is busy, and the
         encoder's products wait on a late thread as well."""
-        count = self.current if self.active else None
-        before = torch.get_num_threads()
-        if count is None or count == before:
+        with _threads(self.current if self.active else None):
             yield
-            return
-        torch.set_num_threads(count)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -83,18 +75,11 @@ class ThreadPolicy:
             yield
             return
         self._start()
-        count = self._trying or self.current
-        before = torch.get_num_threads()
-        if count != before:
-            torch.set_num_threads(count)
-        start = time.perf_counter()
-        try:
+        with _threads(self._trying or self.current):
+            start = time.perf_counter()
             yield
-        finally:
             took = time.perf_counter() - start
-            if count != before:
-                torch.set_num_threads(before)
-            self._record(took)
+        self._record(took)
 
     def _record(self, took: float) -> None:
         if not self.adaptive:
@@ -137,3 +122,18 @@ class ThreadPolicy:
         self._trying = None
         self._probe = []
         self._until_probe = self.PROBE_EVERY
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """This thread's torch thread count set to `count` (None: left as it is) for the
+    block, and restored after, whatever happens."""
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
