@@ -73,6 +73,30 @@ CANDIDATES: dict[str, Kernel] = {
 }
 
 
+def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _attention_matmul(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    # Two batched products around a float32 softmax. For one query per head, PyTorch's
+    # fused CPU kernel in bfloat16 spends most of its time outside the arithmetic: 0.64 ms
+    # against 0.13 ms this way for base's 1500 frames on a Zen 4.
+    scores = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
+ATTENTION: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]] = {
+    "sdpa": _attention_sdpa,
+    "matmul": _attention_matmul,
+}
+# Audios per step the attention is timed for: one window, and windows side by side.
+ATTENTION_BUCKETS = (1, 8)
+ATTENTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENV_FORCE_ATTENTION = "SUSURRUS_ATTENTION"
+
+
 def _usable(name: str, dtype: torch.dtype) -> bool:
     if name == "onednn":
         return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
@@ -210,16 +234,26 @@ def _read_cache(path: Path, key: str) -> KernelTable | None:
     valid = (
         data.get("format") == FORMAT
         and isinstance(entry, dict)
-        and all(
-            isinstance(buckets, dict)
-            and all(str(rows).isdigit() and name in CANDIDATES for rows, name in buckets.items())
-            for buckets in entry.values()
-        )
+        and all(_valid_entry(key, buckets) for key, buckets in entry.items())
     )
     if not valid:
         logger.warning("ignoring a stale kernel cache entry in %s; measuring again", path)
         return None
     return KernelTable(entry)
+
+
+def _valid_entry(key: str, buckets: object) -> bool:
+    if not isinstance(buckets, dict):
+        return False
+    names = CANDIDATES
+    if key.startswith("attention:"):
+        names = ATTENTION
+        if buckets.get("dtype") not in ATTENTION_DTYPES:
+            return False
+    return all(
+        (rows == "dtype" and names is ATTENTION) or (str(rows).isdigit() and name in names)
+        for rows, name in buckets.items()
+    )
 
 
 def _write_cache(path: Path, key: str, table: KernelTable) -> None:
@@ -289,12 +323,16 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         missing = {k: v for k, v in _products(model).items() if k not in table.choices}
         layers = _decoder_layers(model)
         refine = layers is not None and layers[0] not in table.choices
-        if missing or refine:
+        attention = _attention_key(model)
+        attend = attention is not None and attention not in table.choices
+        if missing or refine or attend:
             start = time.perf_counter()
             for name, (weight, bias, buckets) in missing.items():
                 table.measure(name, weight, bias, buckets)
             if refine:
                 _measure_decoder(model, table, *layers)
+            if attend:
+                _measure_attention(model, table, attention)
             logger.info(
                 "measured %d product shapes in %.2f s: %s",
                 len(missing),
@@ -378,6 +416,137 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
         shape.update(entry)
 
 
+def _attention_key(model: nn.Module) -> str | None:
+    """The key a CPU decoder's attention choice is cached under: the type its attention
+    asks for and its shapes; None for a model without one."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(decoder, "new_cache"):
+        return None
+    pe = decoder.positional_embedding
+    if pe.device.type != "cpu":
+        return None
+    attn = decoder.blocks[0].cross_attn
+    asked = attn.attention_dtype or pe.dtype
+    return (
+        f"attention:{_dtype_name(asked)}:{pe.shape[1]}x{attn.n_head}x{len(decoder.blocks)}"
+        f":{model.dims.n_audio_ctx}"
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _set_attention(decoder: nn.Module, dtype: torch.dtype, pairs) -> None:
+    own = decoder.positional_embedding.dtype
+    for module in decoder.modules():
+        if hasattr(module, "step_kernels"):
+            module.attention_dtype = None if dtype == own else dtype
+            module.step_kernels = pairs
+
+
+def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
+    """Choose the decoder's attention type and kernel by timing whole decoder steps.
+
+    The type the compute plan asks for (bfloat16 keys and values under `auto`) is timed
+    against the model's own float type, each through SDPA and through two plain products
+    (`matmul`), for one window and for windows side by side. The type with the least
+    total time is kept (the plan's on a near tie: it halves the memory of the audio's
+    keys), with the fastest kernel per bucket.
+    """
+    from .engine.step import Run, decoder_step  # the engine's step is what is timed
+
+    decoder = model.decoder
+    own = decoder.positional_embedding.dtype
+    asked = decoder.blocks[0].cross_attn.attention_dtype or own
+    saved = [
+        (m, m.attention_dtype, m.step_kernels)
+        for m in decoder.modules()
+        if hasattr(m, "step_kernels")
+    ]
+    n_state = decoder.positional_embedding.shape[1]
+    timings: dict[str, dict[str, float]] = {}
+    try:
+        with torch.inference_mode():
+            for dtype in dict.fromkeys((asked, own)):
+                for rows in ATTENTION_BUCKETS:
+                    found = timings.setdefault(str(rows), {})
+                    # A step well into a window: 40 positions filled, rows at different
+                    # positions when there are several (the engine's masked step).
+                    n_ctx = min(48, decoder.positional_embedding.shape[0])
+                    _set_attention(decoder, dtype, None)
+                    cache = decoder.new_cache(rows, n_ctx=n_ctx)
+                    features = torch.randn(rows, model.dims.n_audio_ctx, n_state, dtype=own)
+                    decoder.fill_cross_cache(cache, features)
+                    tokens = torch.zeros(rows, 1, dtype=torch.long)
+                    positions = torch.arange(n_ctx - rows, n_ctx) if rows > 1 else None
+                    same = None if rows > 1 else n_ctx - 8
+                    if positions is None:
+                        positions = torch.tensor([same])
+                    run = (Run(0, rows, 0, rows, 1),)
+                    for turn in range(DECODER_ROUNDS + 1):
+                        for name, kernel in ATTENTION.items():
+                            _set_attention(decoder, dtype, ((1 << 30, kernel),))
+                            start = time.perf_counter()
+                            decoder_step(
+                                decoder, tokens, positions, cache.self_k, cache.self_v,
+                                cache.cross_k, cache.cross_v, run, same,
+                            )
+                            took = time.perf_counter() - start
+                            label = f"{_dtype_name(dtype)}/{name}"
+                            if turn:
+                                found[label] = min(found.get(label, float("inf")), took)
+    finally:
+        for m, dtype, kernels in saved:
+            m.attention_dtype, m.step_kernels = dtype, kernels
+
+    table.choices[key] = choose_attention(timings, asked, own)
+    table.timings[key] = {
+        rows: {label: round(t * 1e3, 4) for label, t in found.items()}
+        for rows, found in timings.items()
+    }
+
+
+def choose_attention(
+    timings: dict[str, dict[str, float]], asked: torch.dtype, own: torch.dtype
+) -> dict[str, str]:
+    """From step times per bucket ({rows: {"dtype/kernel": time}}): the type with the least
+    total time, the asked one on a near tie (5%: it halves the memory of the audio's
+    keys), and per bucket its fastest kernel, SDPA (the reference's path) on a near tie."""
+
+    def best(dtype: torch.dtype, rows: str) -> tuple[float, str]:
+        return min(
+            (t, label.partition("/")[2])
+            for label, t in timings[rows].items()
+            if label.startswith(_dtype_name(dtype) + "/")
+        )
+
+    totals = {d: sum(best(d, r)[0] for r in timings) for d in dict.fromkeys((asked, own))}
+    chosen = asked if totals[asked] <= totals[own] * 1.05 else own
+    entry = {"dtype": _dtype_name(chosen)}
+    for rows in timings:
+        fastest = best(chosen, rows)
+        t_sdpa = timings[rows][f"{_dtype_name(chosen)}/sdpa"]
+        entry[rows] = "sdpa" if t_sdpa <= fastest[0] * 1.05 else fastest[1]
+    return entry
+
+
+def _apply_attention(
+    model: nn.Module, entry: dict[str, str] | None, forced_name: str | None
+) -> None:
+    decoder = model.decoder
+    if forced_name is not None:
+        pairs = ((1, ATTENTION[forced_name]),)
+        for module in decoder.modules():
+            if hasattr(module, "step_kernels"):
+                module.step_kernels = pairs
+        return
+    if entry is None:
+        return
+    buckets = sorted((int(r), ATTENTION[n]) for r, n in entry.items() if r != "dtype")
+    _set_attention(decoder, ATTENTION_DTYPES[entry["dtype"]], tuple(buckets))
+
+
 class TunedLinear(nn.Linear):
     """nn.Linear whose CPU products go through the kernel measured fastest for their rows."""
 
@@ -411,13 +580,14 @@ class TunedProjection:
         return pick(pairs, hidden.numel() // hidden.shape[-1])(hidden, weight, None)
 
 
-def forced() -> str | None:
-    """The kernel that $SUSURRUS_KERNEL forces for every product (tests, comparisons)."""
-    name = os.environ.get(ENV_FORCE, "").strip()
+def forced(variable: str = ENV_FORCE, names: Iterable[str] = CANDIDATES) -> str | None:
+    """The kernel that $SUSURRUS_KERNEL forces for every product, or $SUSURRUS_ATTENTION
+    for every decoding step's attention (tests, comparisons)."""
+    name = os.environ.get(variable, "").strip()
     if not name:
         return None
-    if name not in CANDIDATES:
-        raise SusurrusError(f"{ENV_FORCE}={name!r}: choose one of {', '.join(CANDIDATES)}")
+    if name not in names:
+        raise SusurrusError(f"{variable}={name!r}: choose one of {', '.join(names)}")
     return name
 
 
@@ -428,8 +598,9 @@ def tune(model: nn.Module) -> KernelTable | None:
     other devices keep F.linear. Returns the table used (None when a kernel is forced).
     """
     name = forced()
+    attention = forced(ENV_FORCE_ATTENTION, ATTENTION)
     table = None
-    if name is None:
+    if name is None or attention is None:
         try:
             table = table_for(model)
         except (RuntimeError, ValueError) as e:
@@ -458,4 +629,6 @@ def tune(model: nn.Module) -> KernelTable | None:
             merged = dict(old.pairs) if isinstance(old, TunedProjection) else {}
             merged[w.dtype] = pairs
             decoder.project = TunedProjection(merged)
+    if (key := _attention_key(model)) is not None:
+        _apply_attention(model, table.choices.get(key) if table else None, attention)
     return table

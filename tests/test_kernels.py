@@ -53,6 +53,23 @@ def test_every_candidate_computes_the_same_product(name, rows):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(kernels.ATTENTION))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_attention_candidate_computes_the_same_attention(name, dtype):
+    torch.manual_seed(0)
+    # Five queries (beams) on one audio, and rows at different positions under a mask.
+    q = torch.randn(2, 6, 5, 64, dtype=dtype)
+    k = torch.randn(2, 6, 1500, 64, dtype=dtype)
+    v = torch.randn(2, 6, 1500, 64, dtype=dtype)
+    mask = (torch.arange(1500) <= torch.tensor([40, 1200])[:, None])[:, None, None, :]
+    for m in (None, mask):
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+        got = kernels.ATTENTION[name](q, k, v, m)
+        assert got.dtype == dtype and got.shape == expected.shape
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+
+
 def _fresh(monkeypatch):
     # A new process as far as the choices go: nothing remembered in memory.
     monkeypatch.setattr(kernels, "_tables", {})
@@ -73,15 +90,27 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
         "float32:384x1536",
         "projection:float32:51864x384",
         f"decoder:float32:384x{len(kernels._decoder_layers(tiny_en)[1])}",
+        "attention:float32:384x6x4:1500",
     }
     assert set(entry["float32:384x384"]) == {"1", "4", "8", "32", "1500"}
-    for buckets in entry.values():
-        assert set(buckets.values()) <= set(kernels.CANDIDATES)
+    for key, buckets in entry.items():
+        if not key.startswith("attention:"):
+            assert set(buckets.values()) <= set(kernels.CANDIDATES)
     assert entry == table.choices
     # Each choice is the measured minimum (or F.linear within 5% of it).
     for key, buckets in table.timings.items():
         for rows, found in buckets.items():
-            assert entry[key][rows] == kernels.choose(found)
+            if not key.startswith("attention:"):
+                assert entry[key][rows] == kernels.choose(found)
+    # The attention of steps: its type (tiny.en's own float32, nothing else asked) and
+    # per bucket of audios the fastest kernel, SDPA on a near tie.
+    attention = entry["attention:float32:384x6x4:1500"]
+    assert attention["dtype"] == "float32"
+    for rows in ("1", "8"):
+        found = table.timings["attention:float32:384x6x4:1500"][rows]
+        fastest = min(found, key=found.__getitem__).partition("/")[2]
+        sdpa_near = found["float32/sdpa"] <= min(found.values()) * 1.05
+        assert attention[rows] == ("sdpa" if sdpa_near else fastest)
 
     # The next process reads the file and measures nothing.
     _fresh(monkeypatch)
@@ -130,6 +159,41 @@ def test_the_loaded_model_uses_its_choices(tiny_en):
     assert isinstance(tiny_en.decoder.project, kernels.TunedProjection)
     x = torch.randn(3, 1, layer.in_features)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_attention_type_follows_recorded_timings():
+    """bfloat16 attention, asked for by `auto`, is kept only where it pays: timings (ms of
+    whole steps) recorded on an AMD EPYC Zen 4, where PyTorch's fused bfloat16 kernel is
+    slow for one query and two plain products are not, and an imagined CPU where
+    bfloat16 loses whatever the kernel."""
+    zen4 = {
+        "1": {"bfloat16/sdpa": 6.77, "bfloat16/matmul": 4.93, "float32/sdpa": 4.60,
+              "float32/matmul": 4.63},
+        "8": {"bfloat16/sdpa": 34.1, "bfloat16/matmul": 13.3, "float32/sdpa": 15.2,
+              "float32/matmul": 14.3},
+    }
+    slow_bf16 = {
+        "1": {"bfloat16/sdpa": 9.0, "bfloat16/matmul": 8.0, "float32/sdpa": 4.6,
+              "float32/matmul": 4.7},
+        "8": {"bfloat16/sdpa": 30.0, "bfloat16/matmul": 25.0, "float32/sdpa": 15.2,
+              "float32/matmul": 14.0},
+    }
+    assert kernels.choose_attention(zen4, torch.bfloat16, torch.float32) == {
+        "dtype": "bfloat16", "1": "matmul", "8": "matmul"
+    }
+    assert kernels.choose_attention(slow_bf16, torch.bfloat16, torch.float32) == {
+        "dtype": "float32", "1": "sdpa", "8": "matmul"
+    }
+
+
+@requires_shared
+@pytest.mark.parametrize("name", list(kernels.ATTENTION))
+def test_float32_parity_with_each_attention_forced(name, monkeypatch):
+    """Token for token with the reference whichever attention the steps take."""
+    monkeypatch.setenv(kernels.ENV_FORCE_ATTENTION, name)
+    model = load_model("tiny.en", device="cpu")
+    assert model.decoder.blocks[0].cross_attn.step_kernels[0][1] is kernels.ATTENTION[name]
+    check_parity(*run_parity(model, "tiny.en", "greedy"))
 
 
 @requires_shared

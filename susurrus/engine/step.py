@@ -139,12 +139,11 @@ class RowTable:
             self.row_capacity, self.length_capacity = new_rows, new_length
         if audios > self.audio_capacity:
             audios = max(audios, 2 * self.audio_capacity)
-            # Laid out (audio, time, head, dim) as the projection makes them: the attention
-            # then reads them with the strides of a plain decode.
-            shape = (audios, self.n_audio_ctx, self.n_head, self.head_dim)
+            # (audio, head, time, dim), as cross_kv makes them (see there).
+            shape = (audios, self.n_head, self.n_audio_ctx, self.head_dim)
             for name in ("cross_k", "cross_v"):
                 old = getattr(self, name)
-                new = [b.transpose(1, 2) for b in self._layers(shape)]
+                new = self._layers(shape)
                 for a, b in zip(new, old):
                     a[: self.n_audio] = b[: self.n_audio]
                 setattr(self, name, new)
