@@ -30,7 +30,6 @@ import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from difflib import SequenceMatcher
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,14 @@ import torch
 
 from .engine import Engine, WindowJob
 from .engine.session import finish_window
-from .features import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from .features import (
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    log_mel_spectrogram,
+    pad_or_trim,
+)
 from .model import Whisper
 from .options import TranscribeOptions
 from .tokenizer import Tokenizer, get_tokenizer
@@ -63,6 +69,16 @@ DETECT_SPEECH_S = 2.0  # speech heard before the language is detected
 # A word is confirmed only once the decode heard this much audio after it: the last word
 # before the buffer's end is often a guess at a word cut off (and gets a full stop).
 HEARD_AFTER_S = 0.25
+# A word the model is unsure of (probability below SURE_P in either decode) waits for
+# agreement until this much audio after it was heard: more context often changes it
+# ("made justly" -> "may justly").
+SURE_P = 0.8
+UNSURE_WAIT_S = 1.0
+# Speech the VAD heard between a decode's word and the next (or the end), more than this:
+# the decode skipped some (it rounded the words off, "nothing going on." for "nothing going
+# else going on"), so that word waits.
+UNDECODED_S = 0.3
+UNDECODED_WAIT_S = 2.0  # ... unless it ended this long before the decoded audio did
 # The buffer keeps the confirmed speech before a pause shorter than this (context for the
 # words after it; the confirmed words are matched again by their text).
 SETTLE_TRIM_S = 2.0
@@ -318,7 +334,10 @@ class LiveSession:
             and bool(self._speech)
             and self._total / SAMPLE_RATE - self._speech[-1][1] >= self.pause
         )
-        return WindowJob(options, mel=mel[:, :N_FRAMES].to(self.model.device),
+        # As a recording's window is decoded: frames past the audio are zeros in log-mel
+        # space (not the log-mel of silence), so that a buffer decodes as offline does.
+        mel = pad_or_trim(mel[:, :size], N_FRAMES)
+        return WindowJob(options, mel=mel.to(self.model.device),
                          tag=(start, size, final, paused))
 
     def job_done(self, job: WindowJob) -> None:
@@ -409,6 +428,10 @@ class LiveSession:
     def _speech_seconds(self) -> float:
         return sum(b - a for a, b in self._speech)
 
+    def _speech_between(self, start: float, end: float) -> float:
+        """Seconds of speech heard between two times."""
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in self._speech)
+
     def _drop_silence(self) -> None:
         """No speech in the buffer: keep only its last second (a word may be starting)."""
         if not self.tentative:
@@ -465,11 +488,25 @@ class LiveSession:
             agreed = len(fresh)
         else:
             agreed = 0
-            for a, b in zip(fresh, self._previous):
+            # A word waits while speech after it has not been decoded (the decode skipped
+            # some), and so do the words after it.
+            limit = len(fresh)
+            for i, word in enumerate(fresh):
+                following = fresh[i + 1]["start"] if i + 1 < len(fresh) else heard
+                if (
+                    word["end"] > heard - UNDECODED_WAIT_S
+                    and self._speech_between(word["end"], following) > UNDECODED_S
+                ):
+                    limit = i
+                    break
+            for a, b in zip(fresh[:limit], self._previous):
                 if _key(a["word"]) != _key(b["word"]) or not _key(a["word"]):
                     break
                 if a["end"] > heard - HEARD_AFTER_S:
                     break  # not heard to its end yet
+                sure = min(a["probability"], b["probability"]) >= SURE_P
+                if not sure and a["end"] > heard - UNSURE_WAIT_S:
+                    break
                 agreed += 1
         new = fresh[:agreed]
         for word in new:
@@ -483,23 +520,31 @@ class LiveSession:
         return new
 
     def _after_confirmed(self, words: list[dict], begin: float) -> int:
-        """Where a decode's words go on past the confirmed ones. The confirmed words
-        inside the decoded audio are found again by their text (their times move between
-        decodes: a word confirmed at a buffer's end may have been stretched to it); failing
-        that, by time, skipping a repeat of the last confirmed words."""
+        """Where a decode's words go on past the confirmed ones. The last confirmed word,
+        when inside the decoded audio, is found again by its text near its start (times
+        move between decodes: a word confirmed at a buffer's end may have been stretched to
+        it, and the words after it then start before its end); failing that, by time,
+        skipping a repeat of the last confirmed words."""
         if not self.confirmed or not words:
             return 0
-        inside = [w for w in self.confirmed if w["end"] > begin + 0.05]
-        if inside:
-            ours = [_key(w["word"]) for w in inside]
+        last = self.confirmed[-1]
+        if last["end"] > begin + 0.05:  # the last confirmed word is inside the decoded audio
+            # The same word in this decode: of those that read alike and start near it,
+            # the one whose words before it agree longest with the confirmed ones, then the
+            # nearest (a word said again a moment later is another: "words, words, words").
+            ours = [_key(w["word"]) for w in self.confirmed[-8:]][::-1]
             theirs = [_key(w["word"]) for w in words]
-            matcher = SequenceMatcher(None, ours, theirs, autojunk=False)
-            for block in matcher.get_matching_blocks():
-                if block.size and block.a + block.size == len(ours):
-                    index = block.b + block.size
-                    # The same word, not a later one that reads alike.
-                    if abs(words[index - 1]["start"] - inside[-1]["start"]) <= 1.0:
-                        return index
+            candidates = []
+            for i, word in enumerate(words):
+                distance = abs(word["start"] - last["start"])
+                if theirs[i] != ours[0] or distance > 1.0:
+                    continue
+                context = 0
+                while context < min(len(ours), i + 1) and theirs[i - context] == ours[context]:
+                    context += 1
+                candidates.append((-context, distance, i + 1))
+            if candidates:
+                return min(candidates)[2]
         last_end = self.confirmed[-1]["end"]
         index = next((i for i, w in enumerate(words) if w["start"] >= last_end - 0.1), len(words))
         return index + self._repeat(words[index:], last_end)
