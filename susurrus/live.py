@@ -5,16 +5,24 @@ whenever new audio has come, decodes that buffer again on a shared `Engine`: it 
 source of windows like any recording's session, so many live streams on one engine decode
 in the same batches. The policy (LocalAgreement-2, as in Whisper-Streaming):
 
-- Each decode yields words with times (word timestamps). A word is *confirmed* once two
-  successive decodes agree on it (the longest common prefix of their words after the
-  confirmed ones); with `pause`, also at once when the decode saw the speaker pause
-  (the VAD heard that much silence after the last speech). Confirmed words are never
-  retracted. The rest of the latest decode is the *tentative* tail.
+- Each decode becomes words with times through the sessions' own `finish_window` (so the
+  silence check, word timestamps and hallucination skip are those of recordings). A word
+  is *confirmed* once two successive decodes agree on it (the longest common prefix of
+  their words after the confirmed ones, which are found again in each decode by their
+  text), and the decode heard audio after it: a little for a word both decodes are sure
+  of, a second for one they are not, and no speech the decode skipped after it. With
+  `pause`, also at once when the decode saw the speaker pause (the VAD heard that much
+  silence after the last speech). Confirmed words are never retracted. The rest of the
+  latest decode is the *tentative* tail. At `finish` the rest is decoded once more and
+  confirmed, unless every word heard is confirmed already (decoding again would only
+  invite the model to repeat its prompt), and only what agrees when a threshold flags
+  that decode.
 - The confirmed text that has left the buffer is the decoding prompt, so the text reads
   on across cuts.
 - The buffer is cut at the end of a confirmed sentence once it is longer than `trim`
   seconds (at any confirmed word past `2 * trim`, and it never exceeds 30 s), so a decode
-  costs about the same from the first minute to the hundredth.
+  costs about the same from the first minute to the hundredth; after a pause of two
+  seconds it starts again at the pause.
 - Silence and noise give no words: the buffer is decoded only when Silero VAD hears speech
   in it, words outside the speech it hears are dropped, and a decode that the model
   itself calls no speech (or that repeats itself) counts as no words.
