@@ -194,7 +194,7 @@ def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compu
             conf, tent = latencies(units, live, off_words, f["language"])
             bucket = per_language.setdefault(
                 f["language"], {"refs": [], "live": [], "offline": [], "conf": [], "tent": [],
-                                "audio_s": 0.0, "decode_s": 0.0, "decodes": 0})
+                                "audio_s": 0.0, "decode_s": 0.0, "decodes": 0, "texts": []})
             bucket["refs"].append(f["transcript"])
             bucket["live"].append(live["text"])
             bucket["offline"].append(off["text"])
@@ -203,6 +203,8 @@ def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compu
             bucket["audio_s"] += len(samples) / 16000
             bucket["decode_s"] += live["decode_s"]
             bucket["decodes"] += live["decodes"]
+            bucket["texts"].append(
+                {"file": f["file"], "live": live["text"], "offline": off["text"]})
             print(f"  {model_name} chunk {chunk} {f['file']}: {live['decodes']} decodes, "
                   f"{live['text'][:70]!r}", file=sys.stderr, flush=True)
         for language, b in per_language.items():
@@ -225,6 +227,7 @@ def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compu
                 "error_rate_live": error_rate(units, hyp, ref, language),
                 "error_rate_offline": error_rate(units, off_text, ref, language),
                 "error_rate_live_vs_offline": error_rate(units, hyp, off_text, language),
+                "texts": b["texts"],  # per file: where live and offline differ
             })
     return out
 
@@ -317,6 +320,8 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=None,
                         help="LiveSession(pause=): silence that makes a decode final")
     parser.add_argument("--no-streams", action="store_true", help="skip the streams count")
+    parser.add_argument("--no-accuracy", action="store_true",
+                        help="only the streams count")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -340,7 +345,7 @@ def main() -> None:
     models = args.models.split(",")
     began = time.time()
     accuracy = []
-    for model_name in models:
+    for model_name in [] if args.no_accuracy else models:
         accuracy += accuracy_runs(model_name, chunks, files, args.compute_type, units,
                                   args.pause)
     streams = [] if args.no_streams else [

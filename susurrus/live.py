@@ -5,16 +5,24 @@ whenever new audio has come, decodes that buffer again on a shared `Engine`: it 
 source of windows like any recording's session, so many live streams on one engine decode
 in the same batches. The policy (LocalAgreement-2, as in Whisper-Streaming):
 
-- Each decode yields words with times (word timestamps). A word is *confirmed* once two
-  successive decodes agree on it (the longest common prefix of their words after the
-  confirmed ones); with `pause`, also at once when the decode saw the speaker pause
-  (the VAD heard that much silence after the last speech). Confirmed words are never
-  retracted. The rest of the latest decode is the *tentative* tail.
+- Each decode becomes words with times through the sessions' own `finish_window` (so the
+  silence check, word timestamps and hallucination skip are those of recordings). A word
+  is *confirmed* once two successive decodes agree on it (the longest common prefix of
+  their words after the confirmed ones, which are found again in each decode by their
+  text), and the decode heard audio after it: a little for a word both decodes are sure
+  of, a second for one they are not, and no speech the decode skipped after it. With
+  `pause`, also at once when the decode saw the speaker pause (the VAD heard that much
+  silence after the last speech). Confirmed words are never retracted. The rest of the
+  latest decode is the *tentative* tail. At `finish` the rest is decoded once more and
+  confirmed, unless every word heard is confirmed already (decoding again would only
+  invite the model to repeat its prompt), and only what agrees when a threshold flags
+  that decode.
 - The confirmed text that has left the buffer is the decoding prompt, so the text reads
   on across cuts.
 - The buffer is cut at the end of a confirmed sentence once it is longer than `trim`
   seconds (at any confirmed word past `2 * trim`, and it never exceeds 30 s), so a decode
-  costs about the same from the first minute to the hundredth.
+  costs about the same from the first minute to the hundredth; after a pause of two
+  seconds it starts again at the pause.
 - Silence and noise give no words: the buffer is decoded only when Silero VAD hears speech
   in it, words outside the speech it hears are dropped, and a decode that the model
   itself calls no speech (or that repeats itself) counts as no words.
@@ -36,11 +44,17 @@ import numpy as np
 import torch
 
 from .engine import Engine, WindowJob
-from .engine.session import is_silence, split_segments
-from .features import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from .engine.session import finish_window
+from .features import (
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    log_mel_spectrogram,
+    pad_or_trim,
+)
 from .model import Whisper
 from .options import TranscribeOptions
-from .timing import add_word_timestamps
 from .tokenizer import Tokenizer, get_tokenizer
 from .vad import speech_regions
 
@@ -60,7 +74,24 @@ VAD_MIN_SILENCE_MS = 300
 VAD_PAD_S = 0.3  # words this far outside heard speech still count (onsets, tails)
 PROMPT_TOKENS = 200  # the confirmed text before the buffer given as prompt, in tokens
 DETECT_SPEECH_S = 2.0  # speech heard before the language is detected
-
+# A word is confirmed only once the decode heard this much audio after it: the last word
+# before the buffer's end is often a guess at a word cut off (and gets a full stop).
+HEARD_AFTER_S = 0.25
+# A word the model is unsure of (probability below SURE_P in either decode) waits for
+# agreement until this much audio after it was heard: more context often changes it
+# ("made justly" -> "may justly").
+SURE_P = 0.8
+UNSURE_WAIT_S = 1.0
+# Speech the VAD heard between a decode's word and the next (or the end), more than this:
+# the decode skipped some (it rounded the words off, "nothing going on." for "nothing going
+# else going on"), so that word waits.
+UNDECODED_S = 0.3
+UNDECODED_WAIT_S = 2.0  # ... unless it ended this long before the decoded audio did
+# The buffer keeps the confirmed speech before a pause shorter than this (context for the
+# words after it; the confirmed words are matched again by their text).
+SETTLE_TRIM_S = 2.0
+# `hallucination_silence_threshold` of live streams (a transcription option), unless given.
+HALLUCINATION_SILENCE_S = 2.0
 
 
 @dataclass
@@ -175,6 +206,9 @@ class LiveSession:
         self.engine = model if isinstance(model, Engine) else Engine(model, max_batch=8)
         self.model = self.engine.model
         options.setdefault("temperature", 0.0)
+        # Words come from the sessions' window function, hallucination skip included.
+        options["word_timestamps"] = True
+        options.setdefault("hallucination_silence_threshold", HALLUCINATION_SILENCE_S)
         self.options = TranscribeOptions.create(language=language, **options)
         if not 1.0 <= trim <= 25.0:
             raise ValueError(f"trim must be between 1 and 25 seconds, got {trim}")
@@ -287,7 +321,9 @@ class LiveSession:
     def _final_job(self) -> WindowJob | None:
         self._final_sent = True
         self._hear()
-        if not self._has_speech() or len(self._buffer) < HOP_LENGTH:
+        # Decoding a buffer whose speech is all confirmed again invites the model to repeat
+        # its prompt (the confirmed text) over the silence after it.
+        if not self._has_speech() or len(self._buffer) < HOP_LENGTH or self._all_confirmed():
             self._complete()
             return None
         return self._job(final=True)
@@ -306,7 +342,10 @@ class LiveSession:
             and bool(self._speech)
             and self._total / SAMPLE_RATE - self._speech[-1][1] >= self.pause
         )
-        return WindowJob(options, mel=mel[:, :N_FRAMES].to(self.model.device),
+        # As a recording's window is decoded: frames past the audio are zeros in log-mel
+        # space (not the log-mel of silence), so that a buffer decodes as offline does.
+        mel = pad_or_trim(mel[:, :size], N_FRAMES)
+        return WindowJob(options, mel=mel.to(self.model.device),
                          tag=(start, size, final, paused))
 
     def job_done(self, job: WindowJob) -> None:
@@ -318,8 +357,11 @@ class LiveSession:
             if self.language is None:
                 self._set_language(result.language)  # once, for the whole stream
             before = [_key(w["word"]) for w in self.tentative]
-            words = self._words(result, start, size)
-            new = self._agree(words, final or paused)
+            words, suspect = self._words(result, start, size)
+            # Without agreement, only a decode no threshold flags confirms its words.
+            heard = (start + size * HOP_LENGTH) / SAMPLE_RATE
+            new = self._agree(words, (final or paused) and not suspect, start / SAMPLE_RATE,
+                              heard)
             changed = before != [_key(w["word"]) for w in self.tentative]
             if not final:
                 self._cut()
@@ -394,59 +436,50 @@ class LiveSession:
     def _speech_seconds(self) -> float:
         return sum(b - a for a, b in self._speech)
 
+    def _speech_between(self, start: float, end: float) -> float:
+        """Seconds of speech heard between two times."""
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in self._speech)
+
     def _drop_silence(self) -> None:
         """No speech in the buffer: keep only its last second (a word may be starting)."""
         if not self.tentative:
             self._trim_to(self._total - SAMPLE_RATE)
 
-    def _settled(self) -> bool:
-        """No speech heard after the last confirmed word: nothing new to decode; the
-        buffer then starts there."""
+    def _all_confirmed(self) -> bool:
+        """Whether every word heard is confirmed: no tentative words and no speech heard
+        after the last confirmed word."""
         if not self.confirmed or self.tentative:
             return False
         last_end = self.confirmed[-1]["end"]
-        if any(b > last_end + VAD_PAD_S + 0.2 for _, b in self._speech):
+        return not any(b > last_end + VAD_PAD_S + 0.2 for _, b in self._speech)
+
+    def _settled(self) -> bool:
+        """No speech heard after the last confirmed word: nothing new to decode. After a
+        long pause the buffer drops what came before it (its last second kept); after a
+        short one it keeps it, as context for the words that follow."""
+        if not self._all_confirmed():
             return False
-        self._trim_to(int(last_end * SAMPLE_RATE))
+        if self._total / SAMPLE_RATE - self.confirmed[-1]["end"] > SETTLE_TRIM_S:
+            self._trim_to(self._total - SAMPLE_RATE)
         return True
 
-    def _words(self, result: Any, start: int, size: int) -> list[dict]:
-        """A decode's words with absolute times; none for what the model calls silence,
-        repetitive text, or words where the VAD heard no speech."""
-        thresholds = self.options.thresholds()
-        if is_silence(result, thresholds):
-            return []
+    def _words(self, result: Any, start: int, size: int) -> tuple[list[dict], bool]:
+        """A decode's words with absolute times, and whether a threshold flags it. The
+        sessions' `finish_window` makes them (silence, segments, word timestamps, the
+        hallucination skip), as it does for recordings; a decode that repeats itself
+        gives none (offline it would be decoded again hotter; here the next decode comes
+        soon), nor do words where the VAD heard no speech."""
         ratio = self.options.compression_ratio_threshold
         if ratio is not None and result.compression_ratio > ratio:
-            return []  # a loop, not speech
+            return [], True  # a loop, not speech
         frame = start // HOP_LENGTH
-        offset = frame * HOP_LENGTH / SAMPLE_RATE
-        duration = size * HOP_LENGTH / SAMPLE_RATE
-        segments, _ = split_segments(
-            result, self.tokenizer, frame, size, duration, offset,
-            N_FRAMES // self.model.dims.n_audio_ctx, 0.02, keep_tail=True,
+        outcome = finish_window(
+            self.model, self.tokenizer, self.options, result, frame, size,
+            last_speech=frame * HOP_LENGTH / SAMPLE_RATE, planned=True,
+            content_frames=self._total // HOP_LENGTH,
         )
-        segments = [s for s in segments if any(t < self.tokenizer.eot for t in s["tokens"])]
-        if not segments:
-            return []
-        add_word_timestamps(
-            segments=segments,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            audio_features=result.audio_features,
-            num_frames=size,
-            prepend_punctuations=self.options.prepend_punctuations,
-            append_punctuations=self.options.append_punctuations,
-            last_speech_timestamp=offset,
-        )
-        end = (start + size * HOP_LENGTH) / SAMPLE_RATE
-        words = []
-        for segment in segments:
-            for word in segment["words"]:
-                word = {**word, "start": min(word["start"], end), "end": min(word["end"], end)}
-                if self._heard(word):
-                    words.append(word)
-        return words
+        words = [w for s in outcome.segments for w in s["words"] if self._heard(w)]
+        return words, outcome.suspect
 
     def _heard(self, word: dict) -> bool:
         return any(
@@ -454,18 +487,33 @@ class LiveSession:
             for a, b in self._speech
         )
 
-    def _agree(self, words: list[dict], final: bool) -> list[dict]:
-        """Confirm what this decode and the last agree on; return the words confirmed."""
+    def _agree(self, words: list[dict], final: bool, begin: float, heard: float) -> list[dict]:
+        """Confirm what this decode (of the audio from `begin` to `heard`, in seconds)
+        and the last agree on; return the words confirmed."""
         last_end = self.confirmed[-1]["end"] if self.confirmed else 0.0
-        # Words of the buffer that were confirmed before (the buffer starts earlier).
-        fresh = [w for w in words if w["start"] >= last_end - 0.1]
-        fresh = self._drop_repeat(fresh, last_end)
+        fresh = words[self._after_confirmed(words, begin):]
         if final:
             agreed = len(fresh)
         else:
             agreed = 0
-            for a, b in zip(fresh, self._previous):
+            # A word waits while speech after it has not been decoded (the decode skipped
+            # some), and so do the words after it.
+            limit = len(fresh)
+            for i, word in enumerate(fresh):
+                following = fresh[i + 1]["start"] if i + 1 < len(fresh) else heard
+                if (
+                    word["end"] > heard - UNDECODED_WAIT_S
+                    and self._speech_between(word["end"], following) > UNDECODED_S
+                ):
+                    limit = i
+                    break
+            for a, b in zip(fresh[:limit], self._previous):
                 if _key(a["word"]) != _key(b["word"]) or not _key(a["word"]):
+                    break
+                if a["end"] > heard - HEARD_AFTER_S:
+                    break  # not heard to its end yet
+                sure = min(a["probability"], b["probability"]) >= SURE_P
+                if not sure and a["end"] > heard - UNSURE_WAIT_S:
                     break
                 agreed += 1
         new = fresh[:agreed]
@@ -479,17 +527,47 @@ class LiveSession:
         self._previous = self.tentative
         return new
 
-    def _drop_repeat(self, fresh: list[dict], last_end: float) -> list[dict]:
-        """A decode that starts with the last confirmed words again (their times moved a
-        little) continues after them: the longest such overlap, up to five words."""
-        if not fresh or not self.confirmed or fresh[0]["start"] - last_end > 1.0:
-            return fresh
+    def _after_confirmed(self, words: list[dict], begin: float) -> int:
+        """Where a decode's words go on past the confirmed ones. The last confirmed word,
+        when inside the decoded audio, is found again by its text near its start (times
+        move between decodes: a word confirmed at a buffer's end may have been stretched to
+        it, and the words after it then start before its end); failing that, by time,
+        skipping a repeat of the last confirmed words."""
+        if not self.confirmed or not words:
+            return 0
+        last = self.confirmed[-1]
+        if last["end"] > begin + 0.05:  # the last confirmed word is inside the decoded audio
+            # The same word in this decode: of those that read alike and start near it,
+            # the one whose words before it agree longest with the confirmed ones, then the
+            # nearest (a word said again a moment later is another: "words, words, words").
+            ours = [_key(w["word"]) for w in self.confirmed[-8:]][::-1]
+            theirs = [_key(w["word"]) for w in words]
+            candidates = []
+            for i, word in enumerate(words):
+                distance = abs(word["start"] - last["start"])
+                if theirs[i] != ours[0] or distance > 1.0:
+                    continue
+                context = 0
+                while context < min(len(ours), i + 1) and theirs[i - context] == ours[context]:
+                    context += 1
+                candidates.append((-context, distance, i + 1))
+            if candidates:
+                return min(candidates)[2]
+        last_end = self.confirmed[-1]["end"]
+        index = next((i for i, w in enumerate(words) if w["start"] >= last_end - 0.1), len(words))
+        return index + self._repeat(words[index:], last_end)
+
+    def _repeat(self, fresh: list[dict], last_end: float) -> int:
+        """How many of the first words repeat the last confirmed ones (a decode that starts
+        with them again, their times moved: the longest such overlap, up to five words)."""
+        if not fresh or fresh[0]["start"] - last_end > 1.0:
+            return 0
         tail = [_key(w["word"]) for w in self.confirmed[-5:]]
         head = [_key(w["word"]) for w in fresh[:5]]
         for n in range(min(len(tail), len(head)), 0, -1):
             if tail[-n:] == head[:n]:
-                return fresh[n:]
-        return fresh
+                return n
+        return 0
 
     def _cut(self) -> None:
         """Cut the buffer at a confirmed sentence end past `trim` seconds, at any confirmed

@@ -70,7 +70,9 @@ def test_words_in_half_second_chunks_match_offline_decoding(tiny_en, live_runs):
         live.append(norm(result["text"]))
         offline.append(norm(transcribe(tiny_en, str(AUDIO / name), temperature=0.0)["text"]))
     live_wer, offline_wer = jiwer.wer(expected, live), jiwer.wer(expected, offline)
-    assert live_wer <= offline_wer + 0.05, (live_wer, offline_wer, live)
+    print(f"live WER {live_wer:.4f}, offline {offline_wer:.4f}")
+    # The target: within one point of offline decoding.
+    assert live_wer <= offline_wer + 0.01, (live_wer, offline_wer, live)
     # Word times are in order and inside the audio.
     for name, (result, _) in live_runs.items():
         words = [w for s in result["segments"] for w in s["words"]]

@@ -82,12 +82,12 @@ async def stream(server, name: str, *, as_json: bool = False, chunk: float = 0.5
     return events
 
 
-def check_events(events: list[dict], name: str) -> str:
+def check_events(events: list[dict], name: str, min_deltas: int = 3) -> str:
     assert events[0]["type"] == "transcription_session.created"
     deltas = [e for e in events if e["type"] == DELTA]
     completed = events[-1]
     assert completed["type"] == COMPLETED, events[-3:]
-    assert len(deltas) >= 3
+    assert len(deltas) >= min_deltas
     # The deltas, joined, are the transcript: confirmed text is only ever appended to.
     joined = "".join(e["delta"] for e in deltas)
     assert joined.strip() == completed["transcript"]
@@ -112,7 +112,9 @@ def test_key_by_browser_subprotocol_and_refusals(server):
     name = "en_ls_61-70968-0002.flac"
     events = asyncio.run(stream(server, name, headers={},
                                 subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"]))
-    check_events(events, name)
+    # 3 s of audio sent at once is decoded in two goes or so (words are confirmed once a
+    # decode has heard past them): a delta while the audio still comes, then the rest.
+    check_events(events, name, min_deltas=2)
 
     async def refused(query: str, headers: dict) -> tuple[dict, int]:
         async with websockets.connect(url(server, query), additional_headers=headers) as ws:

@@ -4,9 +4,10 @@
 one's speech ended and takes its text as prompt, so one window is in flight at a time.
 `PlannedSession` (batch_size) cuts the recording at pauses beforehand, so that its windows
 decode side by side. Both turn a decoded window into segments with the same function
-(`Session.finish_window`): silence, segments, word timestamps, the hallucination skip and
-the `suspect` flag work alike in both. Segments come out through `on_segment` as soon as
-they are final, and the state after each window saves to JSON (resume).
+(`finish_window`, which live streams use too): silence, segments, word timestamps, the
+hallucination skip and the `suspect` flag work alike in all of them. Segments come out
+through `on_segment` as soon as they are final, and the state after each window saves to
+JSON (resume).
 """
 
 from __future__ import annotations
@@ -132,11 +133,15 @@ class _Window:
 
 
 @dataclass
-class _Outcome:
+class WindowOutcome:
+    """A decoded window's final segments, the frame to go on from, where its speech
+    ended, whether it was dropped as a hallucination, and whether a threshold flags it."""
+
     segments: list[dict] = field(default_factory=list)
     seek: int = 0
     last_speech: float = 0.0
     discard: bool = False
+    suspect: bool = False
 
 
 class Session:
@@ -214,7 +219,6 @@ class Session:
             self.content_frames = mel.shape[-1] - N_FRAMES
             self.frames = lambda start, stop: mel[:, start:stop]
         self.clips = clip_frames(clips, self.content_frames)
-        self.content_duration = float(self.content_frames * HOP_LENGTH / SAMPLE_RATE)
         if self.language is None and not model.is_multilingual:
             self.language = "en"
         self._detecting = self.language is None
@@ -235,8 +239,6 @@ class Session:
             self.initial_prompt_tokens = self.tokenizer.encode(
                 " " + self.options.initial_prompt.strip()
             )
-        self.input_stride = N_FRAMES // model.dims.n_audio_ctx  # mel frames per position: 2
-        self.time_precision = self.input_stride * HOP_LENGTH / SAMPLE_RATE  # 0.02 s
         self._start()
 
     def _start(self) -> None:
@@ -344,141 +346,20 @@ class Session:
         *,
         last_speech: float,
         planned: bool,
-    ) -> _Outcome:
-        """A decoded window as final segments: silence, segments at timestamp pairs, word
-        timestamps, the hallucination skip and the suspect flag; and where to go on from.
-
-        `planned`: a window cut beforehand at a pause: text after its last timestamp pair
-        is kept as a last segment, times stay inside the window, and the next window does
-        not depend on where the last word ended.
-        """
-        if is_silence(result, self.thresholds):
-            return _Outcome([], start + size, last_speech)  # nothing to keep in this window
-        offset = float(start * HOP_LENGTH / SAMPLE_RATE)
-        duration = size * HOP_LENGTH / SAMPLE_RATE
-        segments, seek = split_segments(
-            result,
+    ) -> WindowOutcome:
+        """This recording's decoded window as final segments (see `finish_window`)."""
+        return finish_window(
+            self.model,
             self.tokenizer,
+            self.options,
+            result,
             start,
             size,
-            duration,
-            offset,
-            self.input_stride,
-            self.time_precision,
-            keep_tail=planned,
+            last_speech=last_speech,
+            planned=planned,
+            content_frames=self.content_frames,
+            verbose=self.verbose,
         )
-        outcome = _Outcome(segments, seek, last_speech)
-        if self.options.word_timestamps:
-            self._add_words(result, outcome, start, size, planned)
-        if outcome.discard:
-            # A likely hallucination after a long silence: decode again from later on.
-            outcome.segments = []
-        if planned:
-            window_end = (start + size) * HOP_LENGTH / SAMPLE_RATE
-            for segment in outcome.segments:
-                # A window shorter than 30 s is padded: no time past its end is real.
-                segment["start"] = min(segment["start"], window_end)
-                segment["end"] = min(segment["end"], window_end)
-        suspect = any(_verdicts(result, self.thresholds))
-        for segment in outcome.segments:
-            if self.verbose:
-                a, b = format_timestamp(segment["start"]), format_timestamp(segment["end"])
-                print(f"[{a} --> {b}] {segment['text']}", flush=True)
-            # A zero-length or empty segment keeps its place but carries nothing.
-            if segment["start"] == segment["end"] or not segment["text"].strip():
-                segment["text"], segment["tokens"], segment["words"] = "", [], []
-            segment["suspect"] = suspect
-        return outcome
-
-    def _add_words(
-        self, result: DecodingResult, outcome: _Outcome, start: int, size: int, planned: bool
-    ) -> None:
-        """Word timestamps for one window's segments, then where to continue (in place).
-
-        `outcome.discard` means the window's segments are a likely hallucination preceded
-        by silence and must be dropped; the seek then points past the silence so that the
-        audio after it is decoded afresh."""
-        segments = outcome.segments
-        time_offset = start * HOP_LENGTH / SAMPLE_RATE
-        window_end_time = (start + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
-        segment_duration = size * HOP_LENGTH / SAMPLE_RATE
-        is_ts = [t >= self.tokenizer.timestamp_begin for t in result.tokens]
-        single_timestamp_ending = is_ts[-2:] == [False, True]
-        # Windows cut beforehand finish out of order: their start stands in for the end of
-        # the speech before them.
-        last_speech = time_offset if planned else outcome.last_speech
-        add_word_timestamps(
-            segments=segments,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            audio_features=result.audio_features,
-            num_frames=size,
-            prepend_punctuations=self.options.prepend_punctuations,
-            append_punctuations=self.options.append_punctuations,
-            last_speech_timestamp=last_speech,
-        )
-        if not single_timestamp_ending and not planned:
-            # Resume where the last word ended rather than at the last timestamp token.
-            last_word_end = get_end(segments)
-            if last_word_end is not None and last_word_end > time_offset:
-                outcome.seek = round(last_word_end * FRAMES_PER_SECOND)
-
-        threshold = self.options.hallucination_silence_threshold
-        if threshold is not None:
-            if not single_timestamp_ending and not planned:
-                last_word_end = get_end(segments)
-                if last_word_end is not None and last_word_end > time_offset:
-                    # A long silence after the last word: skip to it; else take the window.
-                    remaining = window_end_time - last_word_end
-                    if remaining > threshold:
-                        outcome.seek = round(last_word_end * FRAMES_PER_SECOND)
-                    else:
-                        outcome.seek = start + size
-
-            # A suspicious first segment after a long leading silence: skip the silence only.
-            first = next_words_segment(segments)
-            if first is not None and is_segment_anomaly(first):
-                gap = first["start"] - time_offset
-                if gap > threshold:
-                    outcome.seek = start + round(gap * FRAMES_PER_SECOND)
-                    outcome.discard = True
-                    return
-
-            # Drop a suspicious segment (and all after it) that silence or more suspicious
-            # segments surround, and resume at its start.
-            previous_end = last_speech
-            for index, segment in enumerate(segments):
-                if not segment["words"]:
-                    continue
-                if is_segment_anomaly(segment):
-                    following = next_words_segment(segments[index + 1 :])
-                    if following is not None:
-                        next_start = following["words"][0]["start"]
-                    else:
-                        next_start = time_offset + segment_duration
-                    silence_before = (
-                        segment["start"] - previous_end > threshold
-                        or segment["start"] < threshold
-                        or segment["start"] - time_offset < 2.0
-                    )
-                    silence_after = (
-                        next_start - segment["end"] > threshold
-                        or is_segment_anomaly(following)
-                        or window_end_time - segment["end"] < 2.0
-                    )
-                    if silence_before and silence_after:
-                        outcome.seek = round(
-                            max(time_offset + 1, segment["start"]) * FRAMES_PER_SECOND
-                        )
-                        if self.content_duration - segment["end"] < threshold:
-                            outcome.seek = self.content_frames
-                        del segments[index:]
-                        break
-                previous_end = segment["end"]
-
-        last_word_end = get_end(segments)
-        if last_word_end is not None:
-            outcome.last_speech = last_word_end
 
     def _emit(self, segments: list[dict]) -> None:
         for segment in segments:
@@ -770,6 +651,175 @@ class PlannedSession(Session):
             )
         self.done_frames = state["done_frames"]
         self._progress_bar().update(self.done_frames)
+
+
+def finish_window(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    options: TranscribeOptions,
+    result: DecodingResult,
+    start: int,
+    size: int,
+    *,
+    last_speech: float,
+    planned: bool,
+    content_frames: int,
+    verbose: bool | None = None,
+) -> WindowOutcome:
+    """A decoded window (frames [start, start + size)) as final segments: silence, segments
+    at timestamp pairs, word timestamps, the hallucination skip and the suspect flag; and
+    where to go on from. The one place that does this: sessions of recordings and live
+    streams (`susurrus.live`) both call it.
+
+    `planned`: a window cut beforehand at a pause, or a live buffer: text after its last
+    timestamp pair is kept as a last segment, times stay inside the window, and the next
+    window does not depend on where the last word ended. `content_frames`: the audio's
+    length so far (a hallucination near its end skips to it).
+    """
+    thresholds = options.thresholds()
+    if is_silence(result, thresholds):
+        return WindowOutcome([], start + size, last_speech)  # nothing to keep in this window
+    input_stride = N_FRAMES // model.dims.n_audio_ctx  # mel frames per position: 2
+    time_precision = input_stride * HOP_LENGTH / SAMPLE_RATE  # 0.02 s
+    offset = float(start * HOP_LENGTH / SAMPLE_RATE)
+    duration = size * HOP_LENGTH / SAMPLE_RATE
+    segments, seek = split_segments(
+        result,
+        tokenizer,
+        start,
+        size,
+        duration,
+        offset,
+        input_stride,
+        time_precision,
+        keep_tail=planned,
+    )
+    outcome = WindowOutcome(segments, seek, last_speech)
+    if options.word_timestamps:
+        _add_words(model, tokenizer, options, result, outcome, start, size, planned,
+                   content_frames)
+    if outcome.discard:
+        # A likely hallucination after a long silence: decode again from later on.
+        outcome.segments = []
+    if planned:
+        window_end = (start + size) * HOP_LENGTH / SAMPLE_RATE
+        for segment in outcome.segments:
+            # A window shorter than 30 s is padded: no time past its end is real.
+            segment["start"] = min(segment["start"], window_end)
+            segment["end"] = min(segment["end"], window_end)
+            for word in segment.get("words", []):
+                word["start"] = min(word["start"], window_end)
+                word["end"] = min(word["end"], window_end)
+    outcome.suspect = any(_verdicts(result, thresholds))
+    for segment in outcome.segments:
+        if verbose:
+            a, b = format_timestamp(segment["start"]), format_timestamp(segment["end"])
+            print(f"[{a} --> {b}] {segment['text']}", flush=True)
+        # A zero-length or empty segment keeps its place but carries nothing.
+        if segment["start"] == segment["end"] or not segment["text"].strip():
+            segment["text"], segment["tokens"], segment["words"] = "", [], []
+        segment["suspect"] = outcome.suspect
+    return outcome
+
+
+def _add_words(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    options: TranscribeOptions,
+    result: DecodingResult,
+    outcome: WindowOutcome,
+    start: int,
+    size: int,
+    planned: bool,
+    content_frames: int,
+) -> None:
+    """Word timestamps for one window's segments, then where to continue (in place).
+
+    `outcome.discard` means the window's segments are a likely hallucination preceded
+    by silence and must be dropped; the seek then points past the silence so that the
+    audio after it is decoded afresh."""
+    segments = outcome.segments
+    time_offset = start * HOP_LENGTH / SAMPLE_RATE
+    window_end_time = (start + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
+    segment_duration = size * HOP_LENGTH / SAMPLE_RATE
+    content_duration = content_frames * HOP_LENGTH / SAMPLE_RATE
+    is_ts = [t >= tokenizer.timestamp_begin for t in result.tokens]
+    single_timestamp_ending = is_ts[-2:] == [False, True]
+    # Windows cut beforehand finish out of order: their start stands in for the end of
+    # the speech before them.
+    last_speech = time_offset if planned else outcome.last_speech
+    add_word_timestamps(
+        segments=segments,
+        model=model,
+        tokenizer=tokenizer,
+        audio_features=result.audio_features,
+        num_frames=size,
+        prepend_punctuations=options.prepend_punctuations,
+        append_punctuations=options.append_punctuations,
+        last_speech_timestamp=last_speech,
+    )
+    if not single_timestamp_ending and not planned:
+        # Resume where the last word ended rather than at the last timestamp token.
+        last_word_end = get_end(segments)
+        if last_word_end is not None and last_word_end > time_offset:
+            outcome.seek = round(last_word_end * FRAMES_PER_SECOND)
+
+    threshold = options.hallucination_silence_threshold
+    if threshold is not None:
+        if not single_timestamp_ending and not planned:
+            last_word_end = get_end(segments)
+            if last_word_end is not None and last_word_end > time_offset:
+                # A long silence after the last word: skip to it; else take the window.
+                remaining = window_end_time - last_word_end
+                if remaining > threshold:
+                    outcome.seek = round(last_word_end * FRAMES_PER_SECOND)
+                else:
+                    outcome.seek = start + size
+
+        # A suspicious first segment after a long leading silence: skip the silence only.
+        first = next_words_segment(segments)
+        if first is not None and is_segment_anomaly(first):
+            gap = first["start"] - time_offset
+            if gap > threshold:
+                outcome.seek = start + round(gap * FRAMES_PER_SECOND)
+                outcome.discard = True
+                return
+
+        # Drop a suspicious segment (and all after it) that silence or more suspicious
+        # segments surround, and resume at its start.
+        previous_end = last_speech
+        for index, segment in enumerate(segments):
+            if not segment["words"]:
+                continue
+            if is_segment_anomaly(segment):
+                following = next_words_segment(segments[index + 1 :])
+                if following is not None:
+                    next_start = following["words"][0]["start"]
+                else:
+                    next_start = time_offset + segment_duration
+                silence_before = (
+                    segment["start"] - previous_end > threshold
+                    or segment["start"] < threshold
+                    or segment["start"] - time_offset < 2.0
+                )
+                silence_after = (
+                    next_start - segment["end"] > threshold
+                    or is_segment_anomaly(following)
+                    or window_end_time - segment["end"] < 2.0
+                )
+                if silence_before and silence_after:
+                    outcome.seek = round(
+                        max(time_offset + 1, segment["start"]) * FRAMES_PER_SECOND
+                    )
+                    if content_duration - segment["end"] < threshold:
+                        outcome.seek = content_frames
+                    del segments[index:]
+                    break
+            previous_end = segment["end"]
+
+    last_word_end = get_end(segments)
+    if last_word_end is not None:
+        outcome.last_speech = last_word_end
 
 
 def split_segments(
