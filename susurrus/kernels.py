@@ -12,6 +12,13 @@ directory: measuring costs about a second the first time, nothing afterwards.
 Every candidate computes the same float sums in another order, so float32 results change
 only by that reordering (the parity tests pass with each candidate forced in turn:
 `SUSURRUS_KERNEL=linear|onednn|weight_first`). int8 layers keep their own kernels.
+
+The attention of decoding steps is chosen the same way, by timing whole decoder steps for
+one window and for eight side by side: SDPA or two plain products around a float32 softmax
+(`SUSURRUS_ATTENTION=sdpa|matmul` forces one), and, where the compute type asks for
+bfloat16 attention (`auto`), whether bfloat16 pays at all: on a Zen 4 without AMX,
+PyTorch's fused bfloat16 kernel takes 0.64 ms for one query over 1500 frames, float32's
+0.07 ms, two bfloat16 products 0.13 ms.
 """
 
 from __future__ import annotations
@@ -211,7 +218,10 @@ class KernelTable:
         """One line per shape: the chosen kernel per row bucket."""
         lines = []
         for key, entry in sorted(self.choices.items()):
-            picks = ", ".join(f"{rows} rows: {name}" for rows, name in entry.items())
+            picks = ", ".join(
+                f"in {name}" if rows == "dtype" else f"{rows} rows: {name}"
+                for rows, name in entry.items()
+            )
             lines.append(f"{key}: {picks}")
         return lines
 
