@@ -174,14 +174,7 @@ class StateFile:
 
 class _Group:
     """Several recordings as one source of windows: up to `width` sessions decode side by
-    side, the next prepared (read, checked) as soon as a slot is free, in the thread that
-    steps the engine.
-
-    Not in a thread of its own: a thread that has run torch's parallel kernels keeps its
-    own OpenMP team while it lives, and once a process has more OpenMP threads than cores
-    every small kernel of a decoding step waits for a sleeping worker to wake (base's
-    steps 1.6x slower on 2 cores while such a thread merely waited on a queue).
-    """
+    side; the next are prepared (read, checked) in a thread of their own meanwhile."""
 
     def __init__(
         self,
@@ -192,26 +185,38 @@ class _Group:
     ) -> None:
         self.width = width
         self.on_result = on_result
-        self._make = make
-        self._items = iter(items)
+        self._prepared: queue.Queue = queue.Queue(maxsize=max(1, width))
         self._active: list[tuple[Any, Session]] = []
         self._owner: dict[int, tuple[Any, Session]] = {}
         self._turn = 0
         self._producing = True
         self.error: BaseException | None = None
 
-    def _take(self) -> bool:
-        """Prepare the next recording; False when none is left."""
-        item = next(self._items, _END)
-        if item is _END:
-            self._producing = False
-            return False
+        def produce() -> None:
+            for item in items:
+                try:
+                    session = make(item)
+                except Exception as exc:  # unreadable input: reported, the rest go on
+                    self._prepared.put((item, exc))
+                    continue
+                self._prepared.put((item, session))
+            self._prepared.put(None)
+
+        self._thread = threading.Thread(target=produce, name="susurrus-prepare", daemon=True)
+        self._thread.start()
+
+    def _take(self, block: bool) -> bool:
         try:
-            session = self._make(item)
-        except Exception as exc:  # unreadable input: reported, the rest go on
-            self.on_result(item, exc)
+            entry = self._prepared.get(block=block)
+        except queue.Empty:
+            return False
+        if entry is None:
+            self._producing = False
             return True
-        if session.finished:
+        item, session = entry
+        if isinstance(session, Exception):
+            self.on_result(item, session)
+        elif session.finished:
             self._settle(item, session)
         else:
             self._active.append((item, session))
@@ -225,7 +230,7 @@ class _Group:
         self.on_result(item, result)
 
     def next_job(self):
-        while self._producing and len(self._active) < self.width and self._take():
+        while self._producing and len(self._active) < self.width and self._take(False):
             pass
         for _ in range(len(self._active)):
             self._turn = (self._turn + 1) % len(self._active)
@@ -255,18 +260,17 @@ class _Group:
             self._settle(item, session)
 
     def wait(self) -> None:
-        """Nothing to decode: prepare the next recording."""
-        self._take()
+        """Nothing to decode: wait for the next recording to be prepared."""
+        self._take(True)
 
     def fail(self, error: BaseException) -> None:
         self.error = error
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or (not self._producing and not self._active)
-
-
-_END = object()  # the end of a group's items
+        return self.error is not None or (
+            not self._producing and not self._active and self._prepared.empty()
+        )
 
 
 def _size(audio: Any) -> int:
