@@ -135,8 +135,12 @@ def cache_path() -> Path:
     return default_cache_dir() / "kernels.json"
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def shape_key(dtype: torch.dtype, out_features: int, in_features: int) -> str:
-    return f"{str(dtype).removeprefix('torch.')}:{out_features}x{in_features}"
+    return f"{_dtype_name(dtype)}:{out_features}x{in_features}"
 
 
 def time_candidates(
@@ -363,7 +367,7 @@ def _decoder_layers(model: nn.Module) -> tuple[str, list[nn.Linear]] | None:
     if not layers:
         return None
     w = layers[0].weight
-    return f"decoder:{str(w.dtype).removeprefix('torch.')}:{w.shape[1]}x{len(layers)}", layers
+    return f"decoder:{_dtype_name(w.dtype)}:{w.shape[1]}x{len(layers)}", layers
 
 
 def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: list) -> None:
@@ -443,15 +447,13 @@ def _attention_key(model: nn.Module) -> str | None:
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _set_attention(decoder: nn.Module, dtype: torch.dtype, pairs) -> None:
+def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, pairs) -> None:
+    """Every decoder attention in `dtype` (None: as it is) through `pairs`."""
     own = decoder.positional_embedding.dtype
     for module in decoder.modules():
         if hasattr(module, "step_kernels"):
-            module.attention_dtype = None if dtype == own else dtype
+            if dtype is not None:
+                module.attention_dtype = None if dtype == own else dtype
             module.step_kernels = pairs
 
 
@@ -475,24 +477,25 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
         if hasattr(m, "step_kernels")
     ]
     n_state = decoder.positional_embedding.shape[1]
+    # A step well into a window (as _measure_decoder's), fitted to a small model's context.
+    n_ctx = min(48, decoder.positional_embedding.shape[0])
     timings: dict[str, dict[str, float]] = {}
     try:
         with torch.inference_mode():
             for dtype in dict.fromkeys((asked, own)):
                 for rows in ATTENTION_BUCKETS:
                     found = timings.setdefault(str(rows), {})
-                    # A step well into a window: 40 positions filled, rows at different
-                    # positions when there are several (the engine's masked step).
-                    n_ctx = min(48, decoder.positional_embedding.shape[0])
                     _set_attention(decoder, dtype, None)
                     cache = decoder.new_cache(rows, n_ctx=n_ctx)
                     features = torch.randn(rows, model.dims.n_audio_ctx, n_state, dtype=own)
                     decoder.fill_cross_cache(cache, features)
                     tokens = torch.zeros(rows, 1, dtype=torch.long)
-                    positions = torch.arange(n_ctx - rows, n_ctx) if rows > 1 else None
-                    same = None if rows > 1 else n_ctx - 8
-                    if positions is None:
-                        positions = torch.tensor([same])
+                    # One row: the engine's step at one position; several: rows at
+                    # different positions, the engine's masked step.
+                    same = n_ctx - 8 if rows == 1 else None
+                    positions = torch.arange(n_ctx - rows, n_ctx) if rows > 1 else torch.tensor(
+                        [same]
+                    )
                     run = (Run(0, rows, 0, rows, 1),)
                     for turn in range(DECODER_ROUNDS + 1):
                         for name, kernel in ATTENTION.items():
@@ -544,17 +547,11 @@ def choose_attention(
 def _apply_attention(
     model: nn.Module, entry: dict[str, str] | None, forced_name: str | None
 ) -> None:
-    decoder = model.decoder
     if forced_name is not None:
-        pairs = ((1, ATTENTION[forced_name]),)
-        for module in decoder.modules():
-            if hasattr(module, "step_kernels"):
-                module.step_kernels = pairs
-        return
-    if entry is None:
-        return
-    buckets = sorted((int(r), ATTENTION[n]) for r, n in entry.items() if r != "dtype")
-    _set_attention(decoder, ATTENTION_DTYPES[entry["dtype"]], tuple(buckets))
+        _set_attention(model.decoder, None, ((1, ATTENTION[forced_name]),))
+    elif entry is not None:
+        buckets = sorted((int(r), ATTENTION[n]) for r, n in entry.items() if r != "dtype")
+        _set_attention(model.decoder, ATTENTION_DTYPES[entry["dtype"]], tuple(buckets))
 
 
 class TunedLinear(nn.Linear):
