@@ -18,7 +18,10 @@ one window and for eight side by side: SDPA or two plain products around a float
 (`SUSURRUS_ATTENTION=sdpa|matmul` forces one), and, where the compute type asks for
 bfloat16 attention (`auto`), whether bfloat16 pays at all: on a Zen 4 without AMX,
 PyTorch's fused bfloat16 kernel takes 0.64 ms for one query over 1500 frames, float32's
-0.07 ms, two bfloat16 products 0.13 ms.
+0.07 ms, two bfloat16 products 0.13 ms. The two products are kept unless SDPA is clearly
+faster, since SDPA's sums for one query change with the thread count and the engine's
+thread policy changes that count as the machine's load changes. Only the audio's keys
+take the narrow type: the decoder's own keys stay in the model's.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ from .errors import SusurrusError
 logger = logging.getLogger(__name__)
 
 Kernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
-FORMAT = 1
+# 2: the attention of decoding steps measured with the decoder's own keys in the model's type
+# and chosen to prefer the two products unless SDPA is clearly faster (format 1 is stale).
+FORMAT = 2
 # Row counts that decoding steps produce: one row, a beam or a few windows, a batch of
 # beams. A product uses the smallest bucket that holds its rows, else the largest.
 STEP_BUCKETS = (1, 4, 8, 32)
@@ -448,13 +453,18 @@ def _attention_key(model: nn.Module) -> str | None:
 
 
 def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, pairs) -> None:
-    """Every decoder attention in `dtype` (None: as it is) through `pairs`."""
+    """The decoder's attention of the audio in `dtype` (None: as it is), every decoder
+    attention through `pairs`.
+
+    Its own keys (self-attention) stay in the model's type: at most 448 positions, a
+    narrow type saves little there, and each new key length would make oneDNN build and
+    keep a bfloat16 product of its own (a long file with beam 5: 500 MB more)."""
     own = decoder.positional_embedding.dtype
-    for module in decoder.modules():
-        if hasattr(module, "step_kernels"):
-            if dtype is not None:
-                module.attention_dtype = None if dtype == own else dtype
-            module.step_kernels = pairs
+    for block in decoder.blocks:
+        if dtype is not None:
+            block.attn.attention_dtype = None
+            block.cross_attn.attention_dtype = None if dtype == own else dtype
+        block.attn.step_kernels = block.cross_attn.step_kernels = pairs
 
 
 def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
@@ -473,8 +483,8 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
     asked = decoder.blocks[0].cross_attn.attention_dtype or own
     saved = [
         (m, m.attention_dtype, m.step_kernels)
-        for m in decoder.modules()
-        if hasattr(m, "step_kernels")
+        for block in decoder.blocks
+        for m in (block.attn, block.cross_attn)
     ]
     n_state = decoder.positional_embedding.shape[1]
     # A step well into a window (as _measure_decoder's), fitted to a small model's context.
@@ -525,7 +535,10 @@ def choose_attention(
 ) -> dict[str, str]:
     """From step times per bucket ({rows: {"dtype/kernel": time}}): the type with the least
     total time, the asked one on a near tie (5%: it halves the memory of the audio's
-    keys), and per bucket its fastest kernel, SDPA (the reference's path) on a near tie."""
+    keys), and per bucket the two products unless SDPA is clearly faster (by a fifth):
+    their sums do not depend on the thread count, while SDPA for one query splits the
+    keys between threads, so its results would change in their last digits when a busy
+    machine moves the steps to one thread (engine/threads.py)."""
 
     def best(dtype: torch.dtype, rows: str) -> tuple[float, str]:
         return min(
@@ -539,8 +552,8 @@ def choose_attention(
     entry = {"dtype": _dtype_name(chosen)}
     for rows in timings:
         fastest = best(chosen, rows)
-        t_sdpa = timings[rows][f"{_dtype_name(chosen)}/sdpa"]
-        entry[rows] = "sdpa" if t_sdpa <= fastest[0] * 1.05 else fastest[1]
+        t_matmul = timings[rows][f"{_dtype_name(chosen)}/matmul"]
+        entry[rows] = "matmul" if t_matmul <= fastest[0] * 1.2 else fastest[1]
     return entry
 
 

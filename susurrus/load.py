@@ -20,7 +20,7 @@ from . import ct2, hf, kernels
 from .download import _MODELS, alignment_heads_for, available_models, download_model
 from .errors import SusurrusError
 from .model import ModelDimensions, Whisper
-from .quantize import quantize_int8, resolve_compute_type
+from .quantize import ComputePlan, quantize_int8, resolve_compute_type
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,14 @@ def load_model(
         dims = model.dims
         model.set_alignment_heads(alignment_heads_for(name, dims.n_text_layer, dims.n_text_head))
     model.name = str(name)
+    return _prepare(model, plan, device, dtype)
+
+
+def _prepare(
+    model: Whisper, plan: ComputePlan, device: torch.device, dtype: torch.dtype | None = None
+) -> Whisper:
+    """The loaded weights as the compute plan asks, on `device`, with the CPU's products
+    through the kernels measured fastest; every loader ends here."""
     # An explicit float type overrides the encoder's own (it then stays int8 with the rest).
     encoder_dtype = plan.encoder_dtype if dtype is None else None
     if plan.int8:
@@ -227,14 +235,7 @@ def load_hub_model(
     plan = resolve_compute_type(compute_type, device)
     model = _load_path(hf.download_repo(repo_id, cache_dir), native=plan.int8)
     model.name = repo_id
-    if plan.int8:
-        quantize_int8(model.decoder if plan.encoder_dtype else model)
-    model.set_attention_dtype(plan.attention_dtype)
-    model = model.to(device=device, dtype=plan.dtype).eval()
-    if plan.encoder_dtype is not None:
-        model.encoder.set_layer_dtype(plan.encoder_dtype)
-    _release_free_memory()
-    return model
+    return _prepare(model, plan, device)
 
 
 def _release_free_memory() -> None:

@@ -103,14 +103,14 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
             if not key.startswith("attention:"):
                 assert entry[key][rows] == kernels.choose(found)
     # The attention of steps: its type (tiny.en's own float32, nothing else asked) and
-    # per bucket of audios the fastest kernel, SDPA on a near tie.
+    # per bucket of audios the fastest kernel, the two products unless SDPA is a fifth faster.
     attention = entry["attention:float32:384x6x4:1500"]
     assert attention["dtype"] == "float32"
     for rows in ("1", "8"):
         found = table.timings["attention:float32:384x6x4:1500"][rows]
         fastest = min(found, key=found.__getitem__).partition("/")[2]
-        sdpa_near = found["float32/sdpa"] <= min(found.values()) * 1.05
-        assert attention[rows] == ("sdpa" if sdpa_near else fastest)
+        matmul_near = found["float32/matmul"] <= min(found.values()) * 1.2
+        assert attention[rows] == ("matmul" if matmul_near else fastest)
 
     # The next process reads the file and measures nothing.
     _fresh(monkeypatch)
@@ -173,7 +173,7 @@ def test_attention_type_follows_recorded_timings():
               "float32/matmul": 14.3},
     }
     slow_bf16 = {
-        "1": {"bfloat16/sdpa": 9.0, "bfloat16/matmul": 8.0, "float32/sdpa": 4.6,
+        "1": {"bfloat16/sdpa": 9.0, "bfloat16/matmul": 8.0, "float32/sdpa": 3.5,
               "float32/matmul": 4.7},
         "8": {"bfloat16/sdpa": 30.0, "bfloat16/matmul": 25.0, "float32/sdpa": 15.2,
               "float32/matmul": 14.0},
@@ -183,6 +183,13 @@ def test_attention_type_follows_recorded_timings():
     }
     assert kernels.choose_attention(slow_bf16, torch.bfloat16, torch.float32) == {
         "dtype": "float32", "1": "sdpa", "8": "matmul"
+    }
+    # Unless SDPA is faster by a fifth the products win: their sums do not depend on the
+    # thread count.
+    zen4_float32 = {rows: {k: v for k, v in t.items() if k.startswith("float32")}
+                    for rows, t in zen4.items()}
+    assert kernels.choose_attention(zen4_float32, torch.float32, torch.float32) == {
+        "dtype": "float32", "1": "matmul", "8": "matmul"
     }
 
 

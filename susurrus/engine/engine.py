@@ -148,9 +148,11 @@ class Engine:
     ) -> None:
         """`static_steps`: run the step over the whole table with static shapes (see
         graphs.py); by default on a GPU when `model.cuda_graphs`, where it is captured as
-        a CUDA graph. `threads`: CPU threads of the engine's work (default: the calling
-        thread's); "auto": the faster of one and torch's count, measured as the steps run
-        (see threads.py; float sums may then differ in their last digits between runs)."""
+        a CUDA graph. `threads`: CPU threads of the engine's work, exactly; by default
+        (None or "auto") the faster of one and the calling thread's torch count, measured
+        as the steps run (see threads.py): on a machine where another process takes a
+        core, one thread is several times faster. The products' results do not depend on
+        the count (tests/test_threads.py), so neither do the transcripts."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
@@ -176,10 +178,10 @@ class Engine:
         self._preparing = 0  # threads waiting for `exclusive`: the driver lets them in first
         # On a GPU there is nothing to choose: the device does the work.
         on_cpu = model.device.type == "cpu"
-        if threads == "auto":
+        if threads is None or threads == "auto":
             self.threads = ThreadPolicy(active=on_cpu)
         else:
-            self.threads = ThreadPolicy(fixed=threads, active=on_cpu and threads is not None)
+            self.threads = ThreadPolicy(fixed=int(threads), active=on_cpu)
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 

@@ -106,7 +106,9 @@ class RowTable:
         attn = decoder.blocks[0].attn
         self.n_head = attn.n_head
         self.head_dim = decoder.positional_embedding.shape[1] // attn.n_head
-        self.dtype = attn.attention_dtype or decoder.positional_embedding.dtype
+        own = decoder.positional_embedding.dtype
+        self.self_dtype = attn.attention_dtype or own
+        self.cross_dtype = decoder.blocks[0].cross_attn.attention_dtype or own
         self.device = decoder.positional_embedding.device
         self.n_audio_ctx = n_audio_ctx
         self.full = full  # every buffer at full length (a CUDA graph's shapes never change)
@@ -117,10 +119,8 @@ class RowTable:
         self.row_capacity = self.audio_capacity = self.length_capacity = 0
         self.n_rows = self.n_audio = 0
 
-    def _layers(self, shape: tuple[int, ...]) -> list[Tensor]:
-        return [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.decoder.blocks
-        ]
+    def _layers(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[Tensor]:
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.decoder.blocks]
 
     def reserve(self, rows: int, audios: int, length: int) -> None:
         """Room for `rows` rows of `length` positions and `audios` windows."""
@@ -132,7 +132,7 @@ class RowTable:
             shape = (new_rows, self.n_head, new_length, self.head_dim)
             for name in ("self_k", "self_v"):
                 old = getattr(self, name)
-                new = self._layers(shape)
+                new = self._layers(shape, self.self_dtype)
                 for a, b in zip(new, old):
                     a[: self.n_rows, :, : b.shape[2]] = b[: self.n_rows]
                 setattr(self, name, new)
@@ -143,7 +143,7 @@ class RowTable:
             shape = (audios, self.n_head, self.n_audio_ctx, self.head_dim)
             for name in ("cross_k", "cross_v"):
                 old = getattr(self, name)
-                new = self._layers(shape)
+                new = self._layers(shape, self.cross_dtype)
                 for a, b in zip(new, old):
                     a[: self.n_audio] = b[: self.n_audio]
                 setattr(self, name, new)
