@@ -167,6 +167,17 @@ def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
         assert starts == sorted(starts)
 
 
+def test_closing_a_worker_fails_its_waiting_callers_instead_of_hanging(tiny_en):
+    worker = susurrus.Worker()
+    engine = Engine(tiny_en, max_batch=2, worker=worker)
+    # Closed from its own thread (a segment callback) halfway through a recording.
+    with pytest.raises(RuntimeError, match="worker is closed"):
+        engine.transcribe(str(AUDIO / LONG), temperature=0.0, on_segment=lambda s: worker.close())
+    with pytest.raises(RuntimeError, match="worker is closed"):
+        engine.transcribe(str(AUDIO / "jfk.flac"))
+    assert engine.stats()["sources"] == 0
+
+
 @pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])
 def test_cancel_stops_one_session_and_not_the_other(tiny_en, worker):
     engine = Engine(tiny_en, max_batch=4, worker=worker)

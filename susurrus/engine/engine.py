@@ -387,11 +387,7 @@ class Engine:
             # A bug or a lack of memory: the table is in no known state, so every source
             # on it fails (raised to its caller) and the engine starts again empty.
             log.exception("a decoding step failed")
-            with self._lock:
-                sources = list(self._sources)
-            for source in sources:
-                source.fail(exc)
-            self._new_table()
+            self._fail_all(exc)
             worked = True
         with self._lock:
             waiters = [w for w in self._waiters if not w.event.is_set()]
@@ -400,6 +396,18 @@ class Engine:
             if waiter.done():
                 waiter.event.set()
         return worked, more
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Every source fails with `error` and the table empties (on the worker's thread:
+        a step failed, or the worker stops); the waiting callers raise it."""
+        with self._lock:
+            sources = list(self._sources)
+            waiters = list(self._waiters)
+        for source in sources:
+            source.fail(error)
+        self._new_table()
+        for waiter in waiters:
+            waiter.event.set()
 
     def forget(self, source: Source) -> None:
         """Take a source off the engine; its windows leave at the next step."""

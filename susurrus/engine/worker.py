@@ -114,7 +114,9 @@ class Worker:
         while True:
             with self._cond:
                 if self._closed:
-                    return
+                    engines = list(self._engines)
+                    self._engines.clear()
+                    break
                 self._woken = False
                 calls = list(self._calls)
                 self._calls.clear()
@@ -144,3 +146,6 @@ class Worker:
             with self._cond:
                 if not self._woken and not self._closed:
                     self._cond.wait(IDLE_LOOK_S if self._engines else None)
+        # Closed with sources still on an engine: their callers must not wait forever.
+        for engine in engines:
+            engine._fail_all(RuntimeError("the engine worker is closed"))
