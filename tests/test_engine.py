@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import jiwer
 import pytest
@@ -176,6 +178,20 @@ def test_closing_a_worker_fails_its_waiting_callers_instead_of_hanging(tiny_en):
     with pytest.raises(RuntimeError, match="worker is closed"):
         engine.transcribe(str(AUDIO / "jfk.flac"))
     assert engine.stats()["sources"] == 0
+
+
+def test_an_engine_with_a_worker_of_its_own_ends_its_thread_once_dropped(tiny_en):
+    engine = Engine(tiny_en, max_batch=1, worker=True)
+    text = engine.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)["text"]
+    assert "ask not what your country can do for you" in text
+    thread, ref = engine.worker._thread, weakref.ref(engine)
+    del engine
+    for _ in range(50):
+        gc.collect()
+        if ref() is None and not thread.is_alive():
+            break
+        time.sleep(0.1)
+    assert ref() is None and not thread.is_alive()
 
 
 @pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])

@@ -120,28 +120,11 @@ class Worker:
                 self._woken = False
                 calls = list(self._calls)
                 self._calls.clear()
-                engines = list(self._engines)
-            for future, fn in calls:
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # the caller's to handle, raised in its thread
-                    future.set_exception(exc)
-            worked = False
-            for engine in engines:
-                try:
-                    busy, more = engine._work()
-                except Exception:  # never expected (a step's own failure is handled there)
-                    log.exception("the engine worker failed to step an engine")
-                    busy, more = False, True
-                worked = worked or busy
-                if not more:
-                    with self._cond:
-                        # Only an engine with sources is held: an unused one can be freed.
-                        if not engine._has_work():
-                            self._engines.remove(engine)
-            if worked or calls:
+            # In methods of their own, so that no local keeps an engine or a call's
+            # arguments (a recording) alive while the thread waits.
+            ran = self._run(calls)
+            del calls
+            if self._step_engines() or ran:
                 continue
             with self._cond:
                 if not self._woken and not self._closed:
@@ -149,3 +132,33 @@ class Worker:
         # Closed with sources still on an engine: their callers must not wait forever.
         for engine in engines:
             engine._fail_all(RuntimeError("the engine worker is closed"))
+
+    @staticmethod
+    def _run(calls: list[tuple[Future, Callable[[], Any]]]) -> bool:
+        for future, fn in calls:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # the caller's to handle, raised in its thread
+                future.set_exception(exc)
+        return bool(calls)
+
+    def _step_engines(self) -> bool:
+        """One step of each engine with work; whether any did some."""
+        with self._cond:
+            engines = list(self._engines)
+        worked = False
+        for engine in engines:
+            try:
+                busy, more = engine._work()
+            except Exception:  # never expected (a step's own failure is handled there)
+                log.exception("the engine worker failed to step an engine")
+                busy, more = False, True
+            worked = worked or busy
+            if not more:
+                with self._cond:
+                    # Only an engine with sources is held: an unused one can be freed.
+                    if not engine._has_work() and engine in self._engines:
+                        self._engines.remove(engine)
+        return worked
