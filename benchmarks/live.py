@@ -13,8 +13,9 @@ Per model and chunk size:
 - WER (English, normalised) / CER (Mandarin) of the confirmed text against the manifest,
   and against the offline decoding;
 - real-time streams: N streams fed in real time (wall clock, threads) on one engine of the
-  model (`--compute-type`, default auto); the largest N whose streams keep up (p90 of the
-  lag, how far the audio decoded trails the audio heard when a decode ends, under 3 s).
+  model (`--compute-type`, default auto) with a worker thread that does all the torch work
+  (as the server's engines); the largest N whose streams keep up (p90 of the lag, how far
+  the audio decoded trails the audio heard when a decode ends, under 3 s).
 
     .venv/bin/python benchmarks/live.py [--quick]
         [--models tiny.en,base] [--chunks 0.25,0.5,1] [--threads 2]
@@ -235,11 +236,12 @@ def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compu
 # -- concurrent real-time streams -----------------------------------------------------------
 
 
-def realtime_streams(model, samples: np.ndarray, n: int, chunk: float = 0.5) -> dict:
-    """n streams of `samples` fed in real time from n threads on one engine."""
+def realtime_streams(model, samples: np.ndarray, n: int, worker, chunk: float = 0.5) -> dict:
+    """n streams of `samples` fed in real time from n threads on one engine, whose
+    worker thread does all the torch work (as the server's)."""
     from susurrus import Engine, LiveSession
 
-    engine = Engine(model, max_batch=8)
+    engine = Engine(model, max_batch=8, worker=worker)
     lags: list[float] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -286,11 +288,13 @@ def concurrency(model_name: str, compute_type: str, levels: list[int], files: li
     import susurrus
     from susurrus import load_audio
 
-    model = susurrus.load_model(model_name, compute_type=compute_type)
+    # The model is loaded on the worker too: one OpenMP team in the process.
+    worker = susurrus.Worker()
+    model = worker.call(susurrus.load_model, model_name, compute_type=compute_type)
     samples = np.concatenate([load_audio(str(SHARED / f)) for f in files])
     runs = []
     for n in levels:
-        run = realtime_streams(model, samples, n)
+        run = realtime_streams(model, samples, n, worker)
         runs.append(run)
         print(f"  {model_name} {compute_type}: {n} stream(s): lag p90 {run['lag_p90_s']:.2f} s, "
               f"mean batch {run['mean_batch']:.2f}", file=sys.stderr, flush=True)

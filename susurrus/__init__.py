@@ -5,7 +5,7 @@ from . import audio, decoding, features, model, tokenizer, utils  # noqa: F401
 from .audio import load_audio
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language
 from .download import available_models
-from .engine import Cancelled, Engine
+from .engine import Cancelled, Engine, Worker
 from .errors import SusurrusError
 from .features import log_mel_spectrogram, pad_or_trim
 from .live import LiveEvent, LiveSession
@@ -31,6 +31,7 @@ __all__ = [
     "TO_LANGUAGE_CODE",
     "TranscribeOptions",
     "Whisper",
+    "Worker",
     "available_models",
     "decode",
     "detect_language",

@@ -108,16 +108,17 @@ def transcribe(
         if not isinstance(audio, (str, os.PathLike)):
             raise ValueError("resume needs the recording as a path")
         keeper = StateFile(resume, audio, model, options)
-    with engine.exclusive():
-        session = make_session(
-            model,
-            audio,
-            options,
-            on_segment=on_segment,
-            verbose=verbose,
-            progress_callback=progress_callback,
-            on_window=None if keeper is None else keeper.save,
-        )
+    # Reading the recording is torch work: the engine's worker does it, when it has one.
+    session = engine.prepare(
+        make_session,
+        model,
+        audio,
+        options,
+        on_segment=on_segment,
+        verbose=verbose,
+        progress_callback=progress_callback,
+        on_window=None if keeper is None else keeper.save,
+    )
     if keeper is not None:
         keeper.restore(session)
         session.on_finish = keeper.save
@@ -190,6 +191,7 @@ class _Group:
         items: Iterable[Any],
         width: int,
         on_result: Callable[[Any, Any], None],
+        on_item: Callable[[], None] = lambda: None,
     ) -> None:
         self.width = width
         self.on_result = on_result
@@ -205,8 +207,10 @@ class _Group:
             try:
                 for item in items:
                     self._pending.put(item)
+                    on_item()  # an engine's worker never waits on the queue: it is told
             finally:
                 self._pending.put(_END)
+                on_item()
 
         self._thread = threading.Thread(target=take_items, name="susurrus-items", daemon=True)
         self._thread.start()
@@ -335,14 +339,14 @@ def transcribe_many(
         keeper = None
         if state_path is not None:
             keeper = StateFile(state_path(audio), audio, model, own)
-        with engine.exclusive():
-            session = make_session(
-                model,
-                audio if read is None else read(audio),
-                own,
-                verbose=verbose,
-                on_window=None if keeper is None else keeper.save,
-            )
+        session = engine.prepare(
+            make_session,
+            model,
+            audio if read is None else read(audio),
+            own,
+            verbose=verbose,
+            on_window=None if keeper is None else keeper.save,
+        )
         if keeper is not None:
             keeper.restore(session)
             session.on_finish = keeper.save
@@ -352,9 +356,12 @@ def transcribe_many(
         # Largest first: a long recording decodes its windows one after another, so started
         # last it would run alone at the end while every other slot stands empty.
         audios = sorted(audios, key=_size, reverse=True)
-    group = _Group(make, audios, batch_size, lambda item, result: results.put((item, result)))
-    # Decoding runs in the caller's thread, between the results it yields: torch's
-    # small CPU kernels run about a fifth slower from a thread other than the main one.
+    group = _Group(
+        make, audios, batch_size, lambda item, result: results.put((item, result)), engine.wake
+    )
+    # Decoding runs in the caller's thread (or the engine's worker, if it has one),
+    # between the results it yields: torch's small CPU kernels run about a fifth slower
+    # from a thread other than the main one.
     try:
         while not (group.finished and results.empty()):
             engine.run(group, until=lambda: not results.empty())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import jiwer
 import pytest
@@ -50,25 +52,69 @@ def test_options_are_one_frozen_checked_value():
         TranscribeOptions.create(batch_size=0)
 
 
-def test_two_threads_on_one_engine_get_what_each_gets_alone(tiny_en):
-    # The long one first, so that the short one arrives while it decodes.
-    files = [str(AUDIO / LONG), str(AUDIO / "jfk.flac")]
-    alone = [tiny_en.transcribe(f, temperature=0.0) for f in files]
-    engine = Engine(tiny_en, max_batch=4)
+# The long one first, so that the short one arrives while it decodes.
+TWO = [str(AUDIO / LONG), str(AUDIO / "jfk.flac")]
+
+
+@pytest.fixture(scope="module")
+def two_alone(tiny_en) -> list[dict]:
+    return [tiny_en.transcribe(f, temperature=0.0) for f in TWO]
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])
+def test_two_threads_on_one_engine_get_what_each_gets_alone(tiny_en, two_alone, worker):
+    engine = Engine(tiny_en, max_batch=4, worker=worker)
     together: list[dict | None] = [None, None]
+    deliverers: set[int] = set()
+    callers: set[int] = set()
 
     def work(i: int) -> None:
-        together[i] = engine.transcribe(files[i], temperature=0.0)
+        callers.add(threading.get_ident())
+        together[i] = engine.transcribe(
+            TWO[i], temperature=0.0, on_segment=lambda s: deliverers.add(threading.get_ident())
+        )
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert [r["text"] for r in together] == [r["text"] for r in alone]
-    assert [tokens_of(r) for r in together] == [tokens_of(r) for r in alone]
+    assert [r["text"] for r in together] == [r["text"] for r in two_alone]
+    assert [tokens_of(r) for r in together] == [tokens_of(r) for r in two_alone]
     # The two recordings really shared steps: fewer steps than rows advanced.
     assert engine.row_steps > engine.steps
+    if worker:
+        # Every result came back on the worker's thread: it alone decoded.
+        assert deliverers == {engine.worker.ident} and not deliverers & callers
+        assert engine.stats()["sources"] == 0
+
+
+def test_a_worker_prepares_the_sessions_of_items_that_trickle_in(tiny_en, tmp_path):
+    """transcribe_many on an engine with a worker: the items come slowly from a generator
+    (as the batch runner's pipe), each is read on the worker's thread, and a bad one
+    is reported without losing the others."""
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio at all")
+    files = [str(AUDIO / "jfk.flac"), str(bad), str(AUDIO / SHORT[0])]
+    engine = Engine(tiny_en, max_batch=2, worker=True)
+    readers: set[int] = set()
+
+    def read(item: str) -> str:
+        readers.add(threading.get_ident())
+        return item
+
+    def slowly():
+        for f in files:
+            time.sleep(0.3)
+            yield f
+
+    got = dict(susurrus.transcribe_many(
+        tiny_en, slowly(), batch_size=2, engine=engine, read=read, temperature=0.0
+    ))
+    assert readers == {engine.worker.ident}
+    assert isinstance(got[str(bad)], susurrus.SusurrusError)
+    assert "ask what you can do for your country" in got[files[0]]["text"]
+    assert got[files[2]]["text"].strip()
 
 
 def test_files_side_by_side_match_the_reference_token_for_token(tiny_en):
@@ -123,8 +169,34 @@ def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
         assert starts == sorted(starts)
 
 
-def test_cancel_stops_one_session_and_not_the_other(tiny_en):
-    engine = Engine(tiny_en, max_batch=4)
+def test_closing_a_worker_fails_its_waiting_callers_instead_of_hanging(tiny_en):
+    worker = susurrus.Worker()
+    engine = Engine(tiny_en, max_batch=2, worker=worker)
+    # Closed from its own thread (a segment callback) halfway through a recording.
+    with pytest.raises(RuntimeError, match="worker is closed"):
+        engine.transcribe(str(AUDIO / LONG), temperature=0.0, on_segment=lambda s: worker.close())
+    with pytest.raises(RuntimeError, match="worker is closed"):
+        engine.transcribe(str(AUDIO / "jfk.flac"))
+    assert engine.stats()["sources"] == 0
+
+
+def test_an_engine_with_a_worker_of_its_own_ends_its_thread_once_dropped(tiny_en):
+    engine = Engine(tiny_en, max_batch=1, worker=True)
+    text = engine.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)["text"]
+    assert "ask not what your country can do for you" in text
+    thread, ref = engine.worker._thread, weakref.ref(engine)
+    del engine
+    for _ in range(50):
+        gc.collect()
+        if ref() is None and not thread.is_alive():
+            break
+        time.sleep(0.1)
+    assert ref() is None and not thread.is_alive()
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])
+def test_cancel_stops_one_session_and_not_the_other(tiny_en, worker):
+    engine = Engine(tiny_en, max_batch=4, worker=worker)
     cancel = threading.Event()
     outcome: dict = {}
 

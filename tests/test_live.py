@@ -132,8 +132,9 @@ def test_other_rates_and_int16(tiny_en):
     assert len(parts) == len(whole) and np.allclose(parts, whole, atol=1e-6)
 
 
-def test_two_streams_share_one_engines_batches(tiny_en):
-    engine = Engine(tiny_en, max_batch=4)
+@pytest.mark.parametrize("worker", [False, True], ids=["feeders-step", "worker"])
+def test_two_streams_share_one_engines_batches(tiny_en, worker):
+    engine = Engine(tiny_en, max_batch=4, worker=worker)
     names = ["en_ls_61-70968-0002.flac", "en_arctic_a0024.flac"]
     results: dict[str, str] = {}
     errors: list[BaseException] = []

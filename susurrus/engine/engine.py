@@ -5,7 +5,9 @@ while it has room (`max_batch` windows at once), encodes their audio, fills in t
 prompt, and from then on advances all its rows by one token per step. A window that
 finishes leaves at once and its result goes back to its source, which may offer the next
 window (continuous batching). Any thread may call `run`: whichever holds the engine steps
-it for everyone, so two threads transcribing on one engine share its batches.
+it for everyone, so two threads transcribing on one engine share its batches. An engine
+given a `Worker` (worker.py) is stepped on the worker's thread alone, and `run` and
+`prepare` from other threads hand their work to it and wait.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -34,11 +37,14 @@ from ..tokenizer import Tokenizer, get_tokenizer
 from .search import BeamSearch, RowRules, max_initial_index, rank, suppress_tokens
 from .step import RowTable, Run, decoder_step
 from .threads import ThreadPolicy
+from .worker import Worker
 
 if TYPE_CHECKING:
     from ..graphs import StaticStep
 
 log = logging.getLogger("susurrus")
+
+T = TypeVar("T")
 
 
 class Cancelled(SusurrusError):
@@ -135,6 +141,22 @@ class _Window:
         return self.sample_begin + self.n_sampled - 1
 
 
+class _Waiter:
+    """A caller of `run` waiting for the worker: set once its source is finished or its
+    `until()` holds."""
+
+    def __init__(self, source: Source, until: Callable[[], bool] | None) -> None:
+        self.source = source
+        self.until = until
+        self.event = threading.Event()
+
+    def done(self) -> bool:
+        try:
+            return self.source.finished or (self.until is not None and self.until())
+        except Exception:  # the caller finds out for itself once woken
+            return True
+
+
 class Engine:
     """Decodes windows of any number of recordings on one model, `max_batch` at a time."""
 
@@ -145,6 +167,7 @@ class Engine:
         max_batch: int = 8,
         static_steps: bool | None = None,
         threads: int | str | None = None,
+        worker: Worker | bool | None = None,
     ) -> None:
         """`static_steps`: run the step over the whole table with static shapes (see
         graphs.py); by default on a GPU when `model.cuda_graphs`, where it is captured as
@@ -152,23 +175,26 @@ class Engine:
         (None or "auto") the faster of one and the calling thread's torch count, measured
         as the steps run (see threads.py): on a machine where another process takes a
         core, one thread is several times faster. The products' results do not depend on
-        the count (tests/test_threads.py), so neither do the transcripts."""
+        the count (tests/test_threads.py), so neither do the transcripts.
+        `worker`: a `Worker` whose thread does all of this engine's torch work (engines
+        may share one), or True for one of its own; for an engine that several threads
+        use (see worker.py). Without one, the threads that call `run` step it."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         self.max_batch = max_batch
-        tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
         self.n_ctx = model.dims.n_text_ctx
         if static_steps is None:
             static_steps = model.device.type == "cuda" and model.cuda_graphs
         self.static_steps = static_steps
-        self._static: dict[tuple[int, int, int], StaticStep] = {}
-        self._table = RowTable(model.decoder, model.dims.n_audio_ctx, full=static_steps)
-        self._rules = RowRules(model.dims.n_vocab, tokenizer, model.device)
-        self._sum_logprobs = torch.zeros(0, device=model.device)
-        self._last_tokens = torch.zeros(0, dtype=torch.long, device=model.device)
-        self._windows: list[_Window] = []  # in table order
+        self._new_table()
         self._sources: list[Source] = []
+        self._waiters: list[_Waiter] = []  # callers of `run` waiting on the worker
+        if worker is True:
+            worker = Worker()
+            # Its thread ends with the engine (it holds no reference to an idle engine).
+            weakref.finalize(self, worker.close)
+        self.worker: Worker | None = worker or None
         self._lock = threading.Condition()
         self._driving = False
         # Held while a step computes: other threads' heavy work (reading a recording) waits
@@ -184,6 +210,33 @@ class Engine:
             self.threads = ThreadPolicy(fixed=int(threads), active=on_cpu)
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
+
+    def _new_table(self) -> None:
+        """An empty table of rows (at the start, and after a step failed)."""
+        model = self.model
+        tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+        self._static: dict[tuple[int, int, int], StaticStep] = {}
+        self._table = RowTable(model.decoder, model.dims.n_audio_ctx, full=self.static_steps)
+        self._rules = RowRules(model.dims.n_vocab, tokenizer, model.device)
+        self._sum_logprobs = torch.zeros(0, device=model.device)
+        self._last_tokens = torch.zeros(0, dtype=torch.long, device=model.device)
+        self._windows: list[_Window] = []  # in table order
+
+    def prepare(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)`: torch work done for this engine outside its steps
+        (making a session: reading, log-mel). On the worker's thread when the engine has
+        one, else here between two steps (see `exclusive`)."""
+        if self.worker is not None:
+            return self.worker.call(fn, *args, **kwargs)
+        with self.exclusive():
+            return fn(*args, **kwargs)
+
+    def wake(self) -> None:
+        """A source of this engine has a window to offer now that it had not when last
+        asked (an item arrived): its worker looks at once. Without a worker, nothing to do
+        (the running thread asks the source's `wait`)."""
+        if self.worker is not None:
+            self.worker.wake()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -240,7 +293,10 @@ class Engine:
         """Decode `source`'s windows until it is finished, along with every other source
         of this engine. Thread-safe; `cancelled()` true stops the source (Cancelled).
         `until()` true returns early, the source staying on the engine (call `run` again
-        to go on, or `forget` it)."""
+        to go on, or `forget` it). With a worker, the worker decodes and this waits."""
+        if self.worker is not None and not self.worker.on_thread:
+            self._wait_for_worker(source, cancelled, until)
+            return
         with self._lock:
             if source not in self._sources:
                 self._sources.append(source)
@@ -290,12 +346,79 @@ class Engine:
             if stopped:
                 self.forget(source)
 
+    def _wait_for_worker(
+        self,
+        source: Source,
+        cancelled: Callable[[], bool] | None,
+        until: Callable[[], bool] | None,
+    ) -> None:
+        """`run` for a thread other than the worker's: hand `source` over and wait."""
+        assert self.worker is not None
+        waiter = _Waiter(source, until)
+        with self._lock:
+            if source not in self._sources:
+                self._sources.append(source)
+            self._waiters.append(waiter)
+        stopped = True
+        try:
+            self.worker.attach(self)
+            # The worker sets the event; the timeout lets a caller notice its cancellation.
+            while not waiter.event.wait(0.1):
+                if cancelled is not None and cancelled():
+                    raise Cancelled("cancelled")
+            error = getattr(source, "error", None)
+            if error is not None:
+                raise error
+            stopped = source.finished
+        finally:
+            with self._lock:
+                self._waiters.remove(waiter)
+            if stopped:
+                self.forget(source)
+
+    def _has_work(self) -> bool:
+        with self._lock:
+            return bool(self._sources or self._windows)
+
+    def _work(self) -> tuple[bool, bool]:
+        """One step, on the worker's thread; then the callers whose source is done (or
+        whose `until` holds) are woken. (whether it did work, whether sources remain)"""
+        try:
+            worked = self.step()
+        except Exception as exc:
+            # A bug or a lack of memory: the table is in no known state, so every source
+            # on it fails (raised to its caller) and the engine starts again empty.
+            log.exception("a decoding step failed")
+            self._fail_all(exc)
+            worked = True
+        with self._lock:
+            waiters = [w for w in self._waiters if not w.event.is_set()]
+            more = bool(self._sources or self._windows)
+        for waiter in waiters:
+            if waiter.done():
+                waiter.event.set()
+        return worked, more
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Every source fails with `error` and the table empties (on the worker's thread:
+        a step failed, or the worker stops); the waiting callers raise it."""
+        with self._lock:
+            sources = list(self._sources)
+            waiters = list(self._waiters)
+        for source in sources:
+            source.fail(error)
+        self._new_table()
+        for waiter in waiters:
+            waiter.event.set()
+
     def forget(self, source: Source) -> None:
         """Take a source off the engine; its windows leave at the next step."""
         with self._lock:
             if source in self._sources:
                 self._sources.remove(source)
             self._drop(source)
+        if self.worker is not None:
+            self.worker.wake()  # it lets go of an engine left without sources
 
     def _drop(self, source: Source) -> None:
         """A source that stopped (cancelled, failed): its windows leave at the next step."""

@@ -111,7 +111,7 @@ class Server:
         for cancel in list(self.cancels):
             cancel.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.models.unload_all()
+        self.models.close()
         if self._own_upload_dir:
             shutil.rmtree(self.upload_dir, ignore_errors=True)
 

@@ -6,13 +6,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..download import available_models
-from ..engine import Engine
+from ..engine import Engine, Worker
 from ..errors import SusurrusError
 from ..load import EMBEDDED
 from .formats import ApiError
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from ..model import Whisper
 
 log = logging.getLogger("susurrus.server")
 
@@ -29,10 +33,14 @@ class Loaded:
 
 
 class ModelManager:
-    """Loads models on first use, shares one Engine per model, unloads idle ones."""
+    """Loads models on first use, shares one Engine per model, unloads idle ones.
+
+    One worker thread loads every model and steps every engine: the request threads only
+    wait for it, so the process keeps a single OpenMP team (see engine/worker.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.worker = Worker()
         self._loaded: dict[str, Loaded] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -92,6 +100,14 @@ class ModelManager:
             entry.last_used = time.monotonic()
 
     def _load(self, name: str) -> Loaded:
+        model = self.worker.call(self._read_model, name)
+        return Loaded(
+            Engine(model, max_batch=self.settings.max_batch, worker=self.worker),
+            model.is_multilingual,
+        )
+
+    def _read_model(self, name: str) -> Whisper:
+        """The model, on the worker's thread (loading measures kernels with torch)."""
         from ..load import load_model
 
         s = self.settings
@@ -123,7 +139,7 @@ class ModelManager:
             ) from None
         model.name = name
         log.info("loaded model %s in %.1f s", name, time.monotonic() - started)
-        return Loaded(Engine(model, max_batch=s.max_batch), model.is_multilingual)
+        return model
 
     def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload models idle longer than the TTL; the names unloaded."""
@@ -144,6 +160,11 @@ class ModelManager:
     def unload_all(self) -> None:
         with self._lock:
             self._loaded.clear()
+
+    def close(self) -> None:
+        """Unload every model and stop the worker thread (requests have ended)."""
+        self.unload_all()
+        self.worker.close()
 
 
 def _is_repo_id(name: str) -> bool:
