@@ -106,10 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_threads,
         default=0,
-        help="CPU threads for torch; 0 (default) leaves torch's default; auto: every core, "
-        "and decoding steps measure as they run whether one thread is faster (a busy "
-        "machine), at the cost of float sums that may differ in their last digits between "
-        "runs",
+        help="CPU threads for torch; 0 or auto (default): torch's count, and decoding "
+        "steps measure as they run whether one thread is faster (another program busy on "
+        "a core); N: exactly N",
     )
 
     g = parser.add_argument_group("input and output")

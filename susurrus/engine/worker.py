@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from .engine import Engine
 
-log = logging.getLogger("susurrus")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
