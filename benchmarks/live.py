@@ -17,7 +17,8 @@ Per model and chunk size:
   lag, how far the audio decoded trails the audio heard when a decode ends, under 3 s).
 
     .venv/bin/python benchmarks/live.py [--quick]
-        [--models tiny.en,base] [--chunks 0.25,0.5,1] [--threads 2]
+        [--models tiny.en,base] [--chunks 0.25,0.5,1] [--threads 2] [--languages en,zh]
+        [--trim 25] [--option beam_size=5] [--long] [--no-streams]
 
 Writes benchmarks/results/live-<date>[-quick].json and prints a Markdown table.
 """
