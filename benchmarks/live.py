@@ -18,7 +18,8 @@ Per model and chunk size:
   the audio decoded trails the audio heard when a decode ends, under 3 s).
 
     .venv/bin/python benchmarks/live.py [--quick]
-        [--models tiny.en,base] [--chunks 0.25,0.5,1] [--threads 2]
+        [--models tiny.en,base] [--chunks 0.25,0.5,1] [--threads 2] [--languages en,zh]
+        [--trim 25] [--option beam_size=5] [--long] [--no-streams]
 
 Writes benchmarks/results/live-<date>[-quick].json and prints a Markdown table.
 """
@@ -97,7 +98,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def simulate(model, samples: np.ndarray, chunk: float, language: str | None,
-             pause: float | None = None) -> dict:
+             pause: float | None = None, **session_options) -> dict:
     from susurrus import LiveSession
 
     clock = [0.0]
@@ -111,7 +112,8 @@ def simulate(model, samples: np.ndarray, chunk: float, language: str | None,
             confirmed_at.append(now)
         seen.append((now, list(event.confirmed) + list(event.tentative)))
 
-    session = LiveSession(model, language=language, on_event=on_event, pause=pause)
+    session = LiveSession(model, language=language, on_event=on_event, pause=pause,
+                          **session_options)
     step = int(chunk * 16000)
     n_chunks = (len(samples) + step - 1) // step
     fed = 0  # chunks fed
@@ -172,7 +174,7 @@ def latencies(units, live: dict, offline_words: list[dict], language: str) -> tu
 
 
 def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compute_type: str,
-                  units, pause: float | None = None) -> list[dict]:
+                  units, pause: float | None = None, **session_options) -> list[dict]:
     import susurrus
     from susurrus import load_audio, transcribe
 
@@ -190,7 +192,7 @@ def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compu
         per_language: dict[str, dict] = {}
         for f in files:
             samples, off = offline[f["file"]]
-            live = simulate(model, samples, chunk, f["language"], pause)
+            live = simulate(model, samples, chunk, f["language"], pause, **session_options)
             off_words = [w for s in off["segments"] for w in s.get("words", [])]
             conf, tent = latencies(units, live, off_words, f["language"])
             bucket = per_language.setdefault(
@@ -205,7 +207,9 @@ def accuracy_runs(model_name: str, chunks: list[float], files: list[dict], compu
             bucket["decode_s"] += live["decode_s"]
             bucket["decodes"] += live["decodes"]
             bucket["texts"].append(
-                {"file": f["file"], "live": live["text"], "offline": off["text"]})
+                {"file": f["file"], "live": live["text"], "offline": off["text"],
+                 "confirmed_latency_median_s": percentile(conf, 50),
+                 "confirmed_latency_max_s": max(conf) if conf else None})
             print(f"  {model_name} chunk {chunk} {f['file']}: {live['decodes']} decodes, "
                   f"{live['text'][:70]!r}", file=sys.stderr, flush=True)
         for language, b in per_language.items():
@@ -305,6 +309,15 @@ def concurrency(model_name: str, compute_type: str, levels: list[int], files: li
             "runs": runs, "max_realtime_streams": max(kept) if kept else 0}
 
 
+def _number(text: str) -> float | int | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -323,6 +336,11 @@ def main() -> None:
                         help="add the 111 s long-form English recording to the accuracy runs")
     parser.add_argument("--pause", type=float, default=None,
                         help="LiveSession(pause=): silence that makes a decode final")
+    parser.add_argument("--trim", type=float, default=None,
+                        help="LiveSession(trim=): buffer seconds past which it is cut")
+    parser.add_argument("--languages", default="en,zh", help="dev files of these languages")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="another LiveSession keyword (a number or a word), repeatable")
     parser.add_argument("--no-streams", action="store_true", help="skip the streams count")
     parser.add_argument("--no-accuracy", action="store_true",
                         help="only the streams count")
@@ -334,13 +352,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     units = make_units()
     manifest = [r for r in rows() if r["category"] != "nonspeech"]
+    languages = args.languages.split(",")
+    session_options: dict = {}
+    if args.trim is not None:
+        session_options["trim"] = args.trim
+    for item in args.option:
+        name, _, value = item.partition("=")
+        session_options[name] = _number(value)
     if args.quick:
         names = QUICK_EN + QUICK_ZH
         chunks = [0.5]
         levels = [1, 2]
     else:
         names = [r["file"] for r in manifest
-                 if r["language"] in ("en", "zh") and r["category"] == "short"]
+                 if r["language"] in languages and r["category"] == "short"]
         chunks = [float(c) for c in args.chunks.split(",")]
         levels = [1, 2, 4, 6, 8]
     if args.long:
@@ -351,7 +376,7 @@ def main() -> None:
     accuracy = []
     for model_name in [] if args.no_accuracy else models:
         accuracy += accuracy_runs(model_name, chunks, files, args.compute_type, units,
-                                  args.pause)
+                                  args.pause, **session_options)
     streams = [] if args.no_streams else [
         concurrency(m, args.streams_compute_type, levels, QUICK_EN[:2]) for m in models
     ]
@@ -361,6 +386,7 @@ def main() -> None:
         "quick": args.quick,
         "compute_type": args.compute_type,
         "pause": args.pause,
+        "session_options": session_options,
         "files": [f["file"] for f in files],
         "accuracy": accuracy,
         "streams": streams,

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds of audio per read (a file's pieces, the microphone's blocks)",
     )
     parser.add_argument(
-        "--trim", type=float, default=10.0,
+        "--trim", type=float, default=25.0,
         help="cut the buffer at a confirmed sentence end once it is this long (seconds)",
     )
     parser.add_argument(

@@ -164,6 +164,42 @@ def test_two_streams_share_one_engines_batches(tiny_en, worker):
     assert engine.stats()["sources"] == 0
 
 
+def test_finish_confirms_the_last_decode_when_it_heard_everything(tiny_en):
+    samples = load_audio(str(AUDIO / "en_arctic_a0024.flac"))
+    session = LiveSession(tiny_en)
+    for i in range(0, len(samples), 8000):
+        session.feed(samples[i : i + 8000])
+    shown = [w["word"] for w in session.confirmed + session.tentative]
+    decodes = session.decodes
+    result = session.finish()
+    # No decode of the same audio again: the words shown last are the final ones.
+    assert session.decodes == decodes
+    assert [w["word"] for s in result["segments"] for w in s["words"]] == shown
+    assert jiwer.wer(norm(truth("en_arctic_a0024.flac")), norm(result["text"])) <= 0.15
+
+
+def test_unsure_word_waits_for_the_word_after_it(tiny_en):
+    def decode(*words: tuple[str, float, float, float]) -> list[dict]:
+        return [{"word": w, "start": a, "end": b, "probability": p} for w, a, b, p in words]
+
+    session = LiveSession(tiny_en, language="en", vad=False)
+    session._speech = [(0.0, 6.0)]
+    # "there" is unsure and the word after it too: it waits, though two decodes agree
+    # and a second and a half was heard after it.
+    first = decode((" and", 0.0, 0.3, 0.99), (" that", 0.3, 0.6, 0.99),
+                   (" there", 0.6, 0.9, 0.6), (" arrangement", 0.9, 1.4, 0.3))
+    session._agree(first, False, 0.0, 2.0)
+    assert session._agree([dict(w) for w in first], False, 0.0, 2.5) != []
+    assert words_text(session.confirmed) == "and that"
+    # Once the next word is agreed on and sure, the unsure word before it is confirmed.
+    later = decode((" and", 0.0, 0.3, 0.99), (" that", 0.3, 0.6, 0.99),
+                   (" their", 0.6, 0.9, 0.7), (" arrangement", 0.9, 1.4, 0.95),
+                   (" on", 1.4, 1.6, 0.99))
+    session._agree(later, False, 0.0, 3.0)
+    session._agree([dict(w) for w in later], False, 0.0, 3.5)
+    assert words_text(session.confirmed) == "and that their arrangement"
+
+
 def test_words_text_joins_words():
     assert words_text([{"word": " Hello"}, {"word": " world."}]) == "Hello world."
 
