@@ -83,6 +83,12 @@ def is_silence(result: DecodingResult, thresholds: Thresholds) -> bool:
     return probably_silent and (not confident or too_repetitive)
 
 
+def silence_level(maximum: float) -> float:
+    """The log-mel value of silence (zero samples) in a recording whose loudest bin is
+    `maximum` (log10 power): the floor 80 dB below it, scaled as `log_mel_spectrogram` does."""
+    return (max(maximum, -10.0 + 8.0) - 8.0 + 4.0) / 4.0
+
+
 def clip_frames(clips: tuple[float, ...], content_frames: int) -> list[tuple[int, int]]:
     """(start, end) frame pairs of clip times; an odd last start runs to the end."""
     points = [round(t * FRAMES_PER_SECOND) for t in clips] or [0]
@@ -214,10 +220,13 @@ class Session:
         if isinstance(audio, MelStream):
             self.frames = audio.frames
             self.content_frames = audio.content_frames
+            self.silence_level = silence_level(audio.maximum)
         else:
             mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
             self.content_frames = mel.shape[-1] - N_FRAMES
             self.frames = lambda start, stop: mel[:, start:stop]
+            # The padding's frames: zero samples, floored 80 dB under the loudest bin.
+            self.silence_level = float(mel[0, -1])
         self.clips = clip_frames(clips, self.content_frames)
         if self.language is None and not model.is_multilingual:
             self.language = "en"
@@ -288,8 +297,7 @@ class Session:
             frames = window.frames if window.frames is not None else self.frames(
                 window.start, window.start + window.size
             )
-            # Frames past the content are zeros in log-mel space, as the model was trained.
-            mel = pad_or_trim(frames, N_FRAMES).to(self.model.device)
+            mel = self._pad(frames).to(self.model.device)
         return WindowJob(
             self.options.decoding(temperature, window.prompt),
             mel=mel,
@@ -298,6 +306,11 @@ class Session:
             seed=zlib.crc32(f"{window.start}:{window.attempt}".encode()),
             tag=window,
         )
+
+    def _pad(self, frames: torch.Tensor) -> torch.Tensor:
+        """A window's frames as the model's 30 s input: past the content, zeros in log-mel
+        space, as the reference pads its windows."""
+        return pad_or_trim(frames, N_FRAMES)
 
     def job_done(self, job: WindowJob) -> None:
         self._in_flight -= 1
@@ -572,6 +585,15 @@ class PlannedSession(Session):
             return _Window(start, end - start, prompt=prompt, frames=frames, end=end,
                            planned=span)
         return None
+
+    def _pad(self, frames: torch.Tensor) -> torch.Tensor:
+        """A window cut at a pause is followed by silence, not by the reference's zeros: with
+        zeros (louder than silence in log-mel space) Whisper takes the last words before a
+        short pause for speech cut off by the window's edge and leaves them out."""
+        if frames.shape[-1] >= N_FRAMES:
+            return frames[:, :N_FRAMES]
+        rest = frames.new_full((frames.shape[0], N_FRAMES - frames.shape[-1]), self.silence_level)
+        return torch.cat([frames, rest], dim=-1)
 
     def _job(self, window: _Window, features: torch.Tensor | None = None) -> WindowJob:
         job = super()._job(window, features)
