@@ -41,12 +41,14 @@ def passage(tmp_path_factory) -> tuple[str, object]:
 
 
 @pytest.fixture(scope="module")
-def word_error_rates(passage, tiny_en) -> dict[tuple[str, int | None], float]:
+def word_error_rates(passage, base) -> dict[tuple[str, int | None], float]:
+    # base, not tiny.en: on this voice tiny.en's `auto` alone loses 5 points (21.2 against
+    # 16.5% greedy), which would leave the batched cuts untested behind a loose tolerance.
     text, audio = passage
     norm = EnglishTextNormalizer()
-    auto = load_model("tiny.en", device="cpu", compute_type="auto")
+    auto = load_model("base", device="cpu", compute_type="auto")
     rates = {}
-    for name, model in (("float32", tiny_en), ("auto", auto)):
+    for name, model in (("float32", base), ("auto", auto)):
         for batch_size in (None, 8):
             result = model.transcribe(
                 audio, language="en", temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
@@ -57,18 +59,14 @@ def word_error_rates(passage, tiny_en) -> dict[tuple[str, int | None], float]:
 
 
 def test_sequential_float32_reads_the_synthetic_voice(word_error_rates):
-    # tiny.en greedy on espeak-ng's voice: 16.5% here (base: about 6%); a broken decode of
-    # any window would pass 30%.
+    # base greedy on espeak-ng's voice: 13.5% here; a window decoded badly or dropped would
+    # pass 20%.
     assert word_error_rates["float32", None] < 0.20, word_error_rates
 
 
-@pytest.mark.parametrize(
-    "mode, batch_size", [("auto", None), ("float32", 8), ("auto", 8)]
-)
+@pytest.mark.parametrize("mode, batch_size", [("auto", None), ("float32", 8), ("auto", 8)])
 def test_fast_modes_keep_the_words(word_error_rates, mode, batch_size):
+    # Measured against float32's 13.5%: auto 12.4%, batched 12.9% (float32 and auto).
+    # Three points are five of the passage's 170 words.
     sequential = word_error_rates["float32", None]
-    # Measured: auto 21.8%, batched 22.9% (float32) and 23.5% (auto) against 16.5%: the
-    # windows decoded side by side have no previous text as prompt (see README, issue 17).
-    # Before batched windows were padded with silence they lost the words before each cut
-    # (25.3% float32).
-    assert word_error_rates[mode, batch_size] <= sequential + 0.08, word_error_rates
+    assert word_error_rates[mode, batch_size] <= sequential + 0.03, word_error_rates
