@@ -52,6 +52,7 @@ STATE_VERSION = 1
 # A window whose text ends this long before the window does is decoded again from there:
 # Whisper stops early when it takes the last words for speech cut off by the window's edge.
 MIN_REMAINDER_FRAMES = FRAMES_PER_SECOND
+PAUSE_FRAMES = FRAMES_PER_SECOND // 10
 
 Thresholds = tuple[float | None, float | None, float | None]
 
@@ -592,7 +593,9 @@ class PlannedSession(Session):
         short pause for speech cut off by the window's edge and leaves them out."""
         if frames.shape[-1] >= N_FRAMES:
             return frames[:, :N_FRAMES]
-        rest = frames.new_full((frames.shape[0], N_FRAMES - frames.shape[-1]), self.silence_level)
+        # The pause the window was cut in goes on: its last 0.1 s, per mel bin.
+        tail = frames[:, -PAUSE_FRAMES:].mean(dim=-1, keepdim=True)
+        rest = tail.expand(frames.shape[0], N_FRAMES - frames.shape[-1])
         return torch.cat([frames, rest], dim=-1)
 
     def _job(self, window: _Window, features: torch.Tensor | None = None) -> WindowJob:
