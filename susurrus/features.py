@@ -239,11 +239,6 @@ class MelStream:
         return self.samples / SAMPLE_RATE
 
     @property
-    def maximum(self) -> float:
-        """The loudest log-mel bin of the whole file (log10 power), before flooring."""
-        return self._maximum
-
-    @property
     def silent(self) -> bool:
         """Whether the model would see nothing in the whole file (see `log_mel_is_blank`)."""
         return log_mel_is_blank(self._maximum)

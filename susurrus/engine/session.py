@@ -84,12 +84,6 @@ def is_silence(result: DecodingResult, thresholds: Thresholds) -> bool:
     return probably_silent and (not confident or too_repetitive)
 
 
-def silence_level(maximum: float) -> float:
-    """The log-mel value of silence (zero samples) in a recording whose loudest bin is
-    `maximum` (log10 power): the floor 80 dB below it, scaled as `log_mel_spectrogram` does."""
-    return (max(maximum, -10.0 + 8.0) - 8.0 + 4.0) / 4.0
-
-
 def clip_frames(clips: tuple[float, ...], content_frames: int) -> list[tuple[int, int]]:
     """(start, end) frame pairs of clip times; an odd last start runs to the end."""
     points = [round(t * FRAMES_PER_SECOND) for t in clips] or [0]
@@ -221,13 +215,10 @@ class Session:
         if isinstance(audio, MelStream):
             self.frames = audio.frames
             self.content_frames = audio.content_frames
-            self.silence_level = silence_level(audio.maximum)
         else:
             mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
             self.content_frames = mel.shape[-1] - N_FRAMES
             self.frames = lambda start, stop: mel[:, start:stop]
-            # The padding's frames: zero samples, floored 80 dB under the loudest bin.
-            self.silence_level = float(mel[0, -1])
         self.clips = clip_frames(clips, self.content_frames)
         if self.language is None and not model.is_multilingual:
             self.language = "en"
@@ -588,9 +579,10 @@ class PlannedSession(Session):
         return None
 
     def _pad(self, frames: torch.Tensor) -> torch.Tensor:
-        """A window cut at a pause is followed by silence, not by the reference's zeros: with
-        zeros (louder than silence in log-mel space) Whisper takes the last words before a
-        short pause for speech cut off by the window's edge and leaves them out."""
+        """A window cut at a pause is followed by more of that pause, not by the reference's
+        zeros: with zeros (louder than a quiet pause in log-mel space) Whisper takes the last
+        words before a short pause for speech cut off by the window's edge and leaves them
+        out. (The recording's floor instead loses words on recordings with room noise.)"""
         if frames.shape[-1] >= N_FRAMES:
             return frames[:, :N_FRAMES]
         # The pause the window was cut in goes on: its last 0.1 s, per mel bin.
