@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install browser demo test lint bench clean
+.PHONY: install browser espeak demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ browser:
 		apt-get update -qq && apt-get install -y -qq chromium; \
 	fi
 
-test: install browser
+# The synthetic-voice accuracy test and the benchmark's en-synth input speak with Debian's
+# espeak-ng; as root, install it when it is missing.
+espeak:
+	@if ! command -v espeak-ng >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq espeak-ng; \
+	fi
+
+test: install browser espeak
 	$(BIN)/ruff check susurrus tests benchmarks
 	$(BIN)/pytest -q
 
@@ -37,7 +44,7 @@ lint: install
 
 # Speed and accuracy against openai-whisper and faster-whisper on the same weights; the peers
 # live in their own venv so they never touch ours. BENCH_ARGS=--quick for a smoke run.
-bench: install
+bench: install espeak
 	@if [ ! -f benchmarks/.venv-peers/.installed ] || \
 	    [ benchmarks/requirements-peers.txt -nt benchmarks/.venv-peers/.installed ]; then \
 		set -e; \

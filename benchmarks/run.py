@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,13 @@ MODELS = ["tiny.en", "base"]
 SETTINGS = ["greedy", "beam5"]
 GAP_S = 0.5
 SR = 16000
+INPUTS = ["jfk", "en-long", "zh-long", "en-synth"]
+# en-synth: a reading of this text by espeak-ng (a voice none of the dev files has), then
+# the LJSpeech concatenation. Fixed voice and speed: espeak-ng writes the same samples
+# every time.
+READING = HERE / "texts" / "reading.txt"
+ESPEAK_ARGS = ["-v", "en-us", "-s", "145"]  # an American male voice, 145 words a minute
+LJ_CONCAT = "en_lj_LJ001-0001-0016_concat.flac"
 
 
 def log(message: str) -> None:
@@ -86,11 +94,31 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
         f.writeframes(pcm.tobytes())
 
 
-def prepare_inputs(shared: Path, data: Path, names: list[str]) -> dict[str, dict]:
+def synthesise(text_path: Path, wav: Path) -> np.ndarray:
+    """`text_path` read by espeak-ng (ESPEAK_ARGS) as 16 kHz float32 samples."""
+    raw = wav.with_suffix(".espeak.wav")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["espeak-ng", *ESPEAK_ARGS, "-f", str(text_path), "-w", str(raw)],
+        check=True,
+        capture_output=True,
+    )
+    return decode(raw)  # espeak-ng writes 22.05 kHz: resampled like every other input
+
+
+def reading_text(path: Path) -> str:
+    """The reading's words as one line (paragraph breaks are pauses, not words)."""
+    return " ".join(path.read_text(encoding="utf-8").split())
+
+
+def prepare_inputs(
+    shared: Path, data: Path, names: list[str], skipped: list[str] | None = None
+) -> dict[str, dict]:
     """Write the benchmark recordings as 16 kHz wav and return {name: {wav, language, ref}}.
 
     Every system gets the same decoded samples, so decoding (and whisper's need for an
-    ffmpeg binary) is out of the measurement.
+    ffmpeg binary) is out of the measurement. An input that cannot be made here (en-synth
+    without espeak-ng) is left out, with the reason in `skipped`.
     """
     rows = read_manifest(shared)
     specs = {
@@ -103,6 +131,7 @@ def prepare_inputs(shared: Path, data: Path, names: list[str]) -> dict[str, dict
             "zh",
             [r for r in rows if r["language"] == "zh" and r["category"] in ("short", "long")],
         ),
+        "en-synth": ("en", [r for r in rows if r["file"] == LJ_CONCAT]),
     }
     inputs = {}
     for name in names:
@@ -110,8 +139,17 @@ def prepare_inputs(shared: Path, data: Path, names: list[str]) -> dict[str, dict
         if not items:
             raise SystemExit(f"{shared}: no files for {name}")
         pieces, texts = [], []
-        for i, row in enumerate(items):
-            if i:
+        if name == "en-synth":
+            if shutil.which("espeak-ng") is None:
+                reason = "en-synth (espeak-ng is not installed: apt-get install espeak-ng)"
+                log(f"input {reason}: skipped")
+                if skipped is not None:
+                    skipped.append(reason)
+                continue
+            pieces.append(synthesise(READING, data / f"{name}.wav"))
+            texts.append(reading_text(READING))
+        for row in items:
+            if pieces:
                 pieces.append(np.zeros(int(GAP_S * SR), dtype=np.float32))
             pieces.append(decode(shared / row["file"]))
             texts.append(row["transcript"].strip())
@@ -120,17 +158,19 @@ def prepare_inputs(shared: Path, data: Path, names: list[str]) -> dict[str, dict
         write_wav(wav, audio)
         reference = ("" if language == "zh" else " ").join(texts)
         (data / f"{name}.txt").write_text(reference + "\n", encoding="utf-8")
+        files = ([f"{READING.relative_to(ROOT)} (espeak-ng {' '.join(ESPEAK_ARGS)})"]
+                 if name == "en-synth" else []) + [r["file"] for r in items]
         (data / f"{name}.files.txt").write_text(
-            "".join(r["file"] + "\n" for r in items), encoding="utf-8"
+            "".join(f + "\n" for f in files), encoding="utf-8"
         )
         inputs[name] = {
             "wav": str(wav),
             "language": language,
             "reference": reference,
             "audio_s": len(audio) / SR,
-            "files": len(items),
+            "files": len(files),
         }
-        log(f"input {name}: {len(items)} file(s), {len(audio) / SR:.1f} s -> {wav}")
+        log(f"input {name}: {len(files)} file(s), {len(audio) / SR:.1f} s -> {wav}")
     return inputs
 
 
@@ -435,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--inputs", default="jfk,en-long,zh-long")
+    parser.add_argument("--inputs", default="jfk,en-long,zh-long,en-synth")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
@@ -458,18 +498,19 @@ def main(argv: list[str] | None = None) -> int:
     systems = parse_list(args.systems, SYSTEMS, "system")
     models = parse_list(args.models, MODELS, "model")
     settings = parse_list(args.settings, SETTINGS, "setting")
-    names = parse_list(args.inputs, ["jfk", "en-long", "zh-long"], "input")
+    names = parse_list(args.inputs, INPUTS, "input")
     runs = args.runs
     if args.quick:
-        runs, models, names = 1, ["tiny.en"], [n for n in names if n != "zh-long"]
+        runs, models, names = 1, ["tiny.en"], [n for n in names if n in ("jfk", "en-long")]
     skipped = []
 
     caps = json.loads(
         subprocess.check_output([args.our_python, str(HERE / "worker.py"), "capabilities"])
     )
-    if "susurrus-b8" in systems and not caps["batch_size"]:
-        systems.remove("susurrus-b8")
-        skipped.append("susurrus-b8 (susurrus.transcribe has no batch_size parameter)")
+    for batched in ("susurrus-b8", "susurrus-auto-b8"):
+        if batched in systems and not caps["batch_size"]:
+            systems.remove(batched)
+            skipped.append(f"{batched} (susurrus.transcribe has no batch_size parameter)")
 
     started = time.time()
     meta = {
@@ -496,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "skipped": skipped,
     }
-    inputs = prepare_inputs(args.shared, args.data, names)
+    inputs = prepare_inputs(args.shared, args.data, names, skipped)
+    if not inputs:
+        raise SystemExit("no input to run: " + "; ".join(skipped))
     assets = {
         m: json.loads(
             subprocess.check_output(
@@ -510,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for model in models:
         # tiny.en only knows English: Mandarin would be scored on a translation attempt.
-        model_inputs = [n for n in names if model != "tiny.en" or inputs[n]["language"] == "en"]
-        if len(model_inputs) < len(names):
+        model_inputs = [n for n in inputs if model != "tiny.en" or inputs[n]["language"] == "en"]
+        if len(model_inputs) < len(inputs):
             skipped.append(f"{model} on zh-long (English-only model)")
         common = ["--model", model, "--threads", str(args.threads)]
         common += ["--checkpoint", assets[model]["checkpoint"]]

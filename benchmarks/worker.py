@@ -250,7 +250,13 @@ def capabilities() -> dict:
 
     import susurrus
 
-    params = inspect.signature(susurrus.transcribe).parameters
+    params = set(inspect.signature(susurrus.transcribe).parameters)
+    try:  # today's transcribe takes its options as keywords, checked against these fields
+        from susurrus.options import TranscribeOptions
+
+        params |= set(getattr(TranscribeOptions, "__dataclass_fields__", {}))
+    except ImportError:  # an older susurrus (a baseline revision)
+        pass
     return {"susurrus": susurrus.__version__, "batch_size": "batch_size" in params}
 
 

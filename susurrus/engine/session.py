@@ -52,6 +52,7 @@ STATE_VERSION = 1
 # A window whose text ends this long before the window does is decoded again from there:
 # Whisper stops early when it takes the last words for speech cut off by the window's edge.
 MIN_REMAINDER_FRAMES = FRAMES_PER_SECOND
+PAUSE_FRAMES = FRAMES_PER_SECOND // 10
 
 Thresholds = tuple[float | None, float | None, float | None]
 
@@ -288,8 +289,7 @@ class Session:
             frames = window.frames if window.frames is not None else self.frames(
                 window.start, window.start + window.size
             )
-            # Frames past the content are zeros in log-mel space, as the model was trained.
-            mel = pad_or_trim(frames, N_FRAMES).to(self.model.device)
+            mel = self._pad(frames).to(self.model.device)
         return WindowJob(
             self.options.decoding(temperature, window.prompt),
             mel=mel,
@@ -298,6 +298,11 @@ class Session:
             seed=zlib.crc32(f"{window.start}:{window.attempt}".encode()),
             tag=window,
         )
+
+    def _pad(self, frames: torch.Tensor) -> torch.Tensor:
+        """A window's frames as the model's 30 s input: past the content, zeros in log-mel
+        space, as the reference pads its windows."""
+        return pad_or_trim(frames, N_FRAMES)
 
     def job_done(self, job: WindowJob) -> None:
         self._in_flight -= 1
@@ -572,6 +577,18 @@ class PlannedSession(Session):
             return _Window(start, end - start, prompt=prompt, frames=frames, end=end,
                            planned=span)
         return None
+
+    def _pad(self, frames: torch.Tensor) -> torch.Tensor:
+        """A window cut at a pause is followed by more of that pause, not by the reference's
+        zeros: with zeros (louder than a quiet pause in log-mel space) Whisper takes the last
+        words before a short pause for speech cut off by the window's edge and leaves them
+        out. (The recording's floor instead loses words on recordings with room noise.)"""
+        if frames.shape[-1] >= N_FRAMES:
+            return frames[:, :N_FRAMES]
+        # The pause the window was cut in goes on: its last 0.1 s, per mel bin.
+        tail = frames[:, -PAUSE_FRAMES:].mean(dim=-1, keepdim=True)
+        rest = tail.expand(frames.shape[0], N_FRAMES - frames.shape[-1])
+        return torch.cat([frames, rest], dim=-1)
 
     def _job(self, window: _Window, features: torch.Tensor | None = None) -> WindowJob:
         job = super()._job(window, features)
