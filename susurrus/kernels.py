@@ -13,15 +13,15 @@ Every candidate computes the same float sums in another order, so float32 result
 only by that reordering (the parity tests pass with each candidate forced in turn:
 `SUSURRUS_KERNEL=linear|onednn|weight_first`). int8 layers keep their own kernels.
 
-The attention of decoding steps is chosen the same way, by timing whole decoder steps for
-one window and for eight side by side: SDPA or two plain products around a float32 softmax
-(`SUSURRUS_ATTENTION=sdpa|matmul` forces one), and, where the compute type asks for
-bfloat16 attention (`auto`), whether bfloat16 pays at all: on a Zen 4 without AMX,
+The attention of decoding steps runs as two plain products around a float32 softmax
+(`SUSURRUS_ATTENTION=sdpa|matmul` forces a kernel), and where the compute type asks for
+bfloat16 attention (`auto`), whole decoder steps for one window and for eight side by side
+are timed to find whether bfloat16 pays at all: on a Zen 4 without AMX,
 PyTorch's fused bfloat16 kernel takes 0.64 ms for one query over 1500 frames, float32's
-0.07 ms, two bfloat16 products 0.13 ms. The two products are kept unless SDPA is clearly
-faster, since SDPA's sums for one query change with the thread count and the engine's
-thread policy changes that count as the machine's load changes. Only the audio's keys
-take the narrow type: the decoder's own keys stay in the model's.
+0.07 ms, two bfloat16 products 0.13 ms. Steps always take the two products (only their
+type is measured): SDPA's sums for one query change with the thread count, which the
+engine's thread policy changes with the machine's load. Only the audio's keys take the
+narrow type: the decoder's own keys stay in the model's.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from .errors import SusurrusError
 logger = logging.getLogger(__name__)
 
 Kernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
-# 2: the attention of decoding steps measured with the decoder's own keys in the model's type
-# and chosen to prefer the two products unless SDPA is clearly faster (format 1 is stale).
+# 2: the attention of decoding steps measured with the decoder's own keys in the model's type,
+# always through the two products (choices of format 1 are stale).
 FORMAT = 2
 # Row counts that decoding steps produce: one row, a beam or a few windows, a batch of
 # beams. A product uses the smallest bucket that holds its rows, else the largest.
@@ -105,6 +105,12 @@ ATTENTION: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]] 
 }
 # Audios per step the attention is timed for: one window, and windows side by side.
 ATTENTION_BUCKETS = (1, 8)
+# The attention kernel of CPU decoding steps, whatever the timings: PyTorch's SDPA splits
+# one query's keys between threads, so its sums, and a transcript's last digits, change
+# with the thread count, which the engine's thread policy changes as the machine's load
+# does (engine/threads.py); the two products' sums do not. On a Zen 4 they are within 4%
+# of SDPA in float32 and 5x faster in bfloat16. SDPA stays forcible for comparisons.
+STEP_ATTENTION = "matmul"
 ATTENTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV_FORCE_ATTENTION = "SUSURRUS_ATTENTION"
 
@@ -468,14 +474,10 @@ def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, pairs) -> None
 
 
 def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
-    """Choose the decoder's attention type and kernel by timing whole decoder steps.
-
-    The type the compute plan asks for (bfloat16 keys and values under `auto`) is timed
-    against the model's own float type, each through SDPA and through two plain products
-    (`matmul`), for one window and for windows side by side. The type with the least
-    total time is kept (the plan's on a near tie: it halves the memory of the audio's
-    keys), with the fastest kernel per bucket.
-    """
+    """Choose the type of the decoder's attention of the audio by timing whole decoder
+    steps through STEP_ATTENTION: the type the compute plan asks for (bfloat16 keys and
+    values under `auto`) against the model's own, for one window and for windows side by
+    side (see choose_attention)."""
     from .engine.step import Run, decoder_step  # the engine's step is what is timed
 
     decoder = model.decoder
@@ -508,8 +510,8 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
                     )
                     run = (Run(0, rows, 0, rows, 1),)
                     for turn in range(DECODER_ROUNDS + 1):
-                        for name, kernel in ATTENTION.items():
-                            _set_attention(decoder, dtype, ((1 << 30, kernel),))
+                        for name in (STEP_ATTENTION,):
+                            _set_attention(decoder, dtype, ((1 << 30, ATTENTION[name]),))
                             start = time.perf_counter()
                             decoder_step(
                                 decoder, tokens, positions, cache.self_k, cache.self_v,
@@ -533,28 +535,17 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
 def choose_attention(
     timings: dict[str, dict[str, float]], asked: torch.dtype, own: torch.dtype
 ) -> dict[str, str]:
-    """From step times per bucket ({rows: {"dtype/kernel": time}}): the type with the least
-    total time, the asked one on a near tie (5%: it halves the memory of the audio's
-    keys), and per bucket the two products unless SDPA is clearly faster (by a fifth):
-    their sums do not depend on the thread count, while SDPA for one query splits the
-    keys between threads, so its results would change in their last digits when a busy
-    machine moves the steps to one thread (engine/threads.py)."""
+    """From step times per bucket ({rows: {"dtype/kernel": time}}): the type whose steps
+    through the two products take the least total time, the asked one on a near tie (5%:
+    it halves the memory of the audio's keys); the kernel of every bucket is the two
+    products (see STEP_ATTENTION)."""
 
-    def best(dtype: torch.dtype, rows: str) -> tuple[float, str]:
-        return min(
-            (t, label.partition("/")[2])
-            for label, t in timings[rows].items()
-            if label.startswith(_dtype_name(dtype) + "/")
-        )
+    def took(dtype: torch.dtype, rows: str) -> float:
+        return timings[rows][f"{_dtype_name(dtype)}/{STEP_ATTENTION}"]
 
-    totals = {d: sum(best(d, r)[0] for r in timings) for d in dict.fromkeys((asked, own))}
+    totals = {d: sum(took(d, r) for r in timings) for d in dict.fromkeys((asked, own))}
     chosen = asked if totals[asked] <= totals[own] * 1.05 else own
-    entry = {"dtype": _dtype_name(chosen)}
-    for rows in timings:
-        fastest = best(chosen, rows)
-        t_matmul = timings[rows][f"{_dtype_name(chosen)}/matmul"]
-        entry[rows] = "matmul" if t_matmul <= fastest[0] * 1.2 else fastest[1]
-    return entry
+    return {"dtype": _dtype_name(chosen), **{rows: STEP_ATTENTION for rows in timings}}
 
 
 def _apply_attention(

@@ -635,16 +635,17 @@ class Engine:
             index = _rows_of(greedy, device) if len(greedy) < len(self._windows) else None
             chosen = logits if index is None else logits.index_select(0, index)
             best = chosen.max(dim=-1)
-            current = best.values - chosen.logsumexp(dim=-1)
+            # log_softmax, not max - logsumexp: a reduction of one row over the whole
+            # vocabulary splits its sum between threads, so its last digits would change
+            # with the thread count (the engine's thread policy changes it).
+            current = chosen.log_softmax(dim=-1).gather(1, best.indices[:, None])[:, 0]
             self._account(greedy, index, best.indices, current, next_tokens, eot)
         for window in self._windows:
             if window.search is None and window.temperature > 0:
                 rows = slice(window.row, window.row + window.group)
                 scaled = (logits[rows] / window.temperature).softmax(dim=-1)
                 picked = torch.multinomial(scaled, 1, generator=window.generator)[:, 0]
-                current = logits[rows].gather(1, picked[:, None])[:, 0] - logits[rows].logsumexp(
-                    dim=-1
-                )
+                current = logits[rows].log_softmax(dim=-1).gather(1, picked[:, None])[:, 0]
                 index = torch.arange(rows.start, rows.stop, device=device)
                 self._account([window], index, picked, current, next_tokens, eot)
         beams = [w for w in self._windows if w.search is not None]
