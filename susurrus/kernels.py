@@ -509,18 +509,17 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
                         [same]
                     )
                     run = (Run(0, rows, 0, rows, 1),)
+                    _set_attention(decoder, dtype, ((1 << 30, ATTENTION[STEP_ATTENTION]),))
+                    label = f"{_dtype_name(dtype)}/{STEP_ATTENTION}"
                     for turn in range(DECODER_ROUNDS + 1):
-                        for name in (STEP_ATTENTION,):
-                            _set_attention(decoder, dtype, ((1 << 30, ATTENTION[name]),))
-                            start = time.perf_counter()
-                            decoder_step(
-                                decoder, tokens, positions, cache.self_k, cache.self_v,
-                                cache.cross_k, cache.cross_v, run, same,
-                            )
-                            took = time.perf_counter() - start
-                            label = f"{_dtype_name(dtype)}/{name}"
-                            if turn:
-                                found[label] = min(found.get(label, float("inf")), took)
+                        start = time.perf_counter()
+                        decoder_step(
+                            decoder, tokens, positions, cache.self_k, cache.self_v,
+                            cache.cross_k, cache.cross_v, run, same,
+                        )
+                        took = time.perf_counter() - start
+                        if turn:
+                            found[label] = min(found.get(label, float("inf")), took)
     finally:
         for m, dtype, kernels in saved:
             m.attention_dtype, m.step_kernels = dtype, kernels

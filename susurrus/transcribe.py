@@ -360,8 +360,7 @@ def transcribe_many(
         make, audios, batch_size, lambda item, result: results.put((item, result)), engine.wake
     )
     # Decoding runs in the caller's thread (or the engine's worker, if it has one),
-    # between the results it yields: torch's small CPU kernels run about a fifth slower
-    # from a thread other than the main one.
+    # between the results it yields: no second thread runs torch (see _Group).
     try:
         while not (group.finished and results.empty()):
             engine.run(group, until=lambda: not results.empty())

@@ -417,8 +417,7 @@ class Engine:
             if source in self._sources:
                 self._sources.remove(source)
             self._drop(source)
-        if self.worker is not None:
-            self.worker.wake()  # it lets go of an engine left without sources
+        self.wake()  # a worker lets go of an engine left without sources
 
     def _drop(self, source: Source) -> None:
         """A source that stopped (cancelled, failed): its windows leave at the next step."""
