@@ -504,10 +504,12 @@ class Engine:
         group = options.beam_size or options.best_of or 1
         sample_len = options.sample_len or self.n_ctx // 2
         sot_index = initial.index(tokenizer.sot)
-        # The prompt's pass, as the plain decoder runs it; its rows then join the table.
-        cache = model.decoder.new_cache(group, n_ctx=min(self.n_ctx, len(initial) + sample_len))
+        # The prompt's pass, as the plain decoder runs it, once: every row of the window
+        # starts from the same prompt (the reference repeats it per beam), so the rows
+        # that join the table are copies of this one.
+        cache = model.decoder.new_cache(1, n_ctx=min(self.n_ctx, len(initial) + sample_len))
         model.decoder.fill_cross_cache(cache, features[None])
-        tokens = torch.tensor([initial] * group, device=model.device)
+        tokens = torch.tensor([initial], device=model.device)
         hidden = model.decoder(tokens, cache)
         logits = model.decoder.logits(hidden[:, [sot_index, -1]])
         no_speech = logits[0, 0].softmax(dim=-1)[tokenizer.no_speech].item()
@@ -534,12 +536,12 @@ class Engine:
             generator=generator,
             histories=[[] for _ in range(group)],
             ended=[False] * group,
-            first_logits=logits[:, 1],
+            first_logits=logits[:, 1].expand(group, -1).contiguous(),
         )
         if self.static_steps:
             # The whole table at once: its buffers (and so the captured steps) never move.
             self._table.reserve(self.max_batch * group, self.max_batch, self.n_ctx)
-        window.row, window.audio = self._table.append(cache, len(initial))
+        window.row, window.audio = self._table.append(cache, len(initial), copies=group)
         mask = self._rules.mask_for(
             suppress_tokens(tokenizer, options.suppress_tokens),
             tokenizer.encode(" ") + [tokenizer.eot] if options.suppress_blank else [],
@@ -553,7 +555,7 @@ class Engine:
         self._sum_logprobs = torch.cat(
             [self._sum_logprobs, torch.zeros(group, device=model.device)]
         )
-        self._last_tokens = torch.cat([self._last_tokens, tokens[:, -1]])
+        self._last_tokens = torch.cat([self._last_tokens, tokens[:, -1].expand(group)])
         self._windows.append(window)
 
     # -- one step -------------------------------------------------------------------------

@@ -149,15 +149,18 @@ class RowTable:
                 setattr(self, name, new)
             self.audio_capacity = audios
 
-    def append(self, cache: KVCache, length: int) -> tuple[int, int]:
-        """Add the rows of a prefilled cache (its first `length` positions) and its audio;
-        returns (first row, audio index)."""
-        rows = cache.self_k[0].shape[0]
+    def append(self, cache: KVCache, length: int, copies: int = 1) -> tuple[int, int]:
+        """Add the rows of a prefilled cache (its first `length` positions), each `copies`
+        times side by side, and its audio; returns (first row, audio index)."""
+        rows = cache.self_k[0].shape[0] * copies
         self.reserve(self.n_rows + rows, self.n_audio + 1, length + 1)
         r, a = self.n_rows, self.n_audio
         for buffers, source in ((self.self_k, cache.self_k), (self.self_v, cache.self_v)):
             for buf, src in zip(buffers, source):
-                buf[r : r + rows, :, :length] = src[:, :, :length]
+                src = src[:, :, :length]
+                if copies > 1:
+                    src = src.repeat_interleave(copies, dim=0)
+                buf[r : r + rows, :, :length] = src
         for buffers, source in ((self.cross_k, cache.cross_k), (self.cross_v, cache.cross_v)):
             for buf, src in zip(buffers, source):
                 buf[a] = src[0]
