@@ -3,6 +3,7 @@ float32 parity with every candidate forced."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -70,6 +71,37 @@ def test_every_attention_candidate_computes_the_same_attention(name, dtype):
         torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("name", list(kernels.LONG_ATTENTION))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_encoder_attention_candidate_computes_the_same_attention(name, dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 1500, 64, dtype=dtype) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    got = kernels.LONG_ATTENTION[name](q, k, v)
+    assert got.dtype == dtype and got.shape == expected.shape
+    # bfloat16: its scores are rounded to bfloat16 in the blocks (SDPA keeps them in float32).
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_the_encoder_attention_choice_is_measured_and_applied(tiny_en, tmp_path, monkeypatch):
+    _fresh(monkeypatch)
+    model = copy.deepcopy(tiny_en)
+    model.encoder.set_layer_dtype(torch.bfloat16)
+    table = kernels.table_for(model, tmp_path / "kernels.json")
+    key = "encoder-attention:bfloat16:6x1500x64"
+    timings = table.timings[key]["1"]
+    best = min(timings, key=timings.__getitem__)
+    expected = "sdpa" if timings["sdpa"] <= timings[best] * 1.05 else best
+    assert table.choices[key] == {"1": expected}
+    monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    kernels.tune(model)
+    kernel = model.encoder.blocks[0].attn.long_kernel
+    assert kernel is (None if expected == "sdpa" else kernels.LONG_ATTENTION[expected])
+    # The decoder's attention never takes it: its long passes are masked or causal.
+    assert all(b.cross_attn.long_kernel is None for b in model.decoder.blocks)
+
+
 def _fresh(monkeypatch):
     # A new process as far as the choices go: nothing remembered in memory.
     monkeypatch.setattr(kernels, "_tables", {})
@@ -91,10 +123,14 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
         "projection:float32:51864x384",
         f"decoder:float32:384x{len(kernels._decoder_layers(tiny_en)[1])}",
         "attention:float32:384x6x4:1500",
+        "encoder-attention:float32:6x1500x64",
     }
     assert set(entry["float32:384x384"]) == {"1", "4", "8", "32", "1500"}
+    assert set(entry["encoder-attention:float32:6x1500x64"].values()) <= set(
+        kernels.LONG_ATTENTION
+    )
     for key, buckets in entry.items():
-        if not key.startswith("attention:"):
+        if not key.startswith(("attention:", "encoder-attention:")):
             assert set(buckets.values()) <= set(kernels.CANDIDATES)
     assert entry == table.choices
     # Each choice is the measured minimum (or F.linear within 5% of it).

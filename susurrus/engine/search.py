@@ -100,8 +100,18 @@ class RowRules:
         """Set to -inf the logits (rows, n_vocab) of the tokens each row may not sample."""
         tb = self.tb
         at_start = self.n_sampled == 0
-        suppress = self.suppress[self.mask_id] | (self.blank[self.mask_id] & at_start[:, None])
-        logits.masked_fill_(suppress, -np.inf)
+        # Each fill below passes over every row's whole vocabulary: skipped when it
+        # would fill nothing, and one shared mask (the usual case) is not copied per row.
+        starts = bool(at_start.any())
+        if self.suppress.shape[0] == 1:
+            logits.masked_fill_(self.suppress, -np.inf)
+            if starts:
+                logits.masked_fill_(self.blank & at_start[:, None], -np.inf)
+        else:
+            suppress = self.suppress[self.mask_id]
+            if starts:
+                suppress = suppress | (self.blank[self.mask_id] & at_start[:, None])
+            logits.masked_fill_(suppress, -np.inf)
         rows = self.timestamps
         if not bool(rows.any()):
             return
@@ -115,22 +125,27 @@ class RowRules:
         # Timestamps come in pairs: after a closing pair only text, after one only a
         # timestamp (or the end).
         timestamps.masked_fill_((rows & last & penult)[:, None], -np.inf)
-        logits[:, : self.eot].masked_fill_((rows & last & ~penult)[:, None], -np.inf)
+        text_only = rows & last & ~penult
+        if bool(text_only.any()):
+            logits[:, : self.eot].masked_fill_(text_only[:, None], -np.inf)
         # Timestamps never go back; a new segment must start after the last one ended.
         floor = torch.where(last & ~penult, self.max_ts, self.max_ts + 1)
         floor = torch.where(self.max_ts >= tb, floor, tb)
         below = self.timestamp_index < (floor - tb)[:, None]
         timestamps.masked_fill_(rows[:, None] & below, -np.inf)
-        starting = rows & at_start
-        text.masked_fill_(starting[:, None], -np.inf)
-        limited = starting & (self.max_initial >= 0)
-        beyond = self.timestamp_index > self.max_initial[:, None]
-        timestamps.masked_fill_(limited[:, None] & beyond, -np.inf)
+        if starts:
+            starting = rows & at_start
+            text.masked_fill_(starting[:, None], -np.inf)
+            limited = starting & (self.max_initial >= 0)
+            beyond = self.timestamp_index > self.max_initial[:, None]
+            timestamps.masked_fill_(limited[:, None] & beyond, -np.inf)
         # When the timestamps together outweigh every single text token, emit a timestamp
         # (log-probabilities compared without their common normaliser).
         mass = timestamps.float().logsumexp(dim=-1)
         best_text = text.float().amax(dim=-1)
-        text.masked_fill_((rows & (mass > best_text))[:, None], -np.inf)
+        outweigh = rows & (mass > best_text)
+        if bool(outweigh.any()):
+            text.masked_fill_(outweigh[:, None], -np.inf)
 
 
 def _ids(ids: list[int], like: Tensor) -> Tensor:
