@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py [--models base] [--compute-types auto default]
         [--batch-sizes 8 none] [--settings greedy beam5] [--input benchmarks/data/en-long.wav:en]
-        [--out benchmarks/results/batch-memory-DATE.json]
+        [--runs N] [--source NAME=DIR ...] [--out benchmarks/results/batch-memory-DATE.json]
 
 Each configuration runs `susurrus.transcribe` with the options benchmarks/worker.py gives
 every system (temperature fallback, best_of 5, conditioned on the previous text), after an
@@ -14,6 +14,11 @@ SUSURRUS_KERNEL_CACHE to a cache that exists) so that it is not counted.
 
 Memory does not depend on how busy the CPU is, but `wall_s` does: compare speeds only from
 runs on an otherwise idle machine.
+
+`--source NAME=DIR` (repeatable) measures the susurrus package found in DIR (a checkout or
+`git archive` of another revision, put first on PYTHONPATH), to compare revisions in one
+run; the configurations of all sources take turns, so that a slower spell of the machine
+does not fall on one of them only.
 """
 
 from __future__ import annotations
@@ -91,6 +96,27 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def _run_one(
+    args: argparse.Namespace, model: str, compute_type: str, batch: str, setting: str,
+    directory: str,
+) -> dict:
+    """One configuration in a fresh process (with `directory`'s susurrus, if given)."""
+    command = [
+        sys.executable, __file__, "--one", "--model", model, "--compute-type", compute_type,
+        "--batch-size", batch, "--setting", setting, "--threads", str(args.threads),
+        "--input", args.input,
+    ]
+    env = dict(os.environ)
+    if directory:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(directory).resolve()), *filter(None, [env.get("PYTHONPATH")])]
+        )
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--one", action="store_true", help="measure one configuration here")
@@ -103,6 +129,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--input", default=str(HERE / "data" / "en-long.wav") + ":en", help="WAV:LANG (16 kHz)"
     )
+    parser.add_argument("--source", action="append", default=[], help="NAME=DIR (see above)")
     parser.add_argument("--label", default="", help="a name for this set of runs")
     parser.add_argument("--out", help="write the runs as JSON here")
     # For --one:
@@ -115,35 +142,31 @@ def main(argv: list[str]) -> None:
         print(json.dumps(measure(args)), flush=True)
         return
 
+    sources = [tuple(spec.split("=", 1)) for spec in args.source] or [("", "")]
     runs = []
     for model in args.models:
         for compute_type in args.compute_types:
             for batch in args.batch_sizes:
                 for setting in args.settings:
                     for _ in range(args.runs):
-                        command = [
-                            sys.executable, __file__, "--one", "--model", model,
-                            "--compute-type", compute_type, "--batch-size", batch,
-                            "--setting", setting, "--threads", str(args.threads),
-                            "--input", args.input,
-                        ]
-                        out = subprocess.run(command, capture_output=True, text=True)
-                        if out.returncode != 0:
-                            raise SystemExit(out.stderr)
-                        run = json.loads(out.stdout.strip().splitlines()[-1])
-                        runs.append(run)
-                        print(
-                            f"{model} {compute_type:8} b={batch:4} {setting:6} peak "
-                            f"{run['peak_rss_mb']:7.1f} MB (load {run['rss_after_load_mb']:6.1f}, "
-                            f"before {run['rss_before_mb']:6.1f})  {run['wall_s']:6.1f} s  "
-                            f"{run['tokens']} tokens {run['tokens_sha1']}",
-                            flush=True,
-                        )
+                        for name, directory in sources:
+                            run = _run_one(args, model, compute_type, batch, setting, directory)
+                            run["source"] = name
+                            runs.append(run)
+                            print(
+                                f"{name} {model} {compute_type:8} b={batch:4} {setting:6} peak "
+                                f"{run['peak_rss_mb']:7.1f} MB (load "
+                                f"{run['rss_after_load_mb']:6.1f}, before "
+                                f"{run['rss_before_mb']:6.1f})  {run['wall_s']:6.1f} s  "
+                                f"{run['tokens']} tokens {run['tokens_sha1']}",
+                                flush=True,
+                            )
     if args.out:
         report = {
             "label": args.label,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "input": args.input,
+            "sources": dict(sources),
             "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("MALLOC_")},
             "runs": runs,
         }

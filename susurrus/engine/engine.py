@@ -527,8 +527,9 @@ class Engine:
         group = _group(options)
         sample_len = options.sample_len or self.n_ctx // 2
         sot_index = initial.index(tokenizer.sot)
-        # The prompt's pass, as the plain decoder runs it; its rows then join the table.
-        cache = model.decoder.new_cache(group, n_ctx=min(self.n_ctx, len(initial) + sample_len))
+        # The prompt's pass, as the plain decoder runs it; its rows then join the table
+        # (so its cache needs the prompt's positions only, not the sampled tokens' too).
+        cache = model.decoder.new_cache(group, n_ctx=len(initial))
         if self.static_steps:
             # The whole table at once: its buffers (and so the captured steps) never move.
             self._table.reserve(self.max_batch * group, self.max_batch, self.n_ctx)
