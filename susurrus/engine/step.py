@@ -98,7 +98,8 @@ class RowTable:
 
     Buffers grow when more rows, windows or positions are needed (up to the engine's
     capacity) and never shrink while decoding goes on; rows that leave are filled by rows
-    moved from the end, so only those are copied.
+    moved from the end, so only those are copied. Once nothing decodes, the engine gives
+    them back (`release`).
     """
 
     def __init__(self, decoder: TextDecoder, n_audio_ctx: int, full: bool = False) -> None:
@@ -170,8 +171,9 @@ class RowTable:
                 buffers.append(new)
 
     def release(self) -> None:
-        """Give the buffers back (the table is empty); the next window allocates anew."""
-        assert self.n_rows == self.n_audio == 0
+        """Give the buffers back if the table is empty; the next window allocates anew."""
+        if self.n_rows or self.n_audio:
+            return
         self.self_k, self.self_v, self.cross_k, self.cross_v = [], [], [], []
         self.row_capacity = self.audio_capacity = self.length_capacity = 0
 
