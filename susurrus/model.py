@@ -291,17 +291,19 @@ class TextDecoder(nn.Module):
         A cache that already holds buffers of the right shape (a CUDA graph's) is written in
         place, so that the graph sees the new audio.
         """
-        pairs = [block.cross_attn.cross_kv(audio_features) for block in self.blocks]
-        if len(cache.cross_k) == len(pairs) and all(
-            old.shape == k.shape and old.dtype == k.dtype
-            for old, (k, _) in zip(cache.cross_k, pairs)
-        ):
-            for old_k, old_v, (k, v) in zip(cache.cross_k, cache.cross_v, pairs):
-                old_k.copy_(k)
-                old_v.copy_(v)
-        else:
-            cache.cross_k = [k for k, _ in pairs]
-            cache.cross_v = [v for _, v in pairs]
+        in_place = len(cache.cross_k) == len(self.blocks)
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        # Layer by layer: one layer's projection at a time beside the cache, not all.
+        for i, block in enumerate(self.blocks):
+            k, v = block.cross_attn.cross_kv(audio_features)
+            if in_place and cache.cross_k[i].shape == k.shape and cache.cross_k[i].dtype == k.dtype:
+                cache.cross_k[i].copy_(k)
+                cache.cross_v[i].copy_(v)
+                k, v = cache.cross_k[i], cache.cross_v[i]
+            keys.append(k)
+            values.append(v)
+        cache.cross_k, cache.cross_v = keys, values
 
     def forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """Hidden states (batch, new_tokens, n_state) of `tokens`, which continue the cache."""

@@ -169,6 +169,25 @@ def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
         assert starts == sorted(starts)
 
 
+def test_a_batch_takes_the_room_it_needs_and_gives_it_back(tiny_en):
+    """The 111 s recording, cut into its windows, 3 side by side: the row table holds room
+    for 3 windows of 2 beams (doubling from one window's room, it held 4 and 8 rows), a
+    step with nothing to decode gives the buffers back, and the engine then decodes the
+    same tokens again in new ones."""
+    options = dict(temperature=0.0, batch_size=3, beam_size=2, language="en")
+    engine = Engine(tiny_en, max_batch=3)
+    first = engine.transcribe(str(AUDIO / LONG), **options)
+    table = engine._table
+    assert (table.audio_capacity, table.row_capacity) == (3, 6)
+    assert [b.shape[0] for b in (table.cross_k[0], table.self_k[0])] == [3, 6]
+    assert engine.step() is False
+    assert (table.row_capacity, table.audio_capacity, table.self_k, table.cross_k) == (
+        0, 0, [], []
+    )
+    again = engine.transcribe(str(AUDIO / LONG), **options)
+    assert tokens_of(again) == tokens_of(first) and len(first["segments"]) > 5
+
+
 def test_closing_a_worker_fails_its_waiting_callers_instead_of_hanging(tiny_en):
     worker = susurrus.Worker()
     engine = Engine(tiny_en, max_batch=2, worker=worker)

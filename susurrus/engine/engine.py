@@ -432,6 +432,10 @@ class Engine:
         with self.threads.apply():
             admitted = self._admit()
         if not self._windows:
+            if not self.static_steps:
+                # Nothing to decode now (a source waits for audio, or all are done): the
+                # buffers of the last batch go back rather than stay at their peak.
+                self._table.release()
             return admitted  # language detection alone is work done too
         with self.threads.step():
             logits = self._logits()
@@ -464,11 +468,30 @@ class Engine:
         if not jobs:
             return False
         fresh = [job for job, _ in jobs if job.features is None]
-        if fresh:
+        if fresh and self.model.device.type == "cpu":
+            # One window at a time (a batch gains the CPU nothing: see _encode_if_needed),
+            # each into a tensor of its own: views of one batch tensor would keep all of
+            # it alive until the batch's last window is done (a retry keeps its features).
+            for job in fresh:
+                job.features = _encode_if_needed(self.model, job.mel[None])[0]
+                job.mel = None  # the frames are not needed again
+        elif fresh:
             mels = torch.stack([job.mel for job in fresh])
             for job, features in zip(fresh, _encode_if_needed(self.model, mels)):
                 job.features = features
-                job.mel = None  # the frames are not needed again
+                job.mel = None
+        decoding = [job for job, _ in jobs if job.options.task != "lang_id"]
+        if decoding and not self.static_steps:
+            # Room for all of them at once: buffers grown window by window would double
+            # (past what the batch needs) and copy the windows already in.
+            groups = [_group(job.options) for job in decoding] + [w.group for w in self._windows]
+            self._table.reserve(
+                self._table.n_rows + sum(groups[: len(decoding)]),
+                self._table.n_audio + len(decoding),
+                1,
+                row_limit=self.max_batch * max(groups),
+                audio_limit=self.max_batch,
+            )
         for job, source in jobs:
             if job.options.task == "lang_id":
                 # Only the language: no rows to decode.
@@ -501,13 +524,27 @@ class Engine:
             task=options.task,
         )
         initial = initial_tokens(tokenizer, options, self.n_ctx)
-        group = options.beam_size or options.best_of or 1
+        group = _group(options)
         sample_len = options.sample_len or self.n_ctx // 2
         sot_index = initial.index(tokenizer.sot)
         # The prompt's pass, as the plain decoder runs it, once: every row of the window
         # starts from the same prompt (the reference repeats it per beam), so the rows
-        # that join the table are copies of this one.
-        cache = model.decoder.new_cache(1, n_ctx=min(self.n_ctx, len(initial) + sample_len))
+        # that join the table are copies of this one. Its cache needs the prompt's
+        # positions only, not the sampled tokens' too.
+        cache = model.decoder.new_cache(1, n_ctx=len(initial))
+        if self.static_steps:
+            # The whole table at once: its buffers (and so the captured steps) never move.
+            self._table.reserve(self.max_batch * group, self.max_batch, self.n_ctx)
+        else:
+            self._table.reserve(
+                self._table.n_rows + group,
+                self._table.n_audio + 1,
+                len(initial) + 1,
+                row_limit=self.max_batch * max([group] + [w.group for w in self._windows]),
+                audio_limit=self.max_batch,
+            )
+        # The audio's keys and values go straight into the window's place in the table.
+        cache.cross_k, cache.cross_v = self._table.next_audio()
         model.decoder.fill_cross_cache(cache, features[None])
         tokens = torch.tensor([initial], device=model.device)
         hidden = model.decoder(tokens, cache)
@@ -538,9 +575,6 @@ class Engine:
             ended=[False] * group,
             first_logits=logits[:, 1].expand(group, -1).contiguous(),
         )
-        if self.static_steps:
-            # The whole table at once: its buffers (and so the captured steps) never move.
-            self._table.reserve(self.max_batch * group, self.max_batch, self.n_ctx)
         window.row, window.audio = self._table.append(cache, len(initial), copies=group)
         mask = self._rules.mask_for(
             suppress_tokens(tokenizer, options.suppress_tokens),
@@ -794,6 +828,11 @@ class Engine:
             source.job_done(job)
         except Exception as exc:  # one recording's failure is only its own
             source.fail(exc)
+
+
+def _group(options: DecodingOptions) -> int:
+    """Rows a window decodes with: its beams, its samples, or one."""
+    return options.beam_size or options.best_of or 1
 
 
 def _fill_holes(windows: list[_Window]) -> list[_Window]:

@@ -13,6 +13,7 @@ captured as a CUDA graph over the whole table (see graphs.py), with the same cod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,8 @@ class RowTable:
 
     Buffers grow when more rows, windows or positions are needed (up to the engine's
     capacity) and never shrink while decoding goes on; rows that leave are filled by rows
-    moved from the end, so only those are copied.
+    moved from the end, so only those are copied. Once nothing decodes, the engine gives
+    them back (`release`).
     """
 
     def __init__(self, decoder: TextDecoder, n_audio_ctx: int, full: bool = False) -> None:
@@ -119,51 +121,89 @@ class RowTable:
         self.row_capacity = self.audio_capacity = self.length_capacity = 0
         self.n_rows = self.n_audio = 0
 
-    def _layers(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[Tensor]:
-        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.decoder.blocks]
-
-    def reserve(self, rows: int, audios: int, length: int) -> None:
-        """Room for `rows` rows of `length` positions and `audios` windows."""
+    def reserve(
+        self, rows: int, audios: int, length: int, *, row_limit: int = 0, audio_limit: int = 0
+    ) -> None:
+        """Room for `rows` rows of `length` positions and `audios` windows. A buffer that
+        grows doubles (fewer copies as windows join one by one), but not past `row_limit`
+        rows or `audio_limit` windows (0: no limit) where the caller knows it needs no more."""
         if rows > self.row_capacity or length > self.length_capacity:
-            new_rows = rows if rows <= self.row_capacity else max(rows, 2 * self.row_capacity)
+            new_rows = self.row_capacity
+            if rows > self.row_capacity:
+                doubled = 2 * self.row_capacity
+                new_rows = max(rows, min(doubled, row_limit) if row_limit else doubled)
             new_length = self.n_ctx if self.full else min(
                 self.n_ctx, -(-max(length, self.length_capacity) // LENGTH_STEP) * LENGTH_STEP
             )
             shape = (new_rows, self.n_head, new_length, self.head_dim)
-            for name in ("self_k", "self_v"):
-                old = getattr(self, name)
-                new = self._layers(shape, self.self_dtype)
-                for a, b in zip(new, old):
-                    a[: self.n_rows, :, : b.shape[2]] = b[: self.n_rows]
-                setattr(self, name, new)
+            n = self.n_rows
+            for buffers in (self.self_k, self.self_v):
+                # Zeros: a step's keys past a row's own position are read (and masked out),
+                # and masking garbage could still bring NaN in.
+                self._regrow(buffers, shape, self.self_dtype, torch.zeros,
+                             lambda new, old: new[:n, :, : old.shape[2]].copy_(old[:n]))
             self.row_capacity, self.length_capacity = new_rows, new_length
         if audios > self.audio_capacity:
-            audios = max(audios, 2 * self.audio_capacity)
+            doubled = 2 * self.audio_capacity
+            audios = max(audios, min(doubled, audio_limit) if audio_limit else doubled)
             # (audio, head, time, dim), as cross_kv makes them (see there).
             shape = (audios, self.n_head, self.n_audio_ctx, self.head_dim)
-            for name in ("cross_k", "cross_v"):
-                old = getattr(self, name)
-                new = self._layers(shape, self.cross_dtype)
-                for a, b in zip(new, old):
-                    a[: self.n_audio] = b[: self.n_audio]
-                setattr(self, name, new)
+            a = self.n_audio
+            # Only the filled windows are read, except by a step over the full table (whose
+            # free slots must hold numbers): slots not written yet need not take memory.
+            make = torch.zeros if self.full else torch.empty
+            for buffers in (self.cross_k, self.cross_v):
+                self._regrow(buffers, shape, self.cross_dtype, make,
+                             lambda new, old: new[:a].copy_(old[:a]))
             self.audio_capacity = audios
+
+    def _regrow(self, buffers: list[Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+                make: Callable[..., Tensor], keep: Callable[[Tensor, Tensor], object]) -> None:
+        """Each layer's buffer replaced by a new one of `shape` (what `keep(new, old)`
+        copies survives), one layer at a time: beside the buffers of every layer, the old
+        and the new buffer of only one layer are held at once, not of all."""
+        for i in range(len(self.decoder.blocks)):
+            new = make(shape, dtype=dtype, device=self.device)
+            if i < len(buffers):
+                keep(new, buffers[i])
+                buffers[i] = new  # the old one goes now
+            else:
+                buffers.append(new)
+
+    def release(self) -> None:
+        """Give the buffers back if the table is empty; the next window allocates anew."""
+        if self.n_rows or self.n_audio:
+            return
+        self.self_k, self.self_v, self.cross_k, self.cross_v = [], [], [], []
+        self.row_capacity = self.audio_capacity = self.length_capacity = 0
+
+    def next_audio(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The cross-attention keys and values of the next window to join, (1, heads,
+        time, head_dim) per layer, as views into the table (reserved beforehand): its audio
+        is projected straight into its place instead of into a copy first."""
+        a = self.n_audio
+        if a >= self.audio_capacity:
+            raise RuntimeError("no room reserved for another window")
+        return [b[a : a + 1] for b in self.cross_k], [b[a : a + 1] for b in self.cross_v]
 
     def append(self, cache: KVCache, length: int, copies: int = 1) -> tuple[int, int]:
         """Add the rows of a prefilled cache (its first `length` positions), each `copies`
-        times side by side, and its audio; returns (first row, audio index)."""
+        times side by side, and its audio (unless it is already in place: `next_audio`);
+        returns (first row, audio index)."""
         rows = cache.self_k[0].shape[0] * copies
         self.reserve(self.n_rows + rows, self.n_audio + 1, length + 1)
         r, a = self.n_rows, self.n_audio
         for buffers, source in ((self.self_k, cache.self_k), (self.self_v, cache.self_v)):
             for buf, src in zip(buffers, source):
+                # One row copied `copies` times broadcasts; several repeat row by row.
                 src = src[:, :, :length]
-                if copies > 1:
+                if copies > 1 and src.shape[0] > 1:
                     src = src.repeat_interleave(copies, dim=0)
                 buf[r : r + rows, :, :length] = src
         for buffers, source in ((self.cross_k, cache.cross_k), (self.cross_v, cache.cross_v)):
             for buf, src in zip(buffers, source):
-                buf[a] = src[0]
+                if src.data_ptr() != buf[a].data_ptr():
+                    buf[a] = src[0]
         self.n_rows += rows
         self.n_audio += 1
         return r, a
