@@ -297,13 +297,19 @@ def concurrency(model_name: str, compute_type: str, levels: list[int], files: li
     model = worker.call(susurrus.load_model, model_name, compute_type=compute_type)
     samples = np.concatenate([load_audio(str(SHARED / f)) for f in files])
     runs = []
-    for n in levels:
-        run = realtime_streams(model, samples, n, worker)
-        runs.append(run)
-        print(f"  {model_name} {compute_type}: {n} stream(s): lag p90 {run['lag_p90_s']:.2f} s, "
-              f"mean batch {run['mean_batch']:.2f}", file=sys.stderr, flush=True)
-        if not run["keeps_up"]:
-            break
+    try:
+        for n in levels:
+            run = realtime_streams(model, samples, n, worker)
+            runs.append(run)
+            print(f"  {model_name} {compute_type}: {n} stream(s): lag p90 "
+                  f"{run['lag_p90_s']:.2f} s, mean batch {run['mean_batch']:.2f}",
+                  file=sys.stderr, flush=True)
+            if not run["keeps_up"]:
+                break
+    finally:
+        # Ended here rather than at interpreter exit, where a thread still inside torch
+        # can abort the process ("terminate called without an active exception").
+        worker.close()
     kept = [r["streams"] for r in runs if r["keeps_up"]]
     return {"model": model_name, "compute_type": compute_type, "audio_s": len(samples) / 16000,
             "runs": runs, "max_realtime_streams": max(kept) if kept else 0}

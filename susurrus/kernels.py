@@ -538,9 +538,9 @@ def _apply_encoder_attention(model: nn.Module, table: KernelTable | None) -> Non
         block.attn.long_kernel = kernel
 
 
-def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, pairs) -> None:
+def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, kernel) -> None:
     """The decoder's attention of the audio in `dtype` (None: as it is), every decoder
-    attention through `pairs`.
+    step's attention through `kernel` (None: SDPA).
 
     Its own keys (self-attention) stay in the model's type: at most 448 positions, a
     narrow type saves little there, and each new key length would make oneDNN build and
@@ -550,7 +550,7 @@ def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, pairs) -> None
         if dtype is not None:
             block.attn.attention_dtype = None
             block.cross_attn.attention_dtype = None if dtype == own else dtype
-        block.attn.step_kernels = block.cross_attn.step_kernels = pairs
+        block.attn.step_kernel = block.cross_attn.step_kernel = kernel
 
 
 def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
@@ -564,7 +564,7 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
     own = decoder.positional_embedding.dtype
     asked = decoder.blocks[0].cross_attn.attention_dtype or own
     saved = [
-        (m, m.attention_dtype, m.step_kernels)
+        (m, m.attention_dtype, m.step_kernel)
         for block in decoder.blocks
         for m in (block.attn, block.cross_attn)
     ]
@@ -589,7 +589,7 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
                         [same]
                     )
                     run = (Run(0, rows, 0, rows, 1),)
-                    _set_attention(decoder, dtype, ((1 << 30, ATTENTION[STEP_ATTENTION]),))
+                    _set_attention(decoder, dtype, ATTENTION[STEP_ATTENTION])
                     label = f"{_dtype_name(dtype)}/{STEP_ATTENTION}"
                     for turn in range(DECODER_ROUNDS + 1):
                         start = time.perf_counter()
@@ -601,8 +601,8 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
                         if turn:
                             found[label] = min(found.get(label, float("inf")), took)
     finally:
-        for m, dtype, kernels in saved:
-            m.attention_dtype, m.step_kernels = dtype, kernels
+        for m, dtype, kernel in saved:
+            m.attention_dtype, m.step_kernel = dtype, kernel
 
     table.choices[key] = choose_attention(timings, asked, own)
     table.timings[key] = {
@@ -631,10 +631,10 @@ def _apply_attention(
     model: nn.Module, entry: dict[str, str] | None, forced_name: str | None
 ) -> None:
     if forced_name is not None:
-        _set_attention(model.decoder, None, ((1, ATTENTION[forced_name]),))
+        _set_attention(model.decoder, None, ATTENTION[forced_name])
     elif entry is not None:
-        buckets = sorted((int(r), ATTENTION[n]) for r, n in entry.items() if r != "dtype")
-        _set_attention(model.decoder, ATTENTION_DTYPES[entry["dtype"]], tuple(buckets))
+        # The entry's buckets name the kernel its timings were taken with: STEP_ATTENTION.
+        _set_attention(model.decoder, ATTENTION_DTYPES[entry["dtype"]], ATTENTION[STEP_ATTENTION])
 
 
 class TunedLinear(nn.Linear):

@@ -57,7 +57,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
 
 
 # Attention calls with at most this many queries per row are decoding steps (one token, or
-# a few beams asking one audio), where step_kernels apply.
+# a few beams asking one audio), where step_kernel applies.
 STEP_QUERIES = 8
 
 
@@ -92,10 +92,9 @@ class MultiHeadAttention(nn.Module):
         # the CPU): reading the audio's keys/values dominates a decoding step once the
         # weights are int8, and half-width keys halve it.
         self.attention_dtype: torch.dtype | None = None
-        # The attention of decoding steps (a few queries per row) through a kernel chosen
-        # by measurement on the CPU instead of SDPA, by number of rows: (max rows,
-        # (q, k, v, mask) -> out) pairs, smallest first (see kernels.py). None: SDPA.
-        self.step_kernels: tuple[tuple[int, Callable[..., Tensor]], ...] | None = None
+        # The attention of decoding steps (a few queries per row) through a kernel of
+        # kernels.py instead of SDPA on the CPU, (q, k, v, mask) -> out. None: SDPA.
+        self.step_kernel: Callable[..., Tensor] | None = None
         # The attention of many queries without a mask (the encoder's) through a kernel
         # measured faster than SDPA on the CPU (see kernels.py); None: SDPA.
         self.long_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
@@ -108,14 +107,12 @@ class MultiHeadAttention(nn.Module):
         return out.to(q.dtype)
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        kernels = self.step_kernels
-        if kernels is None or q.shape[-2] > STEP_QUERIES or kwargs.get("is_causal"):
+        kernel = self.step_kernel
+        if kernel is None or q.shape[-2] > STEP_QUERIES or kwargs.get("is_causal"):
             plain = not kwargs.get("is_causal") and kwargs.get("attn_mask") is None
             if self.long_kernel is not None and plain:
                 return self.long_kernel(q, k, v)
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
-        rows = q.shape[0]
-        kernel = next((k for limit, k in kernels if rows <= limit), kernels[-1][1])
         return kernel(q, k, v, kwargs.get("attn_mask"))
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

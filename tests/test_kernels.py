@@ -220,7 +220,7 @@ def test_float32_parity_with_each_attention_forced(name, monkeypatch):
     """Token for token with the reference whichever attention the steps take."""
     monkeypatch.setenv(kernels.ENV_FORCE_ATTENTION, name)
     model = load_model("tiny.en", device="cpu")
-    assert model.decoder.blocks[0].cross_attn.step_kernels[0][1] is kernels.ATTENTION[name]
+    assert model.decoder.blocks[0].cross_attn.step_kernel is kernels.ATTENTION[name]
     check_parity(*run_parity(model, "tiny.en", "greedy"))
 
 
