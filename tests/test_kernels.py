@@ -125,7 +125,7 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
         "attention:float32:384x6x4:1500",
         "encoder-attention:float32:6x1500x64",
     }
-    assert set(entry["float32:384x384"]) == {"1", "4", "8", "32", "1500"}
+    assert set(entry["float32:384x384"]) == {"1", "4", "5", "8", "32", "1500"}
     assert set(entry["encoder-attention:float32:6x1500x64"].values()) <= set(
         kernels.LONG_ATTENTION
     )
