@@ -211,12 +211,12 @@ def time_candidates(
     return best
 
 
-def choose(timings: dict[str, float]) -> str:
-    """The fastest candidate; `linear` (the reference's own path) on a near tie, so that
-    noise never moves a product off it for less than 5%."""
+def choose(timings: dict[str, float], preferred: str = "linear") -> str:
+    """The fastest candidate; `preferred` (the reference's own path: `linear` for products)
+    on a near tie, so that noise never moves work off it for less than 5%."""
     best = min(timings, key=timings.__getitem__)
-    if "linear" in timings and timings["linear"] <= timings[best] * 1.05:
-        return "linear"
+    if preferred in timings and timings[preferred] <= timings[best] * 1.05:
+        return preferred
     return best
 
 
@@ -524,9 +524,7 @@ def _measure_encoder_attention(
                 kernel(q, k, v)
                 if turn:
                     found[name] = min(found[name], time.perf_counter() - start)
-    best = min(found, key=found.__getitem__)
-    chosen = "sdpa" if found["sdpa"] <= found[best] * 1.05 else best
-    table.choices[key] = {"1": chosen}
+    table.choices[key] = {"1": choose(found, preferred="sdpa")}
     table.timings[key] = {"1": {name: round(t * 1e3, 4) for name, t in found.items()}}
 
 

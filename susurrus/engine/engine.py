@@ -535,14 +535,7 @@ class Engine:
         if self.static_steps:
             # The whole table at once: its buffers (and so the captured steps) never move.
             self._table.reserve(self.max_batch * group, self.max_batch, self.n_ctx)
-        else:
-            self._table.reserve(
-                self._table.n_rows + group,
-                self._table.n_audio + 1,
-                len(initial) + 1,
-                row_limit=self.max_batch * max([group] + [w.group for w in self._windows]),
-                audio_limit=self.max_batch,
-            )
+        # (Otherwise _admit reserved the rows and audios of every window it starts.)
         # The audio's keys and values go straight into the window's place in the table.
         cache.cross_k, cache.cross_v = self._table.next_audio()
         model.decoder.fill_cross_cache(cache, features[None])

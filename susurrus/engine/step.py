@@ -187,19 +187,15 @@ class RowTable:
         return [b[a : a + 1] for b in self.cross_k], [b[a : a + 1] for b in self.cross_v]
 
     def append(self, cache: KVCache, length: int, copies: int = 1) -> tuple[int, int]:
-        """Add the rows of a prefilled cache (its first `length` positions), each `copies`
-        times side by side, and its audio (unless it is already in place: `next_audio`);
+        """Add the rows of a prefilled cache (its first `length` positions), or its one
+        row `copies` times, and its audio (unless it is already in place: `next_audio`);
         returns (first row, audio index)."""
         rows = cache.self_k[0].shape[0] * copies
         self.reserve(self.n_rows + rows, self.n_audio + 1, length + 1)
         r, a = self.n_rows, self.n_audio
         for buffers, source in ((self.self_k, cache.self_k), (self.self_v, cache.self_v)):
             for buf, src in zip(buffers, source):
-                # One row copied `copies` times broadcasts; several repeat row by row.
-                src = src[:, :, :length]
-                if copies > 1 and src.shape[0] > 1:
-                    src = src.repeat_interleave(copies, dim=0)
-                buf[r : r + rows, :, :length] = src
+                buf[r : r + rows, :, :length] = src[:, :, :length]  # one row broadcasts
         for buffers, source in ((self.cross_k, cache.cross_k), (self.cross_v, cache.cross_v)):
             for buf, src in zip(buffers, source):
                 if src.data_ptr() != buf[a].data_ptr():
