@@ -11,9 +11,7 @@ directory: measuring costs about a second the first time, nothing afterwards.
 
 Every candidate computes the same float sums in another order, so float32 results change
 only by that reordering (the parity tests pass with each candidate forced in turn:
-`SUSURRUS_KERNEL=linear|onednn|weight_first`). int8 layers keep their own kernels; for
-their decoding steps, whole steps through each int8 path of quantize.py (FBGEMM's fused
-dynamic kernel, or the weights widened under bfloat16 rows) are timed and the faster taken.
+`SUSURRUS_KERNEL=linear|onednn|weight_first`). int8 layers keep their own kernels.
 
 The attention of decoding steps runs as two plain products around a float32 softmax
 (`SUSURRUS_ATTENTION=sdpa|matmul` forces a kernel), and where the compute type asks for
@@ -44,7 +42,6 @@ from torch import Tensor, nn
 
 from .download import default_cache_dir
 from .errors import SusurrusError
-from .quantize import STEP_PATHS, Int8Linear, _fbgemm_built
 
 logger = logging.getLogger(__name__)
 
@@ -271,11 +268,7 @@ class KernelTable:
         lines = []
         for key, entry in sorted(self.choices.items()):
             picks = ", ".join(
-                f"in {name}"
-                if rows == "dtype"
-                else name
-                if rows == "path"
-                else f"{rows} rows: {name}"
+                f"in {name}" if rows == "dtype" else f"{rows} rows: {name}"
                 for rows, name in entry.items()
             )
             lines.append(f"{key}: {picks}")
@@ -312,8 +305,6 @@ def _valid_entry(key: str, buckets: object) -> bool:
     if not isinstance(buckets, dict):
         return False
     names = CANDIDATES
-    if key.startswith("int8-steps:"):
-        return set(buckets) == {"path"} and buckets["path"] in STEP_PATHS
     if key.startswith("encoder-attention:"):
         names = LONG_ATTENTION
     elif key.startswith("attention:"):
@@ -397,9 +388,7 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         attend = attention is not None and attention not in table.choices
         encoder = _encoder_attention(model)
         encode = encoder is not None and encoder[0] not in table.choices
-        int8 = _int8_step_layers(model)
-        quantized = int8 is not None and int8[0] not in table.choices
-        if missing or refine or attend or encode or quantized:
+        if missing or refine or attend or encode:
             start = time.perf_counter()
             for name, (weight, bias, buckets) in missing.items():
                 table.measure(name, weight, bias, buckets)
@@ -409,8 +398,6 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
                 _measure_attention(model, table, attention)
             if encode:
                 _measure_encoder_attention(table, *encoder)
-            if quantized:
-                _measure_int8_steps(model, table, *int8)
             logger.info(
                 "measured %d product shapes in %.2f s: %s",
                 len(missing),
@@ -492,79 +479,6 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
     for m in layers:
         shape = table.choices.setdefault(shape_key(dtype, *m.weight.shape), {})
         shape.update(entry)
-
-
-def _int8_step_layers(model: nn.Module) -> tuple[str, list[Int8Linear]] | None:
-    """The int8 layers of a CPU decoder's steps (not the output projection, which keeps
-    FBGEMM's kernel: the widening one reads its 26 MB at half the speed) and the key
-    their path is cached under; None without them."""
-    decoder = getattr(model, "decoder", None)
-    if decoder is None or not hasattr(decoder, "new_cache") or not _fbgemm_built():
-        return None
-    pe = decoder.positional_embedding
-    if pe.device.type != "cpu" or pe.dtype != torch.float32:
-        return None
-    projection = getattr(decoder.token_embedding, "projection", None)
-    layers = [m for m in decoder.modules() if isinstance(m, Int8Linear) and m is not projection]
-    if not layers:
-        return None
-    return f"int8-steps:{pe.shape[1]}x{len(decoder.blocks)}", layers
-
-
-# Rows per step the int8 paths are timed at: greedy decoding, and the default beam size
-# and best_of. The two are weighed alike: the path is one for all row counts, so that a
-# row's numbers never depend on how many rows decode beside it.
-INT8_STEP_ROWS = (1, 5)
-
-
-def _measure_int8_steps(
-    model: nn.Module, table: KernelTable, key: str, layers: list[Int8Linear]
-) -> None:
-    """Choose the int8 path of decoding steps by timing whole decoder steps through each
-    (FBGEMM's on a near tie)."""
-    decoder = model.decoder
-    pe = decoder.positional_embedding
-    n_ctx = min(48, pe.shape[0])
-    position = max(0, n_ctx - 8)
-    saved = [m.step_path for m in layers]
-    timings: dict[str, dict[str, float]] = {}
-    try:
-        with torch.inference_mode():
-            cache = decoder.new_cache(1, n_ctx=n_ctx)
-            decoder.fill_cross_cache(cache, torch.randn(1, model.dims.n_audio_ctx, pe.shape[1]))
-            for rows in INT8_STEP_ROWS:
-                step_cache = decoder.new_cache(rows, n_ctx=n_ctx)
-                step_cache.cross_k, step_cache.cross_v = cache.cross_k, cache.cross_v
-                tokens = torch.zeros(rows, 1, dtype=torch.long)
-                found = dict.fromkeys(STEP_PATHS, float("inf"))
-                for turn in range(DECODER_ROUNDS + 1):  # taking turns, the first warms up
-                    for name in STEP_PATHS:
-                        for m in layers:
-                            m.step_path = name
-                        step_cache.length = position
-                        start = time.perf_counter()
-                        decoder(tokens, step_cache)
-                        if turn:
-                            found[name] = min(found[name], time.perf_counter() - start)
-                timings[str(rows)] = found
-    finally:
-        for m, path in zip(layers, saved):
-            m.step_path = path
-    totals = {name: sum(found[name] for found in timings.values()) for name in STEP_PATHS}
-    table.choices[key] = {"path": choose(totals, preferred="fbgemm")}
-    table.timings[key] = {
-        rows: {name: round(t * 1e3, 4) for name, t in found.items()}
-        for rows, found in timings.items()
-    }
-
-
-def _apply_int8_steps(model: nn.Module, table: KernelTable | None) -> None:
-    if (int8 := _int8_step_layers(model)) is None:
-        return
-    entry = table.choices.get(int8[0]) if table is not None else None
-    path = (entry or {}).get("path", "fbgemm")
-    for m in int8[1]:
-        m.step_path = path
 
 
 def _attention_key(model: nn.Module) -> str | None:
@@ -687,8 +601,8 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
                     # One row: the engine's step at one position; several: rows at
                     # different positions, the engine's masked step.
                     same = n_ctx - 8 if rows == 1 else None
-                    positions = (
-                        torch.arange(n_ctx - rows, n_ctx) if rows > 1 else torch.tensor([same])
+                    positions = torch.arange(n_ctx - rows, n_ctx) if rows > 1 else torch.tensor(
+                        [same]
                     )
                     run = (Run(0, rows, 0, rows, 1),)
                     _set_attention(decoder, dtype, ATTENTION[STEP_ATTENTION])
@@ -696,15 +610,8 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
                     for turn in range(DECODER_ROUNDS + 1):
                         start = time.perf_counter()
                         decoder_step(
-                            decoder,
-                            tokens,
-                            positions,
-                            cache.self_k,
-                            cache.self_v,
-                            cache.cross_k,
-                            cache.cross_v,
-                            run,
-                            same,
+                            decoder, tokens, positions, cache.self_k, cache.self_v,
+                            cache.cross_k, cache.cross_v, run, same,
                         )
                         took = time.perf_counter() - start
                         if turn:
@@ -831,5 +738,4 @@ def tune(model: nn.Module) -> KernelTable | None:
     if (key := _attention_key(model)) is not None:
         _apply_attention(model, table.choices.get(key) if table else None, attention)
     _apply_encoder_attention(model, table)
-    _apply_int8_steps(model, table)
     return table

@@ -34,13 +34,6 @@ COMPUTE_TYPES = (
     "int8_bfloat16",
 )
 PER_ROW_MIN_ROWS = 64  # inputs with this many rows (encoder, prompts) get per-row scales
-# How a decoding step's few rows meet the int8 weights on the CPU (chosen per machine by
-# timing whole steps, see kernels.py): FBGEMM's fused dynamic kernel, which quantizes the
-# activations too, or the weights widened on the fly under bfloat16 activations
-# (`torch._weight_int8pack_mm`): one call instead of about ten small ones around the
-# product, and no activation rounding to 8 bits. Both give each row the same numbers
-# alone or beside other rows.
-STEP_PATHS = ("fbgemm", "weight_only")
 REFINED_LOGITS = 64  # top logits recomputed without rounding the hidden state (int8 models)
 FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -166,8 +159,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.out_features, self.in_features = weight_int8.shape
         self._packed = None  # FBGEMM's prepacked copy, made on first use with few rows
-        self.step_path = "fbgemm"  # one of STEP_PATHS, for decoding steps on the CPU
-        self._scale_bf16: Tensor | None = None  # the scales in the weight-only kernel's type
 
     @classmethod
     def stacked(cls, layers: list[Int8Linear]) -> Int8Linear:
@@ -232,15 +223,6 @@ class Int8Linear(nn.Module):
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _weight_only(self, x: Tensor) -> Tensor:
-        """The rows in bfloat16 against the int8 weights widened inside the kernel."""
-        if self._scale_bf16 is None:
-            self._scale_bf16 = self.scale.to(torch.bfloat16)
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(rows, self.weight_int8, self._scale_bf16)
-        out = out.float() if self.bias is None else self.bias + out  # float32, one call
-        return out.reshape(*x.shape[:-1], self.out_features)
-
     @staticmethod
     @functools.cache
     def _pin(features: int) -> Tensor:
@@ -256,8 +238,6 @@ class Int8Linear(nn.Module):
             several = x.dim() > 2 and x.shape[-2] > 1
             if several or x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
                 return self._per_row(x)
-            if self.step_path == "weight_only":
-                return self._weight_only(x)
             if self._packed is None:
                 self._packed = self._pack()
             return self._per_row_fused(x)
@@ -267,7 +247,7 @@ class Int8Linear(nn.Module):
         return F.linear(x, weight, bias)
 
     def _apply(self, fn, recurse=True):
-        self._packed = self._scale_bf16 = None  # moved or cast: made again on first use
+        self._packed = None  # moved or cast: pack again on first use
         super()._apply(fn, recurse)
         self.scale = self.scale.float()  # kept in float32 whatever the model's type
         return self

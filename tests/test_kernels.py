@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from susurrus import kernels, load_model, quantize
+from susurrus import kernels, load_model
 
 from .conftest import requires_shared
 from .test_transcribe import check_parity, run_parity
@@ -108,43 +108,6 @@ def test_the_encoder_attention_choice_is_measured_and_applied(tiny_en, tmp_path,
     assert all(b.attn.long_kernel is None for b in model.decoder.blocks)
 
 
-def test_the_int8_step_path_is_measured_cached_and_applied(tmp_path, monkeypatch):
-    _fresh(monkeypatch)
-    model = load_model("tiny.en", compute_type="int8")
-    path = tmp_path / "kernels.json"
-    table = kernels.table_for(model, path)
-    key = "int8-steps:384x4"
-    timings = table.timings[key]
-    assert set(timings) == {"1", "5"}  # whole steps of one row and of a beam of five
-    totals = {name: sum(found[name] for found in timings.values()) for name in quantize.STEP_PATHS}
-    assert all(t > 0 for t in totals.values())
-    best = min(totals, key=totals.__getitem__)
-    expected = "fbgemm" if totals["fbgemm"] <= totals[best] * 1.05 else best
-    assert table.choices[key] == {"path": expected}
-    saved = json.loads(path.read_text())["machines"][kernels.machine_key()]
-    assert saved[key] == {"path": expected}
-    # Applied to every layer of the decoder's steps, but not to the output projection.
-    for name in quantize.STEP_PATHS:
-        _fresh(monkeypatch)
-        saved[key] = {"path": name}
-        path.write_text(
-            json.dumps({"format": kernels.FORMAT, "machines": {kernels.machine_key(): saved}})
-        )
-        monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(path))
-        kernels.tune(model)
-        layers = [m for m in model.decoder.modules() if isinstance(m, quantize.Int8Linear)]
-        projection = model.decoder.token_embedding.projection
-        assert {m.step_path for m in layers if m is not projection} == {name}
-        assert projection.step_path == "fbgemm"
-    # A path this version does not know makes the entry stale: measured again.
-    _fresh(monkeypatch)
-    saved[key] = {"path": "turbo"}
-    path.write_text(
-        json.dumps({"format": kernels.FORMAT, "machines": {kernels.machine_key(): saved}})
-    )
-    assert kernels.table_for(model, path).choices[key]["path"] in quantize.STEP_PATHS
-
-
 def _fresh(monkeypatch):
     # A new process as far as the choices go: nothing remembered in memory.
     monkeypatch.setattr(kernels, "_tables", {})
@@ -169,7 +132,9 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
         "encoder-attention:float32:6x1500x64",
     }
     assert set(entry["float32:384x384"]) == {"1", "4", "5", "8", "32", "1500"}
-    assert set(entry["encoder-attention:float32:6x1500x64"].values()) <= set(kernels.LONG_ATTENTION)
+    assert set(entry["encoder-attention:float32:6x1500x64"].values()) <= set(
+        kernels.LONG_ATTENTION
+    )
     for key, buckets in entry.items():
         if not key.startswith(("attention:", "encoder-attention:")):
             assert set(buckets.values()) <= set(kernels.CANDIDATES)
@@ -239,29 +204,19 @@ def test_attention_type_follows_recorded_timings():
     """bfloat16 attention, asked for by `auto`, is kept only where it pays: timings (ms of
     whole steps through the two products) recorded on an AMD EPYC Zen 4, and an imagined
     CPU where bfloat16 loses. The kernel is the two products either way."""
-    zen4 = {
-        "1": {"bfloat16/matmul": 4.24, "float32/matmul": 4.12},
-        "8": {"bfloat16/matmul": 11.7, "float32/matmul": 14.2},
-    }
-    slow_bf16 = {
-        "1": {"bfloat16/matmul": 8.0, "float32/matmul": 4.7},
-        "8": {"bfloat16/matmul": 25.0, "float32/matmul": 14.0},
-    }
+    zen4 = {"1": {"bfloat16/matmul": 4.24, "float32/matmul": 4.12},
+            "8": {"bfloat16/matmul": 11.7, "float32/matmul": 14.2}}
+    slow_bf16 = {"1": {"bfloat16/matmul": 8.0, "float32/matmul": 4.7},
+                 "8": {"bfloat16/matmul": 25.0, "float32/matmul": 14.0}}
     assert kernels.choose_attention(zen4, torch.bfloat16, torch.float32) == {
-        "dtype": "bfloat16",
-        "1": "matmul",
-        "8": "matmul",
+        "dtype": "bfloat16", "1": "matmul", "8": "matmul"
     }
     assert kernels.choose_attention(slow_bf16, torch.bfloat16, torch.float32) == {
-        "dtype": "float32",
-        "1": "matmul",
-        "8": "matmul",
+        "dtype": "float32", "1": "matmul", "8": "matmul"
     }
     # Near tie (within 5%): the asked type, which halves the audio's keys.
-    tie = {
-        "1": {"bfloat16/matmul": 4.3, "float32/matmul": 4.2},
-        "8": {"bfloat16/matmul": 14.6, "float32/matmul": 14.0},
-    }
+    tie = {"1": {"bfloat16/matmul": 4.3, "float32/matmul": 4.2},
+           "8": {"bfloat16/matmul": 14.6, "float32/matmul": 14.0}}
     assert kernels.choose_attention(tie, torch.bfloat16, torch.float32)["dtype"] == "bfloat16"
 
 
@@ -281,9 +236,8 @@ def test_float32_parity_with_each_kernel_forced(name, monkeypatch):
     """Token for token with the reference whichever kernel every product takes."""
     monkeypatch.setenv(kernels.ENV_FORCE, name)
     model = load_model("tiny.en", device="cpu")
-    assert (
-        model.decoder.blocks[0].mlp[0].kernel_choices[torch.float32][0][1]
-        is (kernels.CANDIDATES[name])
+    assert model.decoder.blocks[0].mlp[0].kernel_choices[torch.float32][0][1] is (
+        kernels.CANDIDATES[name]
     )
     # Greedy here (beam 5 with each forced kernel passed too, at 3 minutes more); the
     # measured choice is checked in both settings by test_transcribe.py.
