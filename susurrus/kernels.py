@@ -110,12 +110,13 @@ def _attention_blocks(q: Tensor, k: Tensor, v: Tensor, block: int = 128) -> Tens
     # the decoding steps' attention; the softmax computes in float32 within its kernel.
     # One scores buffer serves every block, written in place: a fresh one per block (6 MB
     # in float32) comes from the system each time and is paid in page faults, which made
-    # the layer take anywhere from 14 to 39 ms depending on the allocator's state.
+    # the layer take anywhere from 14 to 39 ms depending on the allocator's state. The
+    # queries may be fewer than the keys (a prompt's attention to the audio).
     batch, heads, length, dim = q.shape
     q = q * dim**-0.5
     keys = k.transpose(-1, -2).contiguous()  # once, not copied again by every block's product
     out = q.new_empty(batch, length, heads, v.shape[-1])
-    scores = q.new_empty(batch, heads, min(block, length), length)
+    scores = q.new_empty(batch, heads, min(block, length), k.shape[-2])
     part = q.new_empty(batch, heads, min(block, length), v.shape[-1])
     for start in range(0, length, block):
         rows = min(block, length - start)
