@@ -110,8 +110,8 @@ def _attention_blocks(q: Tensor, k: Tensor, v: Tensor, block: int = 128) -> Tens
     # the decoding steps' attention; the softmax computes in float32 within its kernel.
     # One scores buffer serves every block, written in place: a fresh one per block (6 MB
     # in float32) comes from the system each time and is paid in page faults, which made
-    # the layer take anywhere from 14 to 39 ms depending on the allocator's state. The
-    # queries may be fewer than the keys (a prompt's attention to the audio).
+    # the layer take anywhere from 14 to 39 ms depending on the allocator's state. Fewer
+    # queries than keys work too.
     batch, heads, length, dim = q.shape
     q = q * dim**-0.5
     keys = k.transpose(-1, -2).contiguous()  # once, not copied again by every block's product
@@ -544,15 +544,6 @@ def _apply_encoder_attention(model: nn.Module, table: KernelTable | None) -> Non
     kernel = None if name == "sdpa" else LONG_ATTENTION[name]
     for block in model.encoder.blocks:
         block.attn.long_kernel = kernel
-    # A prompt's pass attends to the audio the same way (many queries, no mask): the
-    # decoder's cross-attention takes the choice when it runs in the same type and shape.
-    _, shape, dtype = encoder
-    decoder = getattr(model, "decoder", None)
-    for block in getattr(decoder, "blocks", ()):
-        cross = block.cross_attn
-        own = cross.attention_dtype or decoder.positional_embedding.dtype
-        same = own == dtype and cross.n_head == shape[1]
-        cross.long_kernel = kernel if same else None
 
 
 def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, kernel) -> None:

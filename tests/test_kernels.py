@@ -74,7 +74,7 @@ def test_every_attention_candidate_computes_the_same_attention(name, dtype):
 
 @pytest.mark.parametrize("name", list(kernels.LONG_ATTENTION))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("queries", [1500, 89])  # the encoder's; a prompt's to the audio
+@pytest.mark.parametrize("queries", [1500, 89])  # as many as the keys, or fewer
 def test_every_encoder_attention_candidate_computes_the_same_attention(name, dtype, queries):
     torch.manual_seed(0)
     q = torch.randn(1, 6, queries, 64, dtype=dtype)
@@ -103,14 +103,10 @@ def test_the_encoder_attention_choice_is_measured_and_applied(tiny_en, tmp_path,
     kernels.tune(model)
     kernel = model.encoder.blocks[0].attn.long_kernel
     assert kernel is (None if expected == "sdpa" else kernels.LONG_ATTENTION[expected])
-    # The decoder's attention of the audio (a prompt's pass) takes it when it runs in the
-    # same type, never its self-attention (masked or causal); here it runs in float32.
+    # The decoder's attention never takes it: its self-attention is masked or causal, and
+    # a prompt's attention to the audio through the blocks (bfloat16 scores) cost `auto`
+    # 0.6 to 0.8 WER points on the long inputs (base en-long greedy, tiny.en en-synth).
     assert all(b.cross_attn.long_kernel is None for b in model.decoder.blocks)
-    for block in model.decoder.blocks:
-        block.cross_attn.attention_dtype = torch.bfloat16
-    kernels.tune(model)
-    assert all(b.cross_attn.long_kernel is kernel for b in model.decoder.blocks)
-    assert all(b.attn.long_kernel is None for b in model.decoder.blocks)
 
 
 def _fresh(monkeypatch):
