@@ -619,19 +619,27 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
     }
 
 
+# The type decides a transcript's last digits (and, with int8, now and then a word), so
+# a choice that noise can flip would give one machine different results per fresh cache.
+# On the EPYC, base's totals of the two types came within 0-4% of each other in three
+# fresh processes, and more than 5% apart the other way in a fourth (which took float32):
+# timings there move by up to 10% between processes.
+ATTENTION_TIE = 1.10
+
+
 def choose_attention(
     timings: dict[str, dict[str, float]], asked: torch.dtype, own: torch.dtype
 ) -> dict[str, str]:
     """From step times per bucket ({rows: {"dtype/kernel": time}}): the type whose steps
-    through the two products take the least total time, the asked one on a near tie (5%:
-    it halves the memory of the audio's keys); the kernel of every bucket is the two
-    products (see STEP_ATTENTION)."""
+    through the two products take the least total time, the asked one on a near tie
+    (ATTENTION_TIE: it halves the memory of the audio's keys); the kernel of every bucket
+    is the two products (see STEP_ATTENTION)."""
 
     def took(dtype: torch.dtype, rows: str) -> float:
         return timings[rows][f"{_dtype_name(dtype)}/{STEP_ATTENTION}"]
 
     totals = {d: sum(took(d, r) for r in timings) for d in dict.fromkeys((asked, own))}
-    chosen = asked if totals[asked] <= totals[own] * 1.05 else own
+    chosen = asked if totals[asked] <= totals[own] * ATTENTION_TIE else own
     return {"dtype": _dtype_name(chosen), **{rows: STEP_ATTENTION for rows in timings}}
 
 

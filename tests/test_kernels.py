@@ -215,10 +215,14 @@ def test_attention_type_follows_recorded_timings():
     assert kernels.choose_attention(slow_bf16, torch.bfloat16, torch.float32) == {
         "dtype": "float32", "1": "matmul", "8": "matmul"
     }
-    # Near tie (within 5%): the asked type, which halves the audio's keys.
+    # Near tie (within the VM's noise between processes): the asked type, which halves the
+    # audio's keys, also when float32 came out 8% faster.
     tie = {"1": {"bfloat16/matmul": 4.3, "float32/matmul": 4.2},
            "8": {"bfloat16/matmul": 14.6, "float32/matmul": 14.0}}
     assert kernels.choose_attention(tie, torch.bfloat16, torch.float32)["dtype"] == "bfloat16"
+    noisy = {"1": {"bfloat16/matmul": 4.80, "float32/matmul": 4.22},
+             "8": {"bfloat16/matmul": 14.6, "float32/matmul": 13.8}}
+    assert kernels.choose_attention(noisy, torch.bfloat16, torch.float32)["dtype"] == "bfloat16"
 
 
 @requires_shared
