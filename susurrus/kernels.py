@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import screen as screening
 from .download import default_cache_dir
 from .errors import SusurrusError
 
@@ -308,6 +309,8 @@ def _valid_entry(key: str, buckets: object) -> bool:
     names = CANDIDATES
     if key.startswith("encoder-attention:"):
         names = LONG_ATTENTION
+    elif key.startswith("screen:"):
+        names = SCREEN
     elif key.startswith("attention:"):
         names = ATTENTION
         if buckets.get("dtype") not in ATTENTION_DTYPES:
@@ -389,7 +392,9 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         attend = attention is not None and attention not in table.choices
         encoder = _encoder_attention(model)
         encode = encoder is not None and encoder[0] not in table.choices
-        if missing or refine or attend or encode:
+        screen = _screen_key(model)
+        screen_missing = screen is not None and screen not in table.choices
+        if missing or refine or attend or encode or screen_missing:
             start = time.perf_counter()
             for name, (weight, bias, buckets) in missing.items():
                 table.measure(name, weight, bias, buckets)
@@ -399,6 +404,8 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
                 _measure_attention(model, table, attention)
             if encode:
                 _measure_encoder_attention(table, *encoder)
+            if screen_missing:
+                _measure_screen(model, table, screen)
             logger.info(
                 "measured %d product shapes in %.2f s: %s",
                 len(missing),
@@ -653,6 +660,80 @@ def _apply_attention(
         _set_attention(model.decoder, ATTENTION_DTYPES[entry["dtype"]], ATTENTION[STEP_ATTENTION])
 
 
+# Greedy float32 steps: the whole projection, or its int8 screen (see screen.py).
+SCREEN = ("full", "screen")
+ENV_FORCE_SCREEN = "SUSURRUS_SCREEN"
+SCREEN_DEFERRED_ROWS = 64  # the deferred normalisers' product is timed at this many rows
+
+
+def _screen_key(model: nn.Module) -> str | None:
+    """The key of the screen's choice, for a float32 projection that can have one."""
+    projection = _projection(model)
+    if projection is None or not screening.supported():
+        return None
+    w = projection[1]
+    if w.dtype != torch.float32 or w.shape[0] <= screening.ORDINARY_TOKENS:
+        return None
+    return "screen:" + shape_key(w.dtype, *w.shape)
+
+
+def _measure_screen(model: nn.Module, table: KernelTable, key: str) -> None:
+    """Time a greedy step's projection both ways: the float32 product of one row, against
+    the screen's int8 product plus its share of the deferred float32 product (one row of
+    `SCREEN_DEFERRED_ROWS`). The screen's refinement of a few tokens is left out: on
+    random activations every token is a candidate, which real ones never make."""
+    _, w = _projection(model)
+    pairs = table.kernels("projection:" + shape_key(w.dtype, *w.shape))
+    if pairs is None:
+        return
+
+    def product(hidden: Tensor, weight: Tensor) -> Tensor:
+        return pick(pairs, hidden.shape[0])(hidden, weight, None)
+
+    with torch.inference_mode():
+        try:
+            screen = screening.LogitScreen(w, product=product)
+            x = torch.randn(1, w.shape[1])
+            screen.approximate(x)
+        except RuntimeError as e:  # a build without the int8 kernel's bfloat16 path
+            logger.info("no logit screen here (%s)", e)
+            table.choices[key] = {"1": "full"}
+            return
+        many = torch.randn(SCREEN_DEFERRED_ROWS, w.shape[1])
+        deferred = min(_took(lambda: product(many, w)) for _ in range(3)) / len(many)
+        best = {"full": float("inf"), "screen": float("inf")}
+        # Taking turns: the full product's read evicts the screen's weights, as a
+        # decoding step's other layers do.
+        for _ in range(8):
+            best["full"] = min(best["full"], _took(lambda: product(x, w)))
+            best["screen"] = min(best["screen"], _took(lambda: screen.approximate(x)) + deferred)
+    table.choices[key] = {"1": choose(best, preferred="full")}
+    table.timings[key] = {"1": {name: round(t * 1e3, 4) for name, t in best.items()}}
+
+
+def _took(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _apply_screen(model: nn.Module, table: KernelTable | None) -> None:
+    """Give the decoder its logit screen where it was measured faster (or is forced)."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(decoder, "screen"):
+        return
+    decoder.screen = None
+    key = _screen_key(model)
+    if key is None:
+        return
+    name = forced(ENV_FORCE_SCREEN, SCREEN)
+    if name is None and table is not None:
+        name = table.choices.get(key, {}).get("1")
+    if name == "screen":
+        decoder.screen = screening.LogitScreen(decoder.token_embedding.weight,
+                                               product=decoder.project)
+
+
 class TunedLinear(nn.Linear):
     """nn.Linear whose CPU products go through the kernel measured fastest for their rows."""
 
@@ -738,4 +819,5 @@ def tune(model: nn.Module) -> KernelTable | None:
     if (key := _attention_key(model)) is not None:
         _apply_attention(model, table.choices.get(key) if table else None, attention)
     _apply_encoder_attention(model, table)
+    _apply_screen(model, table)
     return table

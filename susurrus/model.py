@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +268,9 @@ class TextDecoder(nn.Module):
         # The output projection's product, (hidden, weight) -> logits; a kernel chosen by
         # measurement on the CPU can take the place of the plain matmul (see kernels.py).
         self.project: Callable[[Tensor, Tensor], Tensor] | None = None
+        # Where measured faster: an int8 screen of the projection for greedy float32 steps
+        # that keeps their tokens exact (see screen.py; set by kernels.tune).
+        self.screen: Any = None
 
     def new_cache(self, batch_size: int, n_ctx: int | None = None) -> KVCache:
         n_ctx = n_ctx or self.positional_embedding.shape[0]

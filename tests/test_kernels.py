@@ -122,7 +122,7 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
     entry = data["machines"][kernels.machine_key()]
     # Every product shape of tiny.en (384 wide, 1536 in the MLP, 51864 tokens) is there,
     # with the decoder's layers timed together in whole steps, each bucket with a known
-    # kernel.
+    # kernel, and whether greedy steps screen the projection.
     assert set(entry) == {
         "float32:384x384",
         "float32:1536x384",
@@ -131,19 +131,23 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
         f"decoder:float32:384x{len(kernels._decoder_layers(tiny_en)[1])}",
         "attention:float32:384x6x4:1500",
         "encoder-attention:float32:6x1500x64",
+        "screen:float32:51864x384",
     }
+    assert entry["screen:float32:51864x384"]["1"] in kernels.SCREEN
     assert set(entry["float32:384x384"]) == {"1", "4", "5", "8", "32", "1500"}
     assert set(entry["encoder-attention:float32:6x1500x64"].values()) <= set(
         kernels.LONG_ATTENTION
     )
     for key, buckets in entry.items():
-        if not key.startswith(("attention:", "encoder-attention:")):
+        if not key.startswith(("attention:", "encoder-attention:", "screen:")):
             assert set(buckets.values()) <= set(kernels.CANDIDATES)
     assert entry == table.choices
     # Each choice is the measured minimum (or F.linear within 5% of it).
     for key, buckets in table.timings.items():
         for rows, found in buckets.items():
-            if not key.startswith("attention:"):
+            if key.startswith("screen:"):
+                assert entry[key][rows] == kernels.choose(found, preferred="full")
+            elif not key.startswith("attention:"):
                 assert entry[key][rows] == kernels.choose(found)
     # The attention of steps: its type (tiny.en's own float32, nothing else asked) and
     # the two products for every bucket of audios, timed.

@@ -33,6 +33,7 @@ from ..decoding import (
 )
 from ..errors import SusurrusError
 from ..model import Whisper
+from ..screen import DeferredSteps, LogitScreen, add_in_order
 from ..tokenizer import Tokenizer, get_tokenizer
 from .search import BeamSearch, RowRules, max_initial_index, rank, suppress_tokens
 from .step import RowTable, Run, decoder_step
@@ -128,6 +129,10 @@ class _Window:
     histories: list[list[int]] = field(default_factory=list)
     ended: list[bool] = field(default_factory=list)
     first_logits: Tensor | None = None  # from the prompt's pass, for the first token
+    mask: int = 0  # its row of the token rules' masks
+    # Screened steps (greedy, float32 on a CPU; see screen.py) whose log-probabilities are
+    # added when the window is done.
+    deferred: DeferredSteps = field(default_factory=DeferredSteps)
     done: bool = False
     cancelled: bool = False  # set by another thread: leaves at the next compaction
 
@@ -221,6 +226,9 @@ class Engine:
         self._sum_logprobs = torch.zeros(0, device=model.device)
         self._last_tokens = torch.zeros(0, dtype=torch.long, device=model.device)
         self._windows: list[_Window] = []  # in table order
+        # The step's screened rows (the first rows of the table) and their hidden states,
+        # while a screened step is chosen.
+        self._screened: Tensor | None = None
 
     def prepare(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)`: torch work done for this engine outside its steps
@@ -439,8 +447,9 @@ class Engine:
             return admitted  # language detection alone is work done too
         with self.threads.step():
             logits = self._logits()
-            self._rules.apply(logits)
+            self._rules.apply(logits, between=self._refine if self._screened is not None else None)
             self._choose(logits)
+            self._screened = None
         self._compact()
         return True
 
@@ -573,6 +582,7 @@ class Engine:
             suppress_tokens(tokenizer, options.suppress_tokens),
             tokenizer.encode(" ") + [tokenizer.eot] if options.suppress_blank else [],
         )
+        window.mask = mask
         self._rules.add(
             group,
             mask,
@@ -607,19 +617,26 @@ class Engine:
                 [p for w, p in zip(decoding, positions) for _ in range(w.group)],
                 device=self.model.device,
             )
-            parts.append(
-                decoder_step(
-                    self.model.decoder,
-                    self._last_tokens[:n_rows, None],
-                    position_rows,
-                    [b[:n_rows] for b in self_k],
-                    [b[:n_rows] for b in self_v],
-                    [b[:n_audio] for b in cross_k],
-                    [b[:n_audio] for b in cross_v],
-                    runs(decoding),
-                    same,
-                )
+            screen = self._screen()
+            if screen is not None and any(w.search is not None or w.temperature > 0
+                                          for w in decoding):
+                screen = None  # beams and samples need every log-probability now
+            step = decoder_step(
+                self.model.decoder,
+                self._last_tokens[:n_rows, None],
+                position_rows,
+                [b[:n_rows] for b in self_k],
+                [b[:n_rows] for b in self_v],
+                [b[:n_audio] for b in cross_k],
+                [b[:n_audio] for b in cross_v],
+                runs(decoding),
+                same,
+                hidden_only=screen is not None,
             )
+            if screen is not None:
+                self._screened = step
+                step = screen.approximate(step)
+            parts.append(step)
             self.steps += 1
             self.row_steps += n_rows
         for window in self._windows:
@@ -627,6 +644,20 @@ class Engine:
                 parts.append(window.first_logits)
                 window.first_logits = None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _screen(self) -> LogitScreen | None:
+        """The decoder's logit screen, if it has one that still fits its weights."""
+        decoder = self.model.decoder
+        screen = getattr(decoder, "screen", None)
+        if screen is None or self.static_steps or screen.split > self._rules.eot:
+            return None
+        return screen if screen.matches(decoder.token_embedding.weight) else None
+
+    def _refine(self, logits: Tensor) -> None:
+        """The screened rows' candidates for the best token, in float32 (after the
+        suppressed tokens are masked, before the timestamp rules compare them)."""
+        hidden = self._screened
+        self._screen().refine(logits[: hidden.shape[0]], hidden)
 
     def _static_logits(self, group: int) -> Tensor:
         """Every row's step with static shapes (captured on a GPU); windows that just
@@ -663,10 +694,13 @@ class Engine:
             index = _rows_of(greedy, device) if len(greedy) < len(self._windows) else None
             chosen = logits if index is None else logits.index_select(0, index)
             best = chosen.max(dim=-1)
-            # log_softmax, not max - logsumexp: a reduction of one row over the whole
-            # vocabulary splits its sum between threads, so its last digits would change
-            # with the thread count (the engine's thread policy changes it).
-            current = chosen.log_softmax(dim=-1).gather(1, best.indices[:, None])[:, 0]
+            if self._screened is None:
+                # log_softmax, not max - logsumexp: a reduction of one row over the whole
+                # vocabulary splits its sum between threads, so its last digits would
+                # change with the thread count (the engine's thread policy changes it).
+                current = chosen.log_softmax(dim=-1).gather(1, best.indices[:, None])[:, 0]
+            else:
+                current = self._defer(greedy, logits, best.indices)
             self._account(greedy, index, best.indices, current, next_tokens, eot)
         for window in self._windows:
             if window.search is None and window.temperature > 0:
@@ -722,6 +756,28 @@ class Engine:
             ):
                 self._finish(window)
 
+    def _defer(self, greedy: list[_Window], logits: Tensor, picked: Tensor) -> Tensor:
+        """Log-probabilities of the greedy windows' tokens `picked` (one row each, in
+        order): now for rows with every logit in float32 (a first token, from the prompt's
+        pass), 0 for screened rows, whose steps are kept for the window's end."""
+        hidden = self._screened
+        screened = hidden.shape[0]
+        split = self._screen().split
+        rest = logits[:screened, split:].clone()
+        masked = (logits[:screened, :split].amax(dim=1) == float("-inf")).tolist()
+        current = torch.zeros(len(greedy), device=logits.device)
+        tokens = picked.tolist()
+        for i, window in enumerate(greedy):
+            if window.row >= screened:
+                row = logits[window.row]
+                current[i] = row.log_softmax(dim=-1)[tokens[i]]
+            elif not window.ended[0]:
+                window.deferred.add(
+                    hidden[window.row], rest[window.row], tokens[i],
+                    masked[window.row], window.n_sampled == 0,
+                )
+        return current
+
     def _account(
         self,
         windows: list[_Window],
@@ -758,6 +814,13 @@ class Engine:
         """The window's result, back to its source; its rows leave at the end of the step."""
         window.done = True
         rows = slice(window.row, window.row + window.group)
+        if window.deferred.tokens:
+            steps, window.deferred = window.deferred, DeferredSteps()
+            values = self.model.decoder.screen.log_probs(
+                steps, self._rules.suppress[window.mask], self._rules.blank[window.mask]
+            )
+            total = add_in_order(self._sum_logprobs[window.row].item(), values)
+            self._sum_logprobs[window.row] = total
         scores = self._sum_logprobs[rows].tolist()
         if window.search is not None:
             candidates, scores = window.search.candidates(window.histories, scores)

@@ -8,7 +8,7 @@ sampled, whether the last two were timestamps, and its latest timestamp.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -96,8 +96,12 @@ class RowRules:
         self.last_ts = is_ts
         self.max_ts = torch.where(is_ts, torch.maximum(self.max_ts, tokens), self.max_ts)
 
-    def apply(self, logits: Tensor) -> None:
-        """Set to -inf the logits (rows, n_vocab) of the tokens each row may not sample."""
+    def apply(self, logits: Tensor, between: Callable[[Tensor], None] | None = None) -> None:
+        """Set to -inf the logits (rows, n_vocab) of the tokens each row may not sample.
+
+        `between(logits)` runs after the suppressed tokens are masked and before the
+        timestamp rules, which compare the best text token (a screened step refines its
+        candidates there: see screen.py)."""
         tb = self.tb
         at_start = self.n_sampled == 0
         # Each fill below passes over every row's whole vocabulary: skipped when it
@@ -112,6 +116,8 @@ class RowRules:
             if starts:
                 suppress = suppress | (self.blank[self.mask_id] & at_start[:, None])
             logits.masked_fill_(suppress, -np.inf)
+        if between is not None:
+            between(logits)
         rows = self.timestamps
         if not bool(rows.any()):
             return

@@ -47,8 +47,10 @@ def decoder_step(
     cross_v: list[Tensor],
     runs: tuple[Run, ...],
     same_position: int | None = None,
+    hidden_only: bool = False,
 ) -> Tensor:
-    """Logits (rows, n_vocab) of one new token per row.
+    """Logits (rows, n_vocab) of one new token per row (with `hidden_only`, the final
+    hidden states (rows, n_state) the logits come from).
 
     `tokens` (rows, 1) go to `positions` (rows,) of the self-attention buffers (rows,
     heads, length, head_dim); each row attends to its positions up to its own. With
@@ -89,7 +91,8 @@ def decoder_step(
         ]
         x = x + (parts[0] if len(parts) == 1 else torch.cat(parts))
         x = x + block.mlp(block.mlp_ln(x))
-    return decoder.logits(decoder.ln(x)[:, -1])
+    hidden = decoder.ln(x)[:, -1]
+    return hidden if hidden_only else decoder.logits(hidden)
 
 
 class RowTable:
