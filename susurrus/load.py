@@ -215,6 +215,7 @@ def _prepare(
     if encoder_dtype is not None:
         model.encoder.set_layer_dtype(encoder_dtype)
     if device.type == "cpu":
+        model.fuse_self_attention()  # the float layers' (int8 ones come stacked)
         kernels.tune(model)
     _release_free_memory()
     return model

@@ -125,6 +125,7 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
     # kernel, and whether greedy steps screen the projection.
     assert set(entry) == {
         "float32:384x384",
+        "float32:1152x384",  # self-attention's queries, keys and values in one product
         "float32:1536x384",
         "float32:384x1536",
         "projection:float32:51864x384",
@@ -203,6 +204,25 @@ def test_the_loaded_model_uses_its_choices(tiny_en):
     assert isinstance(tiny_en.decoder.project, kernels.TunedProjection)
     x = torch.randn(3, 1, layer.in_features)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_fused_self_attention_computes_and_saves_the_three_layers(tiny_en):
+    """Self-attention's queries, keys and values come from one product on the CPU, while
+    the state dict keeps the checkpoints' three layers (export, conversions)."""
+    from susurrus.model import Whisper
+
+    attn = tiny_en.decoder.blocks[0].attn
+    assert isinstance(attn.qkv, kernels.TunedLinear) and not hasattr(attn, "query")
+    state = tiny_en.state_dict()
+    assert set(state) == set(Whisper(tiny_en.dims).state_dict())
+    x = torch.randn(2, 3, 384)
+    prefix = "decoder.blocks.0.attn."
+    q, k, v = attn.project_qkv(x)
+    torch.testing.assert_close(q, F.linear(x, state[prefix + "query.weight"],
+                                           state[prefix + "query.bias"]))
+    torch.testing.assert_close(k, F.linear(x, state[prefix + "key.weight"]))
+    torch.testing.assert_close(v, F.linear(x, state[prefix + "value.weight"],
+                                           state[prefix + "value.bias"]))
 
 
 def test_attention_type_follows_recorded_timings():

@@ -150,7 +150,9 @@ def test_auto_runs_an_int8_decoder_and_a_bfloat16_encoder(monkeypatch):
     encoder_layers = [
         m for m in auto.encoder.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))
     ]
-    assert len(encoder_layers) == 2 + 4 * 6  # two convolutions, 6 linear layers in 4 blocks
+    # Two convolutions and 4 linear layers in each of 4 blocks (queries, keys and values
+    # in one: fuse_qkv).
+    assert len(encoder_layers) == 2 + 4 * 4
     assert all(m.weight.dtype == torch.bfloat16 for m in encoder_layers)
     assert not any(isinstance(m, Int8Linear) for m in auto.encoder.modules())
     assert isinstance(auto.decoder.blocks[0].mlp[0], Int8Linear)
