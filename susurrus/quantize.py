@@ -110,17 +110,17 @@ def native_bfloat16() -> bool:
 
 
 @functools.cache
-def _fbgemm_built() -> bool:
+def fbgemm_built() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def _fbgemm_available(device: torch.device) -> bool:
     # Asked by every int8 layer on every step: the engine list is read once.
-    return device.type == "cpu" and _fbgemm_built()
+    return device.type == "cpu" and fbgemm_built()
 
 
 @functools.cache
-def _has_vnni() -> bool:
+def has_vnni() -> bool:
     """Whether the CPU multiplies u8 x s8 into 32-bit sums without saturating (VNNI)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -131,11 +131,21 @@ def _has_vnni() -> bool:
 
 
 @functools.cache
-def _linear_dynamic():
+def linear_dynamic():
     # The operator's overload itself: the overload packet's dispatch in Python costs a few
     # per cent of a decoding step's int8 products. Looked up on first use, as builds
     # without the quantized kernels lack it.
     return torch.ops.quantized.linear_dynamic.default
+
+
+def pack_fbgemm(weight_int8: Tensor, scale: Tensor) -> object:
+    """FBGEMM's prepacked copy of int8 rows with per-row scales, for `linear_dynamic`."""
+    zero = torch.zeros(weight_int8.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # The quantized-tensor constructors are marked deprecated; the kernels are not.
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(weight_int8, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(qweight, None)
 
 
 class Int8Linear(nn.Module):
@@ -181,15 +191,8 @@ class Int8Linear(nn.Module):
         return fused
 
     def _pack(self) -> object:
-        zero = torch.zeros(self.out_features, dtype=torch.long)
-        with warnings.catch_warnings():
-            # The quantized-tensor constructors are marked deprecated; the kernels are not.
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(
-                self.weight_int8, self.scale.double(), zero, 0
-            )
-            # The bias is added after the rows' scales are undone (_per_row_fused).
-            return torch.ops.quantized.linear_prepack(qweight, None)
+        # The bias is added after the rows' scales are undone (_per_row_fused).
+        return pack_fbgemm(self.weight_int8, self.scale)
 
     def _per_row(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -217,7 +220,7 @@ class Int8Linear(nn.Module):
         pinned = torch.cat([rows / top, self._pin(x.shape[-1])])
         # Without VNNI the u8 x s8 pair sums saturate at 16 bits unless the activations
         # keep to 7 bits (reduce_range), which costs accuracy: about 1 WER point on base.
-        out = _linear_dynamic()(pinned, self._packed, not _has_vnni())
+        out = linear_dynamic()(pinned, self._packed, not has_vnni())
         out = out[:-1].mul_(top)
         if self.bias is not None:
             out.add_(self.bias)

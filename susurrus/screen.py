@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import quantize
+
 # Every Whisper vocabulary starts with its ordinary BPE tokens, at least this many; the
 # tokens from here on (end of text, the other special tokens, the timestamps) are few and
 # always computed in float32.
@@ -38,32 +40,58 @@ ORDINARY_TOKENS = 50256
 DEFERRED_CHUNK = 64
 
 
+def supported_kernels() -> list[str]:
+    """The int8 kernels this PyTorch has for the screen: FBGEMM's (x86), the int8-weight
+    kernel with bfloat16 activations."""
+    found = ["fbgemm"] if quantize.fbgemm_built() else []
+    return found + (["int8pack"] if hasattr(torch, "_weight_int8pack_mm") else [])
+
+
 def supported() -> bool:
-    """Whether this PyTorch has the int8-weight kernel with bfloat16 activations."""
-    return hasattr(torch, "_weight_int8pack_mm")
+    return bool(supported_kernels())
 
 
 class LogitScreen:
-    """The output projection's int8 screen for one float32 weight (vocabulary, features)."""
+    """The output projection's int8 screen for one float32 weight (vocabulary, features).
+
+    Two int8 kernels can screen: FBGEMM's (x86; 8-bit activations, 32-bit integer sums),
+    fed each hidden state as two rows already on its 8-bit grid, the state and what that
+    rounding left, so that the two rows together stand for it to about 16 bits (on a Zen
+    4 about twice as fast as the other); or PyTorch's int8-weight kernel with the
+    activations in bfloat16.
+    """
 
     def __init__(
         self,
         weight: Tensor,
         split: int = ORDINARY_TOKENS,
         product: Callable[[Tensor, Tensor], Tensor] | None = None,
+        kernel: str | None = None,
     ) -> None:
         """`product(hidden, weight)`: the float32 projection's kernel, for the deferred
         normalisers (many rows at once: a measured kernel does them 3x faster than MKL's
-        default on a Zen 4)."""
+        default on a Zen 4). `kernel`: "fbgemm" or "int8pack" (default: FBGEMM where
+        PyTorch has it)."""
         weight = weight.detach()
         self.weight = weight
         self.product = product or (lambda hidden, w: hidden @ w.T)
         self.split = split
+        self.kernel = kernel or supported_kernels()[0]
         ordinary = weight[:split]
         top = ordinary.abs().amax(dim=1).clamp_min(1e-30)
-        # One scale per row, exactly representable in bfloat16 (the kernel takes bfloat16
-        # scales) and rounded up, so that no weight is clipped.
-        scale = (top / 127 * (1 + 2**-7)).to(torch.bfloat16)
+        if self.kernel == "fbgemm":
+            scale = top / 127
+            # 32-bit integer sums are exact; the float products that undo the scales
+            # round by a few 2^-24 of the value.
+            self.output_rounding = self.accumulation = 2.0**-20
+        else:
+            # One scale per row, exactly representable in bfloat16 (the kernel takes
+            # bfloat16 scales) and rounded up, so that no weight is clipped. The kernel
+            # sums in float32 (features * 2^-24 of the magnitudes, doubled) and rounds
+            # its output to bfloat16 (2^-9 of the value, doubled).
+            scale = (top / 127 * (1 + 2**-7)).to(torch.bfloat16)
+            self.output_rounding = 2.0**-8
+            self.accumulation = weight.shape[1] * 2.0**-23
         self.scale = scale
         self.q = torch.empty(ordinary.shape, dtype=torch.int8)
         residual = torch.empty(split, dtype=torch.float64)
@@ -76,11 +104,16 @@ class LogitScreen:
             residual[start : start + 4096] = (rows - q * s).norm(dim=1)
             norm[start : start + 4096] = (q * s).norm(dim=1)
         # Per token: |(w - w8) . x| <= residual |x| (weights rounded to 8 bits) and
-        # |w8 . (x - x16)| <= norm |x - x16| (activations rounded to bfloat16), plus the
-        # float32 sums' own rounding, below features * 2^-24 * norm * |x| (doubled here).
+        # |w8 . (x - x8)| <= norm |x - x8| (activations rounded by the kernel).
         self.basis = torch.stack([residual * (1 + 1e-6), norm]).float()
         self.largest = self.basis.amax(dim=1)  # the largest of each term's factor
-        self.accumulation = weight.shape[1] * 2.0**-23
+        if self.kernel == "fbgemm":
+            self._packed = quantize.pack_fbgemm(self.q, self.scale)
+            # Without VNNI FBGEMM keeps activations to 7 bits (reduce_range); its grid
+            # over the pinned range [-1, 1] has 2/qmax steps.
+            qmax = 255 if quantize.has_vnni() else 127
+            self._step = torch.tensor(2 / qmax, dtype=torch.float32)
+            self._levels = qmax // 2
 
     def matches(self, weight: Tensor) -> bool:
         """Whether this screen was made from `weight` as it is now (not cast or moved)."""
@@ -90,19 +123,46 @@ class LogitScreen:
             and weight.data_ptr() == self.weight.data_ptr()
         )
 
-    def approximate(self, hidden: Tensor) -> Tensor:
+    def approximate(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Logits (rows, vocabulary) of `hidden` (rows, features): the ordinary tokens'
-        from the int8 screen, the rest in float32."""
-        rows16 = hidden.to(torch.bfloat16)
+        from the int8 screen, the rest in float32; and |hidden - what the kernel used|
+        per row (rows, 1), for the bound (`refine`)."""
         logits = torch.empty(hidden.shape[0], self.weight.shape[0], dtype=hidden.dtype)
-        logits[:, : self.split] = torch._weight_int8pack_mm(rows16, self.q, self.scale)
+        if self.kernel == "fbgemm":
+            logits[:, : self.split], used = self._fbgemm(hidden)
+        else:
+            used = hidden.to(torch.bfloat16)
+            logits[:, : self.split] = torch._weight_int8pack_mm(used, self.q, self.scale)
         logits[:, self.split :] = self.product(hidden, self.weight[self.split :])
-        return logits
+        return logits, torch.linalg.vector_norm(hidden - used.float(), dim=1, keepdim=True)
 
-    def refine(self, logits: Tensor, hidden: Tensor) -> None:
+    def _fbgemm(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The screened logits through FBGEMM, and the activations they stand for.
+
+        Each row is scaled to [-1, 1] and rounded to FBGEMM's grid for that range (a row
+        of +1 and -1 pins the range), so its own quantization changes nothing; what the
+        rounding left goes in as a second row, scaled and rounded the same way."""
+        rows = hidden.shape[0]
+        step, levels = self._step, self._levels
+        top = torch.linalg.vector_norm(hidden, float("inf"), dim=1, keepdim=True)
+        top.clamp_min_(1e-30)
+        unit = hidden / top
+        high = torch.round(unit / step).clamp_(-levels, levels).mul_(step)
+        left = unit - high
+        top2 = torch.linalg.vector_norm(left, float("inf"), dim=1, keepdim=True)
+        top2.clamp_min_(1e-30)
+        low = torch.round(left / top2 / step).clamp_(-levels, levels).mul_(step)
+        pin = quantize.Int8Linear._pin(hidden.shape[1])
+        out = quantize.linear_dynamic()(
+            torch.cat([high, low, pin]), self._packed, not quantize.has_vnni()
+        )
+        screened = out[rows : 2 * rows].mul_(top2).add_(out[:rows]).mul_(top)
+        return screened, (low * top2 + high) * top
+
+    def refine(self, logits: Tensor, hidden: Tensor, error: Tensor) -> None:
         """Recompute in float32, in place, every screened logit of `logits` (from
-        `approximate(hidden)`, masked since) that could be its row's largest; masked
-        (-inf) logits stay masked.
+        `approximate(hidden)`, with its `error`; masked since) that could be its row's
+        largest; masked (-inf) logits stay masked.
 
         A token can be the largest when its upper bound (screened value plus its bound)
         reaches the largest lower bound. The per-token bounds are only computed for the
@@ -110,14 +170,13 @@ class LogitScreen:
         """
         region = logits[:, : self.split]
         size = torch.linalg.vector_norm(hidden, dim=1, keepdim=True)
-        rounding = torch.linalg.vector_norm(hidden - hidden.to(torch.bfloat16).float(), dim=1,
-                                            keepdim=True)
-        # (rows, 2): the coefficients of the per-token bound's two terms.
-        coefficients = torch.cat([size, rounding + size * self.accumulation], dim=1)
-        # |screened logit| <= norm * |x16| (and the kernel's rounding of it, 2^-9): the
-        # largest bound any token can have.
-        magnitude = self.largest[1] * (size + rounding) * (1 + 2**-8)
-        widest = coefficients @ self.largest[:, None] + magnitude * 2**-8
+        # (rows, 2): the coefficients of the per-token bound's two terms (the second with
+        # the kernel's sums' own rounding).
+        coefficients = torch.cat([size, error + size * self.accumulation], dim=1)
+        # |screened logit| <= norm * |x8| (and the kernel's rounding of it): the largest
+        # bound any token can have.
+        magnitude = self.largest[1] * (size + error) * (1 + self.output_rounding)
+        widest = coefficients @ self.largest[:, None] + magnitude * self.output_rounding
         top = region.amax(dim=1, keepdim=True)
         # Only tokens within two widest bounds of the screened maximum can reach the
         # maximum's lower bound. A row with every ordinary token masked reaches nothing.
@@ -136,11 +195,11 @@ class LogitScreen:
 
     def _bound(self, coefficients: Tensor, values: Tensor, columns: Tensor) -> Tensor:
         """The bound of the screened `values` (rows, n) of tokens `columns` (rows or 1, n):
-        weights rounded to 8 bits, activations to bfloat16, the float sums, and the
-        kernel's output rounded to bfloat16 (2^-9 of the value, doubled)."""
+        weights rounded to 8 bits, activations rounded by the kernel, its sums, and the
+        rounding of its output."""
         basis = self.basis[:, columns]  # (2, rows or 1, n)
         bound = coefficients[:, :1] * basis[0] + coefficients[:, 1:] * basis[1]
-        return bound.add_(values.abs(), alpha=2**-8)
+        return bound.add_(values.abs(), alpha=self.output_rounding)
 
     def log_probs(self, steps: DeferredSteps, suppress: Tensor, blank: Tensor) -> np.ndarray:
         """The float32 log-probabilities of the tokens chosen at `steps`, with the masks

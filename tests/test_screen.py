@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from susurrus import kernels, load_model
-from susurrus.screen import DeferredSteps, LogitScreen, add_in_order, supported
+from susurrus.screen import (
+    DeferredSteps,
+    LogitScreen,
+    add_in_order,
+    supported,
+    supported_kernels,
+)
 from susurrus.tokenizer import get_tokenizer
 
 from .conftest import AUDIO, manifest, requires_shared
@@ -34,18 +40,20 @@ def _jfk_text() -> str:
     return next(row["transcript"] for row in manifest() if row["file"] == "jfk.flac")
 
 
+KERNELS = [k for k in ("fbgemm", "int8pack") if k in supported_kernels()]
+
+
 @requires_shared
-def test_the_bound_holds_and_the_best_token_is_exact_on_real_speech(tiny_en):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_bound_holds_and_the_best_token_is_exact_on_real_speech(tiny_en, kernel):
     hidden = _hidden_of_real_text(tiny_en, _jfk_text())
     weight = tiny_en.decoder.token_embedding.weight.detach()
-    screen = LogitScreen(weight)
+    screen = LogitScreen(weight, kernel=kernel)
     with torch.inference_mode():
         exact = hidden @ weight.T
-        logits = screen.approximate(hidden)
+        logits, error = screen.approximate(hidden)
         size = torch.linalg.vector_norm(hidden, dim=1, keepdim=True)
-        rounding = torch.linalg.vector_norm(hidden - hidden.bfloat16().float(), dim=1,
-                                            keepdim=True)
-        coefficients = torch.cat([size, rounding + size * screen.accumulation], dim=1)
+        coefficients = torch.cat([size, error + size * screen.accumulation], dim=1)
         bound = screen._bound(coefficients, logits[:, : screen.split],
                               torch.arange(screen.split)[None])
         gap = (exact[:, : screen.split] - logits[:, : screen.split]).abs()
@@ -54,7 +62,7 @@ def test_the_bound_holds_and_the_best_token_is_exact_on_real_speech(tiny_en):
         # Past the screen, every logit is the float32 one.
         torch.testing.assert_close(logits[:, screen.split :], exact[:, screen.split :],
                                    rtol=1e-5, atol=1e-4)
-        screen.refine(logits, hidden)
+        screen.refine(logits, hidden, error)
     assert logits.argmax(dim=1).tolist() == exact.argmax(dim=1).tolist()
     best = exact.argmax(dim=1, keepdim=True)
     torch.testing.assert_close(logits.gather(1, best), exact.gather(1, best),
@@ -62,13 +70,14 @@ def test_the_bound_holds_and_the_best_token_is_exact_on_real_speech(tiny_en):
 
 
 @requires_shared
-def test_masked_tokens_stay_masked_and_the_best_unmasked_one_is_found(tiny_en):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_masked_tokens_stay_masked_and_the_best_unmasked_one_is_found(tiny_en, kernel):
     hidden = _hidden_of_real_text(tiny_en, _jfk_text())
     weight = tiny_en.decoder.token_embedding.weight.detach()
-    screen = LogitScreen(weight)
+    screen = LogitScreen(weight, kernel=kernel)
     with torch.inference_mode():
         exact = hidden @ weight.T
-        logits = screen.approximate(hidden)
+        logits, error = screen.approximate(hidden)
         # Mask each row's best three ordinary tokens: the best of the rest must come out.
         top = exact[:, : screen.split].topk(3, dim=1).indices
         logits.scatter_(1, top, float("-inf"))
@@ -76,7 +85,7 @@ def test_masked_tokens_stay_masked_and_the_best_unmasked_one_is_found(tiny_en):
         # And one row with every ordinary token masked.
         logits[0, : screen.split] = float("-inf")
         exact[0, : screen.split] = float("-inf")
-        screen.refine(logits, hidden)
+        screen.refine(logits, hidden, error)
     assert bool(torch.isinf(logits.gather(1, top)).all())
     assert bool(torch.isinf(logits[0, : screen.split]).all())
     assert logits.argmax(dim=1).tolist() == exact.argmax(dim=1).tolist()

@@ -226,9 +226,9 @@ class Engine:
         self._sum_logprobs = torch.zeros(0, device=model.device)
         self._last_tokens = torch.zeros(0, dtype=torch.long, device=model.device)
         self._windows: list[_Window] = []  # in table order
-        # The step's screened rows (the first rows of the table) and their hidden states,
-        # while a screened step is chosen.
-        self._screened: Tensor | None = None
+        # While a screened step chooses: the hidden states of its screened rows (the first
+        # rows of the table), and how far the screen's activations were from them.
+        self._screened: tuple[Tensor, Tensor] | None = None
 
     def prepare(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)`: torch work done for this engine outside its steps
@@ -634,8 +634,9 @@ class Engine:
                 hidden_only=screen is not None,
             )
             if screen is not None:
-                self._screened = step
-                step = screen.approximate(step)
+                hidden = step
+                step, error = screen.approximate(hidden)
+                self._screened = hidden, error
             parts.append(step)
             self.steps += 1
             self.row_steps += n_rows
@@ -656,8 +657,8 @@ class Engine:
     def _refine(self, logits: Tensor) -> None:
         """The screened rows' candidates for the best token, in float32 (after the
         suppressed tokens are masked, before the timestamp rules compare them)."""
-        hidden = self._screened
-        self._screen().refine(logits[: hidden.shape[0]], hidden)
+        hidden, error = self._screened
+        self._screen().refine(logits[: hidden.shape[0]], hidden, error)
 
     def _static_logits(self, group: int) -> Tensor:
         """Every row's step with static shapes (captured on a GPU); windows that just
@@ -760,7 +761,7 @@ class Engine:
         """Log-probabilities of the greedy windows' tokens `picked` (one row each, in
         order): now for rows with every logit in float32 (a first token, from the prompt's
         pass), 0 for screened rows, whose steps are kept for the window's end."""
-        hidden = self._screened
+        hidden = self._screened[0]
         screened = hidden.shape[0]
         split = self._screen().split
         rest = logits[:screened, split:].clone()
