@@ -23,6 +23,7 @@ the order of float sums.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,9 @@ from . import quantize
 ORDINARY_TOKENS = 50256
 # Rows of the deferred product at once: bounds its (rows, vocabulary) temporary.
 DEFERRED_CHUNK = 64
+# Candidates recomputed without looking at their own bounds (a gather of this many rows
+# costs less than the bounds' dozen small operations).
+FEW_CANDIDATES = 64
 
 
 def supported_kernels() -> list[str]:
@@ -77,43 +81,65 @@ class LogitScreen:
         self.product = product or (lambda hidden, w: hidden @ w.T)
         self.split = split
         self.kernel = kernel or supported_kernels()[0]
-        ordinary = weight[:split]
-        top = ordinary.abs().amax(dim=1).clamp_min(1e-30)
         if self.kernel == "fbgemm":
-            scale = top / 127
             # 32-bit integer sums are exact; the float products that undo the scales
             # round by a few 2^-24 of the value.
             self.output_rounding = self.accumulation = 2.0**-20
         else:
-            # One scale per row, exactly representable in bfloat16 (the kernel takes
-            # bfloat16 scales) and rounded up, so that no weight is clipped. The kernel
-            # sums in float32 (features * 2^-24 of the magnitudes, doubled) and rounds
-            # its output to bfloat16 (2^-9 of the value, doubled).
-            scale = (top / 127 * (1 + 2**-7)).to(torch.bfloat16)
+            # The kernel sums in float32 (features * 2^-24 of the magnitudes, doubled)
+            # and rounds its output to bfloat16 (2^-9 of the value, doubled).
             self.output_rounding = 2.0**-8
             self.accumulation = weight.shape[1] * 2.0**-23
-        self.scale = scale
-        self.q = torch.empty(ordinary.shape, dtype=torch.int8)
-        residual = torch.empty(split, dtype=torch.float64)
-        norm = torch.empty(split, dtype=torch.float64)
-        for start in range(0, split, 4096):  # no float64 copy of the whole matrix
-            rows = ordinary[start : start + 4096].double()
-            s = scale[start : start + 4096].double()[:, None]
-            q = torch.round(rows / s).clamp_(-127, 127)
-            self.q[start : start + 4096] = q.to(torch.int8)
-            residual[start : start + 4096] = (rows - q * s).norm(dim=1)
-            norm[start : start + 4096] = (q * s).norm(dim=1)
-        # Per token: |(w - w8) . x| <= residual |x| (weights rounded to 8 bits) and
-        # |w8 . (x - x8)| <= norm |x - x8| (activations rounded by the kernel).
-        self.basis = torch.stack([residual * (1 + 1e-6), norm]).float()
-        self.largest = self.basis.amax(dim=1)  # the largest of each term's factor
-        if self.kernel == "fbgemm":
-            self._packed = quantize.pack_fbgemm(self.q, self.scale)
-            # Without VNNI FBGEMM keeps activations to 7 bits (reduce_range); its grid
-            # over the pinned range [-1, 1] has 2/qmax steps.
-            qmax = 255 if quantize.has_vnni() else 127
-            self._step = torch.tensor(2 / qmax, dtype=torch.float32)
-            self._levels = qmax // 2
+        # The int8 copy is made on first use: a model that only decodes beams never
+        # needs it (made, it takes a quarter of the weight's memory, ~0.1 s for base).
+        self._built = False
+        self._lock = threading.Lock()
+
+    def _build(self) -> None:
+        with self._lock:
+            if self._built:
+                return
+            ordinary = self.weight[: self.split]
+            top = ordinary.abs().amax(dim=1).clamp_min(1e-30)
+            if self.kernel == "fbgemm":
+                scale = top / 127
+            else:
+                # Exactly representable in bfloat16 (the kernel takes bfloat16 scales)
+                # and rounded up, so that no weight is clipped.
+                scale = (top / 127 * (1 + 2**-7)).to(torch.bfloat16)
+            self.scale = scale
+            q8 = torch.empty(ordinary.shape, dtype=torch.int8)
+            residual = torch.empty(self.split)
+            norm = torch.empty(self.split)
+            for start in range(0, self.split, 4096):
+                rows = ordinary[start : start + 4096]
+                s = scale[start : start + 4096].float()[:, None]
+                q = torch.round(rows / s).clamp_(-127, 127)
+                q8[start : start + 4096] = q.to(torch.int8)
+                rounded = q.mul_(s)
+                norm[start : start + 4096] = torch.linalg.vector_norm(rounded, dim=1)
+                residual[start : start + 4096] = torch.linalg.vector_norm(rows - rounded, dim=1)
+            # Per token: |(w - w8) . x| <= residual |x| (weights rounded to 8 bits) and
+            # |w8 . (x - x8)| <= norm |x - x8| (activations rounded by the kernel). Both
+            # norms computed in float32, within 2^-14 of themselves: 2^-10 more.
+            self.basis = torch.stack([residual, norm]).mul_(1 + 2**-10)
+            # The widest bound of any token, per unit of the hidden state's norm and of
+            # its error: each term at its largest factor, |screened logit| <= norm * |x8|
+            # (and the kernel's rounding of it) in the output's rounding.
+            largest, norm_most = self.basis.amax(dim=1).tolist()
+            spill = norm_most * (1 + self.output_rounding) * self.output_rounding
+            self._per_size = largest + norm_most * self.accumulation + spill
+            self._per_error = norm_most + spill
+            if self.kernel == "fbgemm":
+                self._packed = quantize.pack_fbgemm(q8, scale)  # its own copy: q8 goes
+                # Without VNNI FBGEMM keeps activations to 7 bits (reduce_range); its
+                # grid over the pinned range [-1, 1] has 2/qmax steps.
+                qmax = 255 if quantize.has_vnni() else 127
+                self._step = torch.tensor(2 / qmax, dtype=torch.float32)
+                self._levels = qmax // 2
+            else:
+                self.q = q8
+            self._built = True
 
     def matches(self, weight: Tensor) -> bool:
         """Whether this screen was made from `weight` as it is now (not cast or moved)."""
@@ -127,6 +153,8 @@ class LogitScreen:
         """Logits (rows, vocabulary) of `hidden` (rows, features): the ordinary tokens'
         from the int8 screen, the rest in float32; and |hidden - what the kernel used|
         per row (rows, 1), for the bound (`refine`)."""
+        if not self._built:
+            self._build()
         logits = torch.empty(hidden.shape[0], self.weight.shape[0], dtype=hidden.dtype)
         if self.kernel == "fbgemm":
             logits[:, : self.split], used = self._fbgemm(hidden)
@@ -165,40 +193,39 @@ class LogitScreen:
         largest; masked (-inf) logits stay masked.
 
         A token can be the largest when its upper bound (screened value plus its bound)
-        reaches the largest lower bound. The per-token bounds are only computed for the
-        tokens within reach of the screened maximum by the largest bound of any token.
+        reaches the largest lower bound. Only tokens within two of the widest bounds of
+        the screened maximum can: when they are few they are all recomputed, else their
+        own bounds pick those that reach.
         """
         region = logits[:, : self.split]
         size = torch.linalg.vector_norm(hidden, dim=1, keepdim=True)
-        # (rows, 2): the coefficients of the per-token bound's two terms (the second with
-        # the kernel's sums' own rounding).
-        coefficients = torch.cat([size, error + size * self.accumulation], dim=1)
-        # |screened logit| <= norm * |x8| (and the kernel's rounding of it): the largest
-        # bound any token can have.
-        magnitude = self.largest[1] * (size + error) * (1 + self.output_rounding)
-        widest = coefficients @ self.largest[:, None] + magnitude * self.output_rounding
+        widest = size * self._per_size + error * self._per_error
         top = region.amax(dim=1, keepdim=True)
-        # Only tokens within two widest bounds of the screened maximum can reach the
-        # maximum's lower bound. A row with every ordinary token masked reaches nothing.
-        near = region >= torch.where(top > float("-inf"), top - 2 * widest, float("inf"))
-        columns = (near.any(dim=0) if near.shape[0] > 1 else near[0]).nonzero()[:, 0]
+        # A little room makes the comparison strict, so that a row with every ordinary
+        # token masked (-inf everywhere) reaches nothing.
+        near = region > top - widest * (2 + 2**-10)
+        rows = region.shape[0]
+        columns = (near[0] if rows == 1 else near.any(dim=0)).nonzero()[:, 0]
+        if columns.numel() > FEW_CANDIDATES:
+            values = region[:, columns]
+            bound = self._bound(size, error, values, columns)
+            lower = (values - bound).amax(dim=1, keepdim=True)
+            columns = columns[((values + bound) >= lower).any(dim=0)]
         if columns.numel() == 0:
-            return  # every ordinary token masked
-        values = region[:, columns]
-        bound = self._bound(coefficients, values, columns[None])
-        lower = (values - bound).amax(dim=1, keepdim=True)
-        reach = ((values + bound) >= lower) & (lower > float("-inf"))
-        columns = columns[reach.any(dim=0)]
+            return
         exact = hidden @ self.weight.index_select(0, columns).T
-        old = region[:, columns]
-        region[:, columns] = torch.where(old == float("-inf"), old, exact)
+        if rows > 1:  # a column another row reaches may be masked in this one
+            old = region[:, columns]
+            exact = torch.where(old == float("-inf"), old, exact)
+        region[:, columns] = exact
 
-    def _bound(self, coefficients: Tensor, values: Tensor, columns: Tensor) -> Tensor:
-        """The bound of the screened `values` (rows, n) of tokens `columns` (rows or 1, n):
-        weights rounded to 8 bits, activations rounded by the kernel, its sums, and the
-        rounding of its output."""
-        basis = self.basis[:, columns]  # (2, rows or 1, n)
-        bound = coefficients[:, :1] * basis[0] + coefficients[:, 1:] * basis[1]
+    def _bound(self, size: Tensor, error: Tensor, values: Tensor, columns: Tensor) -> Tensor:
+        """The bound (rows, n) of the screened `values` (rows, n) of tokens `columns`
+        (n,), for hidden states of norm `size` and `error` (rows, 1): weights rounded to
+        8 bits, activations rounded by the kernel, its sums, and the rounding of its
+        output."""
+        basis = self.basis[:, columns]
+        bound = size * basis[0] + (error + size * self.accumulation) * basis[1]
         return bound.add_(values.abs(), alpha=self.output_rounding)
 
     def log_probs(self, steps: DeferredSteps, suppress: Tensor, blank: Tensor) -> np.ndarray:
