@@ -39,6 +39,9 @@ from . import quantize
 ORDINARY_TOKENS = 50256
 # Rows of the deferred product at once: bounds its (rows, vocabulary) temporary.
 DEFERRED_CHUNK = 64
+# Two engines on one model may ask for the screen at once (a lock per screen would keep
+# the model from being deep-copied).
+_BUILD_LOCK = threading.Lock()
 # Candidates recomputed without looking at their own bounds (a gather of this many rows
 # costs less than the bounds' dozen small operations).
 FEW_CANDIDATES = 64
@@ -93,10 +96,9 @@ class LogitScreen:
         # The int8 copy is made on first use: a model that only decodes beams never
         # needs it (made, it takes a quarter of the weight's memory, ~0.1 s for base).
         self._built = False
-        self._lock = threading.Lock()
 
     def _build(self) -> None:
-        with self._lock:
+        with _BUILD_LOCK:
             if self._built:
                 return
             ordinary = self.weight[: self.split]
