@@ -714,7 +714,8 @@ class Engine:
         beams = [w for w in self._windows if w.search is not None]
         if beams:
             index = _rows_of(beams, device)
-            top = logits.index_select(0, index).log_softmax(dim=-1)
+            every = len(beams) == len(self._windows)  # every row, in order: no copy
+            top = (logits if every else logits.index_select(0, index)).log_softmax(dim=-1)
             # Each row's best beam_size + 1 tokens (one may end the text); windows with
             # fewer beams than the widest take the first of theirs.
             top_logprobs, top_tokens = top.topk(max(w.group for w in beams) + 1, dim=-1)
