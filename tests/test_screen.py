@@ -43,15 +43,22 @@ def _jfk_text() -> str:
 KERNELS = [k for k in ("fbgemm", "int8pack") if k in supported_kernels()]
 
 
+def _screened_jfk(model, kernel: str) -> tuple[LogitScreen, torch.Tensor, ...]:
+    """A screen through `kernel`, jfk's hidden states, their float32 logits, and the
+    screen's logits and activation errors."""
+    hidden = _hidden_of_real_text(model, _jfk_text())
+    weight = model.decoder.token_embedding.weight.detach()
+    screen = LogitScreen(weight, kernel=kernel)
+    with torch.inference_mode():
+        logits, error = screen.approximate(hidden)
+        return screen, hidden, hidden @ weight.T, logits, error
+
+
 @requires_shared
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_the_bound_holds_and_the_best_token_is_exact_on_real_speech(tiny_en, kernel):
-    hidden = _hidden_of_real_text(tiny_en, _jfk_text())
-    weight = tiny_en.decoder.token_embedding.weight.detach()
-    screen = LogitScreen(weight, kernel=kernel)
+    screen, hidden, exact, logits, error = _screened_jfk(tiny_en, kernel)
     with torch.inference_mode():
-        exact = hidden @ weight.T
-        logits, error = screen.approximate(hidden)
         size = torch.linalg.vector_norm(hidden, dim=1, keepdim=True)
         bound = screen._bound(size, error, logits[:, : screen.split], torch.arange(screen.split))
         gap = (exact[:, : screen.split] - logits[:, : screen.split]).abs()
@@ -76,12 +83,8 @@ def test_the_bound_holds_and_the_best_token_is_exact_on_real_speech(tiny_en, ker
 @requires_shared
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_masked_tokens_stay_masked_and_the_best_unmasked_one_is_found(tiny_en, kernel):
-    hidden = _hidden_of_real_text(tiny_en, _jfk_text())
-    weight = tiny_en.decoder.token_embedding.weight.detach()
-    screen = LogitScreen(weight, kernel=kernel)
+    screen, hidden, exact, logits, error = _screened_jfk(tiny_en, kernel)
     with torch.inference_mode():
-        exact = hidden @ weight.T
-        logits, error = screen.approximate(hidden)
         # Mask each row's best three ordinary tokens: the best of the rest must come out.
         top = exact[:, : screen.split].topk(3, dim=1).indices
         logits.scatter_(1, top, float("-inf"))
