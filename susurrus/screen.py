@@ -6,13 +6,13 @@ best token (after the token rules) and, once the window is done, the sum of the 
 tokens' log-probabilities. So each step:
 
 1. computes every ordinary text token's logit from an int8 copy of the weights (a quarter
-   of the bytes, bfloat16 activations), with a proven bound on its distance from the
-   float32 logit (`LogitScreen.approximate`);
+   of the bytes), with a proven bound on its distance from the float32 logit
+   (`LogitScreen.approximate`);
 2. after the suppressed tokens are masked, recomputes in float32 every token whose upper
-   bound reaches the largest lower bound: the best token is always among them, so the
+   bound could reach the largest lower bound: the best token is always among them, so the
    choice and the timestamp rules (which compare the best text token) see float32 values
-   (`LogitScreen.refine`). Usually one to five tokens; the special and timestamp tokens
-   are always float32.
+   (`LogitScreen.refine`). A few dozen tokens at most in most steps (on base en-long one
+   reaches in the median step); the special and timestamp tokens are always float32.
 3. The softmax's normaliser needs every logit: it waits until the window is done, when
    the steps' hidden states go through the float32 weights in one matrix product, which
    reads them once for all steps (`LogitScreen.log_probs`).
@@ -55,6 +55,7 @@ def supported_kernels() -> list[str]:
 
 
 def supported() -> bool:
+    """Whether the screen can run here at all."""
     return bool(supported_kernels())
 
 
@@ -258,6 +259,7 @@ class DeferredSteps:
     tokens: list[int] = field(default_factory=list)
     masked: list[bool] = field(default_factory=list)  # every screened token masked
     first: list[bool] = field(default_factory=list)  # the window's first sampled token
+    screen: LogitScreen | None = None  # the screen that took them
 
     def add(self, hidden: Tensor, rest: Tensor, token: int, masked: bool, first: bool) -> None:
         self.hidden.append(hidden)

@@ -764,7 +764,8 @@ class Engine:
         pass), 0 for screened rows, whose steps are kept for the window's end."""
         hidden = self._screened[0]
         screened = hidden.shape[0]
-        split = self._screen().split
+        screen = self._screen()
+        split = screen.split
         rest = logits[:screened, split:].clone()
         masked = (logits[:screened, :split].amax(dim=1) == float("-inf")).tolist()
         current = torch.zeros(len(greedy), device=logits.device)
@@ -774,6 +775,7 @@ class Engine:
                 row = logits[window.row]
                 current[i] = row.log_softmax(dim=-1)[tokens[i]]
             elif not window.ended[0]:
+                window.deferred.screen = screen
                 window.deferred.add(
                     hidden[window.row], rest[window.row], tokens[i],
                     masked[window.row], window.n_sampled == 0,
@@ -818,7 +820,7 @@ class Engine:
         rows = slice(window.row, window.row + window.group)
         if window.deferred.tokens:
             steps, window.deferred = window.deferred, DeferredSteps()
-            values = self.model.decoder.screen.log_probs(
+            values = steps.screen.log_probs(
                 steps, self._rules.suppress[window.mask], self._rules.blank[window.mask]
             )
             total = add_in_order(self._sum_logprobs[window.row].item(), values)
