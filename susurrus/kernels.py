@@ -696,28 +696,23 @@ def _measure_screen(model: nn.Module, table: KernelTable, key: str) -> None:
     with torch.inference_mode():
         try:
             screen = screening.LogitScreen(w, product=product)
-            x = torch.randn(1, w.shape[1])
-            screen.approximate(x)
+            screen.approximate(torch.randn(1, w.shape[1]))
         except RuntimeError as e:  # a build without the int8 kernel's bfloat16 path
             logger.info("no logit screen here (%s)", e)
             table.choices[key] = {"1": "full"}
             return
-        many = torch.randn(SCREEN_DEFERRED_ROWS, w.shape[1])
-        deferred = min(_took(lambda: product(many, w)) for _ in range(3)) / len(many)
-        best = {"full": float("inf"), "screen": float("inf")}
-        # Taking turns: the full product's read evicts the screen's weights, as a
-        # decoding step's other layers do.
-        for _ in range(8):
-            best["full"] = min(best["full"], _took(lambda: product(x, w)))
-            best["screen"] = min(best["screen"], _took(lambda: screen.approximate(x)) + deferred)
+        # Taking turns (time_candidates): the full product's read evicts the screen's
+        # weights, as a decoding step's other layers do.
+        best = time_candidates(
+            {"full": lambda x, weight, bias: product(x, weight),
+             "screen": lambda x, weight, bias: screen.approximate(x)},
+            w, None, 1, MEASURE_SECONDS,
+        )
+        deferred = time_candidates({"deferred": lambda x, weight, bias: product(x, weight)},
+                                   w, None, SCREEN_DEFERRED_ROWS, MEASURE_SECONDS)
+        best["screen"] += deferred["deferred"] / SCREEN_DEFERRED_ROWS
     table.choices[key] = {"1": choose(best, preferred="full")}
     table.timings[key] = {"1": {name: round(t * 1e3, 4) for name, t in best.items()}}
-
-
-def _took(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _apply_screen(model: nn.Module, table: KernelTable | None) -> None:

@@ -226,9 +226,9 @@ class Engine:
         self._sum_logprobs = torch.zeros(0, device=model.device)
         self._last_tokens = torch.zeros(0, dtype=torch.long, device=model.device)
         self._windows: list[_Window] = []  # in table order
-        # While a screened step chooses: the hidden states of its screened rows (the first
-        # rows of the table), and how far the screen's activations were from them.
-        self._screened: tuple[Tensor, Tensor] | None = None
+        # While a screened step chooses: its screen, the hidden states of its screened rows
+        # (the first rows of the table), and how far the screen's activations were from them.
+        self._screened: tuple[LogitScreen, Tensor, Tensor] | None = None
 
     def prepare(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)`: torch work done for this engine outside its steps
@@ -636,7 +636,7 @@ class Engine:
             if screen is not None:
                 hidden = step
                 step, error = screen.approximate(hidden)
-                self._screened = hidden, error
+                self._screened = screen, hidden, error
             parts.append(step)
             self.steps += 1
             self.row_steps += n_rows
@@ -657,8 +657,8 @@ class Engine:
     def _refine(self, logits: Tensor) -> None:
         """The screened rows' candidates for the best token, in float32 (after the
         suppressed tokens are masked, before the timestamp rules compare them)."""
-        hidden, error = self._screened
-        self._screen().refine(logits[: hidden.shape[0]], hidden, error)
+        screen, hidden, error = self._screened
+        screen.refine(logits[: hidden.shape[0]], hidden, error)
 
     def _static_logits(self, group: int) -> Tensor:
         """Every row's step with static shapes (captured on a GPU); windows that just
@@ -762,9 +762,8 @@ class Engine:
         """Log-probabilities of the greedy windows' tokens `picked` (one row each, in
         order): now for rows with every logit in float32 (a first token, from the prompt's
         pass), 0 for screened rows, whose steps are kept for the window's end."""
-        hidden = self._screened[0]
+        screen, hidden, _ = self._screened
         screened = hidden.shape[0]
-        screen = self._screen()
         split = screen.split
         rest = logits[:screened, split:].clone()
         masked = (logits[:screened, :split].amax(dim=1) == float("-inf")).tolist()
