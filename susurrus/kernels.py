@@ -4,14 +4,16 @@ The same float32 product `x @ weight.T + bias` runs at very different speeds thr
 PyTorch's paths, and which one wins depends on the CPU vendor, the shape and the number of
 rows: on an AMD EPYC (Zen 4, 2 threads) base's output projection for one row takes 6.9 ms
 through `F.linear` (MKL), 2.8 ms through oneDNN and 7.0 ms as `weight @ x.T`; for five rows
-(beam 5) 12.0, 4.2 and 3.7 ms. So each product shape of a model, in each row-count bucket
-that decoding produces, is timed once per candidate and the fastest kept. The choices are
+(beam 5) 12.0, 4.2 and 3.7 ms, and 3.2 ms through oneDNN with the weight packed in its
+blocked layout (the packed copy costs memory: see PACKED_STEP_ROWS). So each product shape
+of a model, in each row-count bucket that decoding produces, is timed once per candidate
+and the fastest kept. The choices are
 cached per CPU model, torch version and thread count in a small JSON file in the cache
 directory: measuring costs about a second the first time, nothing afterwards.
 
 Every candidate computes the same float sums in another order, so float32 results change
 only by that reordering (the parity tests pass with each candidate forced in turn:
-`SUSURRUS_KERNEL=linear|onednn|weight_first`). int8 layers keep their own kernels.
+`SUSURRUS_KERNEL=linear|onednn|weight_first|onednn_packed`). int8 layers keep their own kernels.
 
 The attention of decoding steps runs as two plain products around a float32 softmax
 (`SUSURRUS_ATTENTION=sdpa|matmul` forces a kernel), and where the compute type asks for
@@ -33,6 +35,7 @@ import platform
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -49,7 +52,8 @@ logger = logging.getLogger(__name__)
 Kernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 # 2: the attention of decoding steps measured with the decoder's own keys in the model's type,
 # always through the two products (choices of format 1 are stale). 3: a bucket of 5 rows.
-FORMAT = 3
+# 4: oneDNN with a packed weight (caches without it would never try it).
+FORMAT = 4
 # Row counts that decoding steps produce: one row, a beam or a few windows, a batch of
 # beams. A product uses the smallest bucket that holds its rows, else the largest. Five is
 # the default beam size and best_of, where the fastest product can differ from 4 or 8 rows
@@ -84,11 +88,54 @@ def _weight_first(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+# The row count oneDNN lays a packed weight out for. Packed for 8 rows, a weight serves 1 to
+# 8 rows as fast as packed for each (base's 2048x512 layer, Zen 4: 113-134 us), and 32
+# rows faster than dense.
+PACK_ROWS = 8
+# The decoding steps' row buckets that may take a packed weight. A packed copy is a second
+# copy of the weight, made on first use and kept while the weight lives: the decoder's
+# layers (base: 88 MB) pay back in every step. The output projection's (base: 106 MB) is
+# taken only for a few rows at once (beams, a few windows): one row is the logit screen's
+# work, and 32 is the screen's deferred product, neither worth the memory.
+PACKED_STEP_ROWS = range(1, 33)
+PACKED_PROJECTION_ROWS = range(2, 9)
+_packs: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}
+
+
+def _stamp(weight: Tensor) -> tuple[int, int]:
+    # Storage and version: a weight replaced or written in place (load_state_dict) is
+    # packed again. Inference tensors keep no version counter.
+    return weight.data_ptr(), -1 if weight.is_inference() else weight._version
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """oneDNN's packed copy of a float32 weight (made once, dropped with the weight)."""
+    key = id(weight)
+    hit = _packs.get(key)
+    stamp = _stamp(weight)
+    if hit is not None and hit[0]() is weight and hit[1] == stamp:
+        return hit[2]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+    if hit is None or hit[0]() is not weight:
+        weakref.finalize(weight, _packs.pop, key, None)
+    _packs[key] = (weakref.ref(weight), stamp, packed)
+    return packed
+
+
+def _onednn_packed(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # oneDNN's blocked layout streams better than the plain one for a few rows: base's
+    # layers on a Zen 4, five rows, weights out of cache: 2048x512 128 against 185 us,
+    # the output projection 3.2 against 4.4 ms (same sums up to their order).
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+
+
 CANDIDATES: dict[str, Kernel] = {
     "linear": _linear,
     "onednn": _onednn,
     "weight_first": _weight_first,
+    "onednn_packed": _onednn_packed,
 }
+PACKED = frozenset({"onednn_packed"})  # candidates that keep a second copy of the weight
 
 
 def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -154,9 +201,13 @@ ATTENTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float
 ENV_FORCE_ATTENTION = "SUSURRUS_ATTENTION"
 
 
-def _usable(name: str, dtype: torch.dtype) -> bool:
+def _usable(name: str, dtype: torch.dtype, rows: int = 1, packed: Iterable[int] = ()) -> bool:
+    """Whether candidate `name` is timed for `rows` rows of a product in `dtype`; `packed`:
+    the row counts where this product may keep a packed copy of its weight."""
     if name == "onednn":
         return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+    if name == "onednn_packed":
+        return torch.backends.mkldnn.is_available() and dtype == torch.float32 and rows in packed
     return True
 
 
@@ -205,9 +256,11 @@ def time_candidates(
     """
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
     size = weight.numel() * weight.element_size()
-    copies = [weight] + [weight.clone() for _ in range(max(0, COLD_BYTES // size - 1))]
+    # Copies only: a packed copy of the model's own weight would outlive the measuring.
+    copies = [weight.clone() for _ in range(max(1, COLD_BYTES // size))]
     for kernel in kernels.values():
-        kernel(x, weight, bias)  # first call: the library's own set-up
+        for w in copies:  # first calls: the library's own set-up, packed copies
+            kernel(x, w, bias)
     best = dict.fromkeys(kernels, float("inf"))
     spent = 0.0
     runs = 0
@@ -225,10 +278,17 @@ def time_candidates(
 
 def choose(timings: dict[str, float], preferred: str = "linear") -> str:
     """The fastest candidate; `preferred` (the reference's own path: `linear` for products)
-    on a near tie, so that noise never moves work off it for less than 5%."""
+    on a near tie, so that noise never moves work off it for less than 5%. A packed weight
+    is a second copy in memory: it must win by more than 5% too."""
     best = min(timings, key=timings.__getitem__)
     if preferred in timings and timings[preferred] <= timings[best] * 1.05:
         return preferred
+    if best in PACKED:
+        plain = [name for name in timings if name not in PACKED]
+        if plain:
+            runner_up = min(plain, key=timings.__getitem__)
+            if timings[runner_up] <= timings[best] * 1.05:
+                return runner_up
     return best
 
 
@@ -254,14 +314,19 @@ class KernelTable:
         bias: Tensor | None,
         buckets: Iterable[int],
         seconds: float = MEASURE_SECONDS,
+        packed: Iterable[int] = (),
     ) -> None:
+        """Time every usable candidate for each row bucket of one product and keep the
+        fastest; `packed`: the buckets where a packed copy of the weight may be kept."""
         entry: dict[str, str] = {}
         timings: dict[str, dict[str, float]] = {}
         with torch.inference_mode():
-            usable = {
-                name: kernel for name, kernel in CANDIDATES.items() if _usable(name, weight.dtype)
-            }
             for rows in buckets:
+                usable = {
+                    name: kernel
+                    for name, kernel in CANDIDATES.items()
+                    if _usable(name, weight.dtype, rows, packed)
+                }
                 found = time_candidates(usable, weight, bias, rows, seconds)
                 entry[str(rows)] = choose(found)
                 timings[str(rows)] = {name: round(t * 1e3, 4) for name, t in found.items()}
@@ -363,18 +428,26 @@ def _projection(model: nn.Module) -> tuple[nn.Module, Tensor] | None:
     return None
 
 
-def _products(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None, tuple[int, ...]]]:
-    """Every distinct float product shape of `model`: key -> (weight, bias, row buckets)."""
-    found: dict[str, tuple[Tensor, Tensor | None, tuple[int, ...]]] = {}
+Product = tuple[Tensor, "Tensor | None", tuple[int, ...], range]
+
+
+def _products(model: nn.Module) -> dict[str, Product]:
+    """Every distinct float product shape of `model` timed alone: key -> (weight, bias, row
+    buckets, buckets that may keep a packed weight)."""
+    found: dict[str, Product] = {}
     for module in _linears(model):
         w = module.weight
         key = shape_key(w.dtype, *w.shape)
         if key not in found:
             bias = None if module.bias is None else module.bias.detach()
-            found[key] = (w.detach(), bias, ENCODER_BUCKETS)
+            # Many rows (the encoder, prompts): the packed copy would only cost memory.
+            found[key] = (w.detach(), bias, ENCODER_BUCKETS, range(0))
     if (projection := _projection(model)) is not None:
         w = projection[1].detach()
-        found.setdefault("projection:" + shape_key(w.dtype, *w.shape), (w, None, STEP_BUCKETS))
+        found.setdefault(
+            "projection:" + shape_key(w.dtype, *w.shape),
+            (w, None, STEP_BUCKETS, PACKED_PROJECTION_ROWS),
+        )
     return found
 
 
@@ -399,8 +472,8 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         screen_missing = screen is not None and screen not in table.choices
         if missing or refine or attend or encode or screen_missing:
             start = time.perf_counter()
-            for name, (weight, bias, buckets) in missing.items():
-                table.measure(name, weight, bias, buckets)
+            for name, (weight, bias, buckets, packed) in missing.items():
+                table.measure(name, weight, bias, buckets, packed=packed)
             if refine:
                 _measure_decoder(model, table, *layers)
             if attend:
@@ -462,7 +535,7 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
                 step_cache = decoder.new_cache(rows, n_ctx=n_ctx)
                 step_cache.cross_k, step_cache.cross_v = cache.cross_k, cache.cross_v
                 tokens = torch.zeros(rows, 1, dtype=torch.long)
-                usable = [n for n in CANDIDATES if _usable(n, dtype)]
+                usable = [n for n in CANDIDATES if _usable(n, dtype, rows, PACKED_STEP_ROWS)]
                 found = dict.fromkeys(usable, float("inf"))
                 # Candidates take turns (a burst of other work slows them alike), each
                 # keeping its best step; the first round only warms up.
@@ -479,6 +552,8 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
                 entry[str(rows)] = choose(found)
                 timings[str(rows)] = {name: round(t * 1e3, 4) for name, t in found.items()}
     finally:
+        for m in layers:  # measured packed; kept only if chosen (made again on first use)
+            _packs.pop(id(m.weight), None)
         for m, cls, choices in saved:
             m.__class__ = cls
             if choices is None:

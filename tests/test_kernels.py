@@ -4,6 +4,7 @@ float32 parity with every candidate forced."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import warnings
@@ -32,10 +33,16 @@ def test_choice_follows_recorded_timings():
     # Within 5% of the reference's own path is noise: keep F.linear.
     assert kernels.choose({"linear": 1.04, "onednn": 1.0}) == "linear"
     assert kernels.choose({"onednn": 2.0, "weight_first": 1.0}) == "weight_first"
+    # Five rows of base's projection with the weight packed for oneDNN (Zen 4, cold,
+    # ms): faster by more than 5%, so worth its second copy; within 5% it is not.
+    assert kernels.choose({"linear": 12.0, "onednn": 4.4, "weight_first": 3.7,
+                           "onednn_packed": 3.2}) == "onednn_packed"
+    assert kernels.choose({"linear": 0.35, "onednn": 0.126, "weight_first": 0.28,
+                           "onednn_packed": 0.122}) == "onednn"
 
 
 def test_bucket_for_rows():
-    one, two, three = kernels.CANDIDATES.values()
+    one, two, three = list(kernels.CANDIDATES.values())[:3]
     pairs = ((1, one), (8, two), (32, three))
     assert kernels.pick(pairs, 1) is one
     assert kernels.pick(pairs, 5) is two
@@ -143,6 +150,17 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
         if not key.startswith(("attention:", "encoder-attention:", "screen:")):
             assert set(buckets.values()) <= set(kernels.CANDIDATES)
     assert entry == table.choices
+    # A packed weight is a second copy of it: never timed for the encoder's many rows, nor
+    # for the projection's one row (the screen's work) or 32 (the screen's deferred sums).
+    packed = "onednn_packed"
+    for key, buckets in table.timings.items():
+        if key.startswith("float32:"):
+            assert set(buckets) == {"1500"} and packed not in buckets["1500"]
+    projection = table.timings["projection:float32:51864x384"]
+    assert packed in projection["5"]
+    assert packed not in projection["1"] and packed not in projection["32"]
+    decoder = f"decoder:float32:384x{len(kernels._decoder_layers(tiny_en)[1])}"
+    assert all(packed in found for found in table.timings[decoder].values())
     # Each choice is the measured minimum (or F.linear within 5% of it).
     for key, buckets in table.timings.items():
         for rows, found in buckets.items():
@@ -196,6 +214,22 @@ def test_a_corrupt_or_stale_cache_is_ignored_and_measured_again(
     data = json.loads(path.read_text())
     assert data["format"] == kernels.FORMAT
     assert data["machines"][kernels.machine_key()] == table.choices
+
+
+def test_a_packed_weight_is_made_once_and_follows_its_weight():
+    weight = torch.randn(64, 32)
+    x = torch.randn(3, 32)
+    packed = kernels.packed_weight(weight)
+    assert kernels.packed_weight(weight) is packed
+    torch.testing.assert_close(kernels.CANDIDATES["onednn_packed"](x, weight, None), x @ weight.T)
+    with torch.no_grad():
+        weight.mul_(2)  # written in place (as load_state_dict does): packed again
+    assert kernels.packed_weight(weight) is not packed
+    torch.testing.assert_close(kernels.CANDIDATES["onednn_packed"](x, weight, None), x @ weight.T)
+    key = id(weight)
+    del weight, packed
+    gc.collect()
+    assert key not in kernels._packs  # dropped with its weight
 
 
 def test_the_loaded_model_uses_its_choices(tiny_en):
