@@ -28,6 +28,8 @@ narrow type: the decoder's own keys stay in the model's.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -36,7 +38,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -50,6 +52,8 @@ from .errors import SusurrusError
 logger = logging.getLogger(__name__)
 
 Kernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+# A row bucket's choice: (most rows, kernel, kernel without a packed weight).
+Choice = tuple[int, Kernel, Kernel]
 # 2: the attention of decoding steps measured with the decoder's own keys in the model's type,
 # always through the two products (choices of format 1 are stale). 3: a bucket of 5 rows.
 # 4: oneDNN with a packed weight (caches without it would never try it).
@@ -93,12 +97,27 @@ def _weight_first(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 # rows faster than dense.
 PACK_ROWS = 8
 # The decoding steps' row buckets that may take a packed weight. A packed copy is a second
-# copy of the weight, made on first use and kept while the weight lives: the decoder's
-# layers (base: 88 MB) pay back in every step. The output projection's (base: 106 MB) is
-# taken only for a few rows at once (beams, a few windows): one row is the logit screen's
-# work, and 32 is the screen's deferred product, neither worth the memory.
+# copy of the weight, made on first use and kept while the weight lives (base: 88 MB for
+# the decoder's layers, 106 for the output projection), so packed weights serve beam
+# search only (`packed_weights`), where they pay back in every step: base float32 beam 5
+# 14.3 -> 12.0 s on 213 s of speech (Zen 4). Greedy steps and their sampling fallbacks
+# keep the plain weights (there base's steps were no faster packed, and the peak memory
+# went from 790 to 1050 MB). The projection's one row is the logit screen's work, and 32
+# is the screen's deferred product: never packed.
 PACKED_STEP_ROWS = range(1, 33)
 PACKED_PROJECTION_ROWS = range(2, 9)
+_packing: contextvars.ContextVar[bool] = contextvars.ContextVar("packing", default=False)
+
+
+@contextlib.contextmanager
+def packed_weights(allowed: bool = True) -> Iterator[None]:
+    """Within this context (this thread's), products may take the packed weights they were
+    measured fastest with; outside it they take the fastest plain kernel."""
+    token = _packing.set(allowed)
+    try:
+        yield
+    finally:
+        _packing.reset(token)
 _packs: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}
 
 
@@ -292,6 +311,16 @@ def choose(timings: dict[str, float], preferred: str = "linear") -> str:
     return best
 
 
+def _choices(rows: int, timings: dict[str, float]) -> dict[str, str]:
+    """A bucket's cache entries: the fastest kernel, and where that one packs its weight,
+    the fastest plain one under `<rows>:plain` (what steps outside beam search take)."""
+    best = choose(timings)
+    entry = {str(rows): best}
+    if best in PACKED:
+        entry[f"{rows}:plain"] = choose({n: t for n, t in timings.items() if n not in PACKED})
+    return entry
+
+
 class KernelTable:
     """Choices per (dtype, shape): for each row bucket, the name of the fastest kernel."""
 
@@ -299,13 +328,18 @@ class KernelTable:
         self.choices: dict[str, dict[str, str]] = choices or {}
         self.timings: dict[str, dict[str, dict[str, float]]] = {}
 
-    def kernels(self, key: str) -> tuple[tuple[int, Kernel], ...] | None:
-        """(max rows, kernel) pairs for a shape, smallest bucket first; None if unmeasured."""
+    def kernels(self, key: str) -> tuple[Choice, ...] | None:
+        """(max rows, kernel, plain kernel) for a shape, smallest bucket first; None if
+        unmeasured."""
         entry = self.choices.get(key)
         if not entry:
             return None
-        pairs = sorted((int(rows), CANDIDATES[name]) for rows, name in entry.items())
-        return tuple(pairs)
+        buckets = sorted(int(rows) for rows in entry if rows.isdigit())
+        return tuple(
+            (rows, CANDIDATES[entry[str(rows)]],
+             CANDIDATES[entry.get(f"{rows}:plain", entry[str(rows)])])
+            for rows in buckets
+        )
 
     def measure(
         self,
@@ -328,7 +362,7 @@ class KernelTable:
                     if _usable(name, weight.dtype, rows, packed)
                 }
                 found = time_candidates(usable, weight, bias, rows, seconds)
-                entry[str(rows)] = choose(found)
+                entry.update(_choices(rows, found))
                 timings[str(rows)] = {name: round(t * 1e3, 4) for name, t in found.items()}
         self.choices[key] = entry
         self.timings[key] = timings
@@ -338,8 +372,9 @@ class KernelTable:
         lines = []
         for key, entry in sorted(self.choices.items()):
             picks = ", ".join(
-                f"in {name}" if rows == "dtype" else f"{rows} rows: {name}"
+                f"in {name}" if rows == "dtype" else f"{rows.replace(':', ' rows ')}: {name}"
                 for rows, name in entry.items()
+                if rows.isdigit() or ":" in rows or rows == "dtype"
             )
             lines.append(f"{key}: {picks}")
         return lines
@@ -383,10 +418,15 @@ def _valid_entry(key: str, buckets: object) -> bool:
         names = ATTENTION
         if buckets.get("dtype") not in ATTENTION_DTYPES:
             return False
-    return all(
-        (rows == "dtype" and names is ATTENTION) or (str(rows).isdigit() and name in names)
-        for rows, name in buckets.items()
-    )
+
+    def valid(rows: str, name: object) -> bool:
+        if rows == "dtype":
+            return names is ATTENTION
+        if names is CANDIDATES and rows.endswith(":plain"):
+            return rows[:-6].isdigit() and name in names and name not in PACKED
+        return rows.isdigit() and name in names
+
+    return all(valid(str(rows), name) for rows, name in buckets.items())
 
 
 def _write_cache(path: Path, key: str, table: KernelTable) -> None:
@@ -543,13 +583,15 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
                     for name in usable:
                         for m in layers:
                             m.__class__ = TunedLinear
-                            m.kernel_choices = {dtype: ((1 << 30, CANDIDATES[name]),)}
+                            kernel = CANDIDATES[name]
+                            m.kernel_choices = {dtype: ((1 << 30, kernel, kernel),)}
                         step_cache.length = position
                         start = time.perf_counter()
-                        decoder(tokens, step_cache)
+                        with packed_weights():
+                            decoder(tokens, step_cache)
                         if turn:
                             found[name] = min(found[name], time.perf_counter() - start)
-                entry[str(rows)] = choose(found)
+                entry.update(_choices(rows, found))
                 timings[str(rows)] = {name: round(t * 1e3, 4) for name, t in found.items()}
     finally:
         for m in layers:  # measured packed; kept only if chosen (made again on first use)
@@ -810,7 +852,7 @@ def _apply_screen(model: nn.Module, table: KernelTable | None) -> None:
 class TunedLinear(nn.Linear):
     """nn.Linear whose CPU products go through the kernel measured fastest for their rows."""
 
-    kernel_choices: dict[torch.dtype, tuple[tuple[int, Kernel], ...]]
+    kernel_choices: dict[torch.dtype, tuple[Choice, ...]]
 
     def forward(self, x: Tensor) -> Tensor:
         pairs = self.kernel_choices.get(x.dtype) if x.device.type == "cpu" else None
@@ -819,18 +861,20 @@ class TunedLinear(nn.Linear):
         return pick(pairs, x.numel() // x.shape[-1])(x, self.weight, self.bias)
 
 
-def pick(pairs: tuple[tuple[int, Kernel], ...], rows: int) -> Kernel:
-    for limit, kernel in pairs:
-        if rows <= limit:
-            return kernel
-    return pairs[-1][1]
+def pick(choices: tuple[Choice, ...], rows: int) -> Kernel:
+    """The kernel of the smallest bucket that holds `rows` (else of the largest): the
+    fastest, or within `packed_weights` only, the fastest plain one."""
+    for choice in choices:
+        if rows <= choice[0]:
+            break
+    return choice[1] if _packing.get() else choice[2]
 
 
 class TunedProjection:
     """The decoder's output projection (tied to the token embedding) through the kernel
     measured fastest for its rows."""
 
-    def __init__(self, pairs: dict[torch.dtype, tuple[tuple[int, Kernel], ...]]) -> None:
+    def __init__(self, pairs: dict[torch.dtype, tuple[Choice, ...]]) -> None:
         self.pairs = pairs
 
     def __call__(self, hidden: Tensor, weight: Tensor) -> Tensor:
@@ -868,9 +912,9 @@ def tune(model: nn.Module) -> KernelTable | None:
             logger.warning("could not measure the matrix-product kernels (%s); using F.linear", e)
             return None
 
-    def pairs_for(key: str) -> tuple[tuple[int, Kernel], ...] | None:
+    def pairs_for(key: str) -> tuple[Choice, ...] | None:
         if name is not None:
-            return ((1, CANDIDATES[name]),)
+            return ((1, CANDIDATES[name], CANDIDATES[name]),)
         return table.kernels(key)
 
     for module in _linears(model):

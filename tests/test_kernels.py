@@ -42,12 +42,32 @@ def test_choice_follows_recorded_timings():
 
 
 def test_bucket_for_rows():
-    one, two, three = list(kernels.CANDIDATES.values())[:3]
-    pairs = ((1, one), (8, two), (32, three))
-    assert kernels.pick(pairs, 1) is one
-    assert kernels.pick(pairs, 5) is two
-    assert kernels.pick(pairs, 8) is two
-    assert kernels.pick(pairs, 40) is three  # beyond the largest bucket: its choice
+    one, two, three, packed = kernels.CANDIDATES.values()
+    choices = ((1, one, one), (8, packed, two), (32, three, three))
+    with kernels.packed_weights():
+        assert kernels.pick(choices, 1) is one
+        assert kernels.pick(choices, 5) is packed
+        assert kernels.pick(choices, 8) is packed
+        assert kernels.pick(choices, 40) is three  # beyond the largest bucket: its choice
+    # Outside beam search, the fastest kernel that keeps no second copy of the weight.
+    assert kernels.pick(choices, 5) is two
+    with kernels.packed_weights(False):
+        assert kernels.pick(choices, 8) is two
+
+
+def test_a_packed_choice_keeps_its_plain_runner_up():
+    five_rows = {"linear": 12.0, "onednn": 4.4, "weight_first": 3.7, "onednn_packed": 3.2}
+    assert kernels._choices(5, five_rows) == {"5": "onednn_packed", "5:plain": "weight_first"}
+    assert kernels._choices(1, {"linear": 2.0, "onednn": 1.0}) == {"1": "onednn"}
+    table = kernels.KernelTable({"float32:8x8": {"1": "onednn", "5": "onednn_packed",
+                                                 "5:plain": "weight_first"}})
+    assert table.kernels("float32:8x8") == (
+        (1, kernels.CANDIDATES["onednn"], kernels.CANDIDATES["onednn"]),
+        (5, kernels.CANDIDATES["onednn_packed"], kernels.CANDIDATES["weight_first"]),
+    )
+    assert kernels._valid_entry("float32:8x8", table.choices["float32:8x8"])
+    # A packed kernel as the plain choice is a corrupt entry.
+    assert not kernels._valid_entry("float32:8x8", {"5": "onednn", "5:plain": "onednn_packed"})
 
 
 @pytest.mark.parametrize("name", list(kernels.CANDIDATES))
@@ -142,7 +162,9 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
         "screen:float32:51864x384",
     }
     assert entry["screen:float32:51864x384"]["1"] in kernels.SCREEN
-    assert set(entry["float32:384x384"]) == {"1", "4", "5", "8", "32", "1500"}
+    assert {rows for rows in entry["float32:384x384"] if rows.isdigit()} == {
+        "1", "4", "5", "8", "32", "1500"
+    }
     assert set(entry["encoder-attention:float32:6x1500x64"].values()) <= set(
         kernels.LONG_ATTENTION
     )
@@ -168,6 +190,11 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
                 assert entry[key][rows] == kernels.choose(found, preferred="full")
             elif not key.startswith("attention:"):
                 assert entry[key][rows] == kernels.choose(found)
+                plain = entry[key].get(f"{rows}:plain")
+                assert (plain is not None) == (entry[key][rows] in kernels.PACKED)
+                if plain:
+                    unpacked = {n: t for n, t in found.items() if n not in kernels.PACKED}
+                    assert plain == kernels.choose(unpacked)
     # The attention of steps: its type (tiny.en's own float32, nothing else asked) and
     # the two products for every bucket of audios, timed.
     attention = entry["attention:float32:384x6x4:1500"]

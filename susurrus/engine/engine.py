@@ -32,6 +32,7 @@ from ..decoding import (
     compression_ratio,
 )
 from ..errors import SusurrusError
+from ..kernels import packed_weights
 from ..model import Whisper
 from ..screen import DeferredSteps, LogitScreen, add_in_order
 from ..tokenizer import Tokenizer, get_tokenizer
@@ -621,18 +622,20 @@ class Engine:
             if screen is not None and any(w.search is not None or w.temperature > 0
                                           for w in decoding):
                 screen = None  # beams and samples need every log-probability now
-            step = decoder_step(
-                self.model.decoder,
-                self._last_tokens[:n_rows, None],
-                position_rows,
-                [b[:n_rows] for b in self_k],
-                [b[:n_rows] for b in self_v],
-                [b[:n_audio] for b in cross_k],
-                [b[:n_audio] for b in cross_v],
-                runs(decoding),
-                same,
-                hidden_only=screen is not None,
-            )
+            # Packed weights (a second copy in memory) only for beam search (kernels.py).
+            with packed_weights(any(w.search is not None for w in decoding)):
+                step = decoder_step(
+                    self.model.decoder,
+                    self._last_tokens[:n_rows, None],
+                    position_rows,
+                    [b[:n_rows] for b in self_k],
+                    [b[:n_rows] for b in self_v],
+                    [b[:n_audio] for b in cross_k],
+                    [b[:n_audio] for b in cross_v],
+                    runs(decoding),
+                    same,
+                    hidden_only=screen is not None,
+                )
             if screen is not None:
                 hidden = step
                 step, error = screen.approximate(hidden)
