@@ -100,10 +100,10 @@ PACK_ROWS = 8
 # copy of the weight, made on first use and kept while the weight lives (base: 88 MB for
 # the decoder's layers, 106 for the output projection), so packed weights serve beam
 # search only (`packed_weights`), where they pay back in every step: base float32 beam 5
-# 14.3 -> 12.0 s on 213 s of speech (Zen 4). Greedy steps and their sampling fallbacks
-# keep the plain weights (there base's steps were no faster packed, and the peak memory
-# went from 790 to 1050 MB). The projection's one row is the logit screen's work, and 32
-# is the screen's deferred product: never packed.
+# 14.3 -> 12.0 s on 213 s of speech (Zen 4; peak memory 794 -> 972 MB). Greedy steps and
+# their sampling fallbacks keep the plain weights (base's steps were no faster packed,
+# and the peak memory went from 790 to 1050 MB). The projection's one row is the logit
+# screen's work, and 32 is the screen's deferred product: never packed.
 PACKED_STEP_ROWS = range(1, 33)
 PACKED_PROJECTION_ROWS = range(2, 9)
 _packing: contextvars.ContextVar[bool] = contextvars.ContextVar("packing", default=False)
@@ -118,7 +118,9 @@ def packed_weights(allowed: bool = True) -> Iterator[None]:
         yield
     finally:
         _packing.reset(token)
-_packs: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}
+
+
+_packs: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}  # id(weight) -> packed
 
 
 def _stamp(weight: Tensor) -> tuple[int, int]:
@@ -373,8 +375,8 @@ class KernelTable:
         for key, entry in sorted(self.choices.items()):
             picks = ", ".join(
                 f"in {name}" if rows == "dtype" else f"{rows.replace(':', ' rows ')}: {name}"
+                if ":" in rows else f"{rows} rows: {name}"
                 for rows, name in entry.items()
-                if rows.isdigit() or ":" in rows or rows == "dtype"
             )
             lines.append(f"{key}: {picks}")
         return lines
