@@ -215,8 +215,9 @@ class Int8Linear(nn.Module):
         the rows: every row's rounding depends on that row alone, alone or in a batch.
         """
         rows = x.reshape(-1, x.shape[-1])
-        # The largest magnitude in one call rather than two: this path runs ~30 times a step.
-        top = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(1e-12)
+        # abs().amax(), not vector_norm(inf): the same values, as fast for one row and 3-9x
+        # faster for several (five rows of 2048: 3.2 against 28 us; 0.3 ms a base beam step).
+        top = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)
         pinned = torch.cat([rows / top, self._pin(x.shape[-1])])
         # Without VNNI the u8 x s8 pair sums saturate at 16 bits unless the activations
         # keep to 7 bits (reduce_range), which costs accuracy: about 1 WER point on base.

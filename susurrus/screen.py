@@ -175,12 +175,13 @@ class LogitScreen:
         rounding left goes in as a second row, scaled and rounded the same way."""
         rows = hidden.shape[0]
         step, levels = self._step, self._levels
-        top = torch.linalg.vector_norm(hidden, float("inf"), dim=1, keepdim=True)
+        # abs().amax() rather than vector_norm(inf): equal, and faster for several rows.
+        top = hidden.abs().amax(dim=1, keepdim=True)
         top.clamp_min_(1e-30)
         unit = hidden / top
         high = torch.round(unit / step).clamp_(-levels, levels).mul_(step)
         left = unit - high
-        top2 = torch.linalg.vector_norm(left, float("inf"), dim=1, keepdim=True)
+        top2 = left.abs().amax(dim=1, keepdim=True)
         top2.clamp_min_(1e-30)
         low = torch.round(left / top2 / step).clamp_(-levels, levels).mul_(step)
         pin = quantize.Int8Linear._pin(hidden.shape[1])
