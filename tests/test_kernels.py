@@ -16,8 +16,8 @@ from torch import nn
 
 from susurrus import kernels, load_model
 
-from .conftest import requires_shared
-from .test_transcribe import check_parity, run_parity
+from .conftest import AUDIO, requires_shared
+from .test_transcribe import check_parity, english_wer, run_parity, tokens_of
 
 
 def test_choice_follows_recorded_timings():
@@ -257,6 +257,29 @@ def test_a_packed_weight_is_made_once_and_follows_its_weight():
     del weight, packed
     gc.collect()
     assert key not in kernels._packs  # dropped with its weight
+
+
+@requires_shared
+def test_packed_weights_serve_beam_search_only(tiny_en):
+    """A packed copy doubles a weight's memory: greedy decoding (with its fallbacks) never
+    makes one; beam search takes the packed choice, with the plain choice's tokens."""
+    model = copy.deepcopy(tiny_en)
+    layers = kernels._decoder_layers(model)[1]
+    onednn, packed = kernels.CANDIDATES["onednn"], kernels.CANDIDATES["onednn_packed"]
+    audio = str(AUDIO / "jfk.flac")
+    for layer in layers:
+        layer.kernel_choices = {torch.float32: ((1 << 30, onednn, onednn),)}
+    plain = model.transcribe(audio, temperature=0.0, beam_size=5)
+    for layer in layers:
+        layer.kernel_choices = {torch.float32: ((1 << 30, packed, onednn),)}
+    greedy = model.transcribe(audio)  # default temperatures: a fallback would sample 5 rows
+    assert not any(id(layer.weight) in kernels._packs for layer in layers)
+    beam = model.transcribe(audio, temperature=0.0, beam_size=5)
+    # Every layer of the steps (the audio's keys and values are made once per window).
+    stepping = [m for b in model.decoder.blocks for m in (b.attn.qkv, b.attn.out, b.mlp[0])]
+    assert all(id(layer.weight) in kernels._packs for layer in stepping)
+    assert tokens_of(beam) == tokens_of(plain)
+    assert english_wer([greedy["text"], beam["text"]], ["jfk.flac"] * 2) < 0.05
 
 
 def test_the_loaded_model_uses_its_choices(tiny_en):
