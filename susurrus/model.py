@@ -212,11 +212,11 @@ def _split_fused_qkv(module: nn.Module, state: dict, prefix: str, metadata: obje
     weight = state.pop(prefix + "qkv.weight", None)
     if weight is None:
         return
-    bias = state.pop(prefix + "qkv.bias")
-    for i, name in enumerate(("query", "key", "value")):
-        state[f"{prefix}{name}.weight"] = weight.chunk(3)[i]
+    biases = state.pop(prefix + "qkv.bias").chunk(3)
+    for name, part, bias in zip(("query", "key", "value"), weight.chunk(3), biases):
+        state[f"{prefix}{name}.weight"] = part
         if name != "key":
-            state[f"{prefix}{name}.bias"] = bias.chunk(3)[i]
+            state[f"{prefix}{name}.bias"] = bias
 
 
 class ResidualAttentionBlock(nn.Module):
