@@ -13,7 +13,9 @@ directory: measuring costs a few seconds the first time, nothing afterwards.
 
 Every candidate computes the same float sums in another order, so float32 results change
 only by that reordering (the parity tests pass with each candidate forced in turn:
-`SUSURRUS_KERNEL=linear|onednn|weight_first|onednn_packed`). int8 layers keep their own kernels.
+`SUSURRUS_KERNEL=linear|onednn|weight_first|onednn_packed`). An int8 decoder's steps choose,
+per row bucket and in whole steps, between FBGEMM's dynamic kernel and the weight-only int8
+kernel on bfloat16 activations (`SUSURRUS_INT8=fbgemm|int8pack` forces one; quantize.py).
 
 The attention of decoding steps runs as two plain products around a float32 softmax
 (`SUSURRUS_ATTENTION=sdpa|matmul` forces a kernel), and where the compute type asks for
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import quantize
 from . import screen as screening
 from .download import default_cache_dir
 from .errors import SusurrusError
@@ -420,6 +423,8 @@ def _valid_entry(key: str, buckets: object) -> bool:
         names = LONG_ATTENTION
     elif key.startswith("screen:"):
         names = SCREEN
+    elif key.startswith("int8-decoder:"):
+        names = quantize.STEP_KERNELS
     elif key.startswith("attention:"):
         names = ATTENTION
         if buckets.get("dtype") not in ATTENTION_DTYPES:
@@ -516,7 +521,9 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         encode = encoder is not None and encoder[0] not in table.choices
         screen = _screen_key(model)
         screen_missing = screen is not None and screen not in table.choices
-        if missing or refine or attend or encode or screen_missing:
+        int8 = _int8_layers(model)
+        int8_missing = int8 is not None and int8[0] not in table.choices
+        if missing or refine or attend or encode or screen_missing or int8_missing:
             start = time.perf_counter()
             for name, (weight, bias, buckets, packed) in missing.items():
                 table.measure(name, weight, bias, buckets, packed=packed)
@@ -528,6 +535,8 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
                 _measure_encoder_attention(table, *encoder)
             if screen_missing:
                 _measure_screen(model, table, screen)
+            if int8_missing:
+                _measure_int8(model, table, *int8)
             logger.info(
                 "measured %d product shapes in %.2f s: %s",
                 len(missing),
@@ -551,54 +560,71 @@ def _decoder_layers(model: nn.Module) -> tuple[str, list[nn.Linear]] | None:
     return f"decoder:{_dtype_name(w.dtype)}:{w.shape[1]}x{len(layers)}", layers
 
 
-def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: list) -> None:
-    """Choose the decoder layers' kernel per row bucket by timing whole decoder steps.
+def _time_steps(
+    model: nn.Module,
+    dtype: torch.dtype,
+    candidates: Callable[[int], list[str]],
+    install: Callable[[str], None],
+) -> dict[int, dict[str, float]]:
+    """Best time of a whole decoder step for each row bucket and each of its candidates
+    (`install(name)` routes the products through one), with packed weights allowed.
 
     Timed alone, one small product keeps the threads spinning and its weight in cache;
     inside a step, between attention and layer norms, it costs several times more, and
     the order of the candidates can change (base's 512x512 layers, one row, AMD EPYC:
     25 us alone, 86 us in a step through F.linear). So each candidate runs real steps
-    of the decoder on random audio, and the fastest takes every layer shape's bucket.
+    of the decoder on random audio.
     """
     decoder = model.decoder
+    n_state = decoder.positional_embedding.shape[1]
+    found_by_rows: dict[int, dict[str, float]] = {}
+    with torch.inference_mode():
+        # One window's audio for every row (its beams, say): the attention costs the
+        # same whichever kernel, and the memory stays small.
+        # A step well into a window (position 40), or at the end of a small model's.
+        n_ctx = min(48, decoder.positional_embedding.shape[0])
+        position = max(0, n_ctx - 8)
+        cache = decoder.new_cache(1, n_ctx=n_ctx)
+        features = torch.randn(1, model.dims.n_audio_ctx, n_state, dtype=dtype)
+        decoder.fill_cross_cache(cache, features)
+        for rows in STEP_BUCKETS:
+            step_cache = decoder.new_cache(rows, n_ctx=n_ctx)
+            step_cache.cross_k, step_cache.cross_v = cache.cross_k, cache.cross_v
+            tokens = torch.zeros(rows, 1, dtype=torch.long)
+            usable = candidates(rows)
+            found = found_by_rows[rows] = dict.fromkeys(usable, float("inf"))
+            # Candidates take turns (a burst of other work slows them alike), each
+            # keeping its best step; the first round only warms up.
+            for turn in range(DECODER_ROUNDS + 1):
+                for name in usable:
+                    install(name)
+                    step_cache.length = position
+                    start = time.perf_counter()
+                    with packed_weights():
+                        decoder(tokens, step_cache)
+                    if turn:
+                        found[name] = min(found[name], time.perf_counter() - start)
+    return found_by_rows
+
+
+def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: list) -> None:
+    """Choose the decoder layers' kernel per row bucket by timing whole decoder steps
+    (_time_steps): the fastest takes every layer shape's bucket."""
     dtype = layers[0].weight.dtype
-    n_state = layers[0].weight.shape[1]
-    n_audio = model.dims.n_audio_ctx
     saved = [(m, m.__class__, getattr(m, "kernel_choices", None)) for m in layers]
-    entry: dict[str, str] = {}
-    timings: dict[str, dict[str, float]] = {}
+
+    def install(name: str) -> None:
+        kernel = CANDIDATES[name]
+        for m in layers:
+            m.__class__ = TunedLinear
+            m.kernel_choices = {dtype: ((1 << 30, kernel, kernel),)}
+
     try:
-        with torch.inference_mode():
-            # One window's audio for every row (its beams, say): the attention costs the
-            # same whichever kernel, and the memory stays small.
-            # A step well into a window (position 40), or at the end of a small model's.
-            n_ctx = min(48, decoder.positional_embedding.shape[0])
-            position = max(0, n_ctx - 8)
-            cache = decoder.new_cache(1, n_ctx=n_ctx)
-            features = torch.randn(1, n_audio, n_state, dtype=dtype)
-            decoder.fill_cross_cache(cache, features)
-            for rows in STEP_BUCKETS:
-                step_cache = decoder.new_cache(rows, n_ctx=n_ctx)
-                step_cache.cross_k, step_cache.cross_v = cache.cross_k, cache.cross_v
-                tokens = torch.zeros(rows, 1, dtype=torch.long)
-                usable = [n for n in CANDIDATES if _usable(n, dtype, rows, PACKED_STEP_ROWS)]
-                found = dict.fromkeys(usable, float("inf"))
-                # Candidates take turns (a burst of other work slows them alike), each
-                # keeping its best step; the first round only warms up.
-                for turn in range(DECODER_ROUNDS + 1):
-                    for name in usable:
-                        for m in layers:
-                            m.__class__ = TunedLinear
-                            kernel = CANDIDATES[name]
-                            m.kernel_choices = {dtype: ((1 << 30, kernel, kernel),)}
-                        step_cache.length = position
-                        start = time.perf_counter()
-                        with packed_weights():
-                            decoder(tokens, step_cache)
-                        if turn:
-                            found[name] = min(found[name], time.perf_counter() - start)
-                entry.update(_choices(rows, found))
-                timings[str(rows)] = {name: round(t * 1e3, 4) for name, t in found.items()}
+        found = _time_steps(
+            model, dtype,
+            lambda rows: [n for n in CANDIDATES if _usable(n, dtype, rows, PACKED_STEP_ROWS)],
+            install,
+        )
     finally:
         for m in layers:  # measured packed; kept only if chosen (made again on first use)
             _packs.pop(id(m.weight), None)
@@ -608,11 +634,74 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
                 m.__dict__.pop("kernel_choices", None)
             else:
                 m.kernel_choices = choices
+    entry: dict[str, str] = {}
+    for rows, timings in found.items():
+        entry.update(_choices(rows, timings))
     table.choices[key] = entry
-    table.timings[key] = timings
+    table.timings[key] = _rounded(found)
     for m in layers:
         shape = table.choices.setdefault(shape_key(dtype, *m.weight.shape), {})
         shape.update(entry)
+
+
+def _rounded(found: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Timings as kept beside the choices: milliseconds, per bucket."""
+    return {str(rows): {n: round(t * 1e3, 4) for n, t in f.items()} for rows, f in found.items()}
+
+
+ENV_FORCE_INT8 = "SUSURRUS_INT8"
+
+
+def _int8_layers(model: nn.Module) -> tuple[str, list[quantize.Int8Linear]] | None:
+    """An int8 CPU decoder's layers (its output projection aside: one large product,
+    where FBGEMM wins) and the key their choice is cached under; None without them."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(decoder, "new_cache") or not quantize.fbgemm_built():
+        return None
+    projection = getattr(decoder.token_embedding, "projection", None)
+    layers = [
+        m for m in decoder.modules()
+        if isinstance(m, quantize.Int8Linear) and m is not projection
+        and m.weight_int8.device.type == "cpu"
+    ]
+    if not layers:
+        return None
+    # The audio's attention in its own type makes a different step (int8 against auto).
+    attention = _dtype_name(decoder.blocks[0].cross_attn.attention_dtype or torch.float32)
+    return f"int8-decoder:{attention}:{layers[0].in_features}x{len(layers)}", layers
+
+
+def _measure_int8(model: nn.Module, table: KernelTable, key: str, layers: list) -> None:
+    """Choose the int8 decoder's step kernel per row bucket by timing whole decoder
+    steps through each (FBGEMM on a near tie: its results are the ones int8 had)."""
+    saved = [m.step_kernels for m in layers]
+
+    def install(name: str) -> None:
+        for m in layers:
+            m.step_kernels = ((1 << 30, name),)
+
+    names = list(quantize.STEP_KERNELS if quantize.weight_only_supported() else ("fbgemm",))
+    try:
+        found = _time_steps(model, torch.float32, lambda rows: names, install)
+    finally:
+        for m, kernels in zip(layers, saved):
+            m.step_kernels = kernels
+    table.choices[key] = {str(rows): choose(t, preferred="fbgemm") for rows, t in found.items()}
+    table.timings[key] = _rounded(found)
+
+
+def _apply_int8(model: nn.Module, table: KernelTable | None) -> None:
+    if (found := _int8_layers(model)) is None:
+        return
+    key, layers = found
+    name = forced(ENV_FORCE_INT8, quantize.STEP_KERNELS)
+    if name is not None:
+        choices = ((1, name),)
+    else:
+        entry = table.choices.get(key, {}) if table is not None else {}
+        choices = tuple(sorted((int(rows), kernel) for rows, kernel in entry.items()))
+    for m in layers:
+        m.step_kernels = choices
 
 
 def _attention_key(model: nn.Module) -> str | None:
@@ -943,4 +1032,5 @@ def tune(model: nn.Module) -> KernelTable | None:
         _apply_attention(model, table.choices.get(key) if table else None, attention)
     _apply_encoder_attention(model, table)
     _apply_screen(model, table)
+    _apply_int8(model, table)
     return table

@@ -36,6 +36,13 @@ COMPUTE_TYPES = (
 PER_ROW_MIN_ROWS = 64  # inputs with this many rows (encoder, prompts) get per-row scales
 REFINED_LOGITS = 64  # top logits recomputed without rounding the hidden state (int8 models)
 FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The kernels of a decoding step's int8 products (a few rows), chosen per row count by
+# measurement (kernels.py): FBGEMM's dynamic kernel (activations rounded to 8 bits per
+# row), or the weight-only int8 kernel on bfloat16 activations. The second costs far less
+# per call where the CPU computes bfloat16 natively (one row of tiny's 1152x384, Zen 4:
+# 10 against 25 us), but falls behind FBGEMM for several rows of the larger layers (five
+# rows of base's 2048x512: 62 against 33 us).
+STEP_KERNELS = ("fbgemm", "int8pack")
 
 
 class ComputePlan(NamedTuple):
@@ -114,6 +121,20 @@ def fbgemm_built() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+@functools.cache
+def weight_only_supported() -> bool:
+    """Whether this build has the CPU's weight-only int8 kernel on bfloat16 activations."""
+    try:
+        torch._weight_int8pack_mm(
+            torch.zeros(1, 64, dtype=torch.bfloat16),
+            torch.zeros(8, 64, dtype=torch.int8),
+            torch.ones(8, dtype=torch.bfloat16),
+        )
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
 def _fbgemm_available(device: torch.device) -> bool:
     # Asked by every int8 layer on every step: the engine list is read once.
     return device.type == "cpu" and fbgemm_built()
@@ -169,6 +190,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.out_features, self.in_features = weight_int8.shape
         self._packed = None  # FBGEMM's prepacked copy, made on first use with few rows
+        self._scale_bf16: Tensor | None = None  # the weight-only kernel's scales
+        # (most rows, kernel name) by row count for decoding steps (kernels.py measures
+        # them); none: FBGEMM.
+        self.step_kernels: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def stacked(cls, layers: list[Int8Linear]) -> Int8Linear:
@@ -227,6 +252,26 @@ class Int8Linear(nn.Module):
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def _weight_only(self, x: Tensor) -> Tensor:
+        """The weight-only int8 kernel on bfloat16 activations (its scales in bfloat16 too,
+        as it takes them): no rounding of the rows to 8 bits, and each row on its own
+        whatever its neighbours, like the fused path."""
+        if self._scale_bf16 is None:
+            self._scale_bf16 = self.scale.bfloat16()
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch._weight_int8pack_mm(rows, self.weight_int8, self._scale_bf16).float()
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _step_kernel(self, rows: int) -> str:
+        """The kernel measured fastest for a step of `rows` rows: that of the smallest
+        bucket holding them, else of the largest."""
+        for most, name in self.step_kernels:
+            if rows <= most:
+                return name
+        return self.step_kernels[-1][1] if self.step_kernels else "fbgemm"
+
     @staticmethod
     @functools.cache
     def _pin(features: int) -> Tensor:
@@ -242,6 +287,8 @@ class Int8Linear(nn.Module):
             several = x.dim() > 2 and x.shape[-2] > 1
             if several or x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
                 return self._per_row(x)
+            if self.step_kernels and self._step_kernel(x.numel() // x.shape[-1]) == "int8pack":
+                return self._weight_only(x)
             if self._packed is None:
                 self._packed = self._pack()
             return self._per_row_fused(x)
@@ -251,7 +298,7 @@ class Int8Linear(nn.Module):
         return F.linear(x, weight, bias)
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # moved or cast: pack again on first use
+        self._packed = self._scale_bf16 = None  # moved or cast: made again on first use
         super()._apply(fn, recurse)
         self.scale = self.scale.float()  # kept in float32 whatever the model's type
         return self

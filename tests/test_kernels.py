@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from susurrus import kernels, load_model
+from susurrus import kernels, load_model, quantize
 
 from .conftest import AUDIO, requires_shared
 from .test_transcribe import check_parity, english_wer, run_parity, tokens_of
@@ -355,3 +355,29 @@ def test_float32_parity_with_each_kernel_forced(name, monkeypatch):
     # Greedy here (beam 5 with each forced kernel passed too, at 3 minutes more); the
     # measured choice is checked in both settings by test_transcribe.py.
     check_parity(*run_parity(model, "tiny.en", "greedy"))
+
+
+def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, monkeypatch):
+    """int8 decoders choose their steps' kernel per row bucket from whole-step timings
+    (FBGEMM within 5%), cache it with the rest and give it to every layer but the output
+    projection (where FBGEMM stays)."""
+    _fresh(monkeypatch)
+    monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    model = load_model("tiny.en", compute_type="int8")
+    key, layers = kernels._int8_layers(model)
+    # 4 blocks of 8 products (qkv fused, the audio's keys and values), attention in float32.
+    assert key == "int8-decoder:float32:384x32"
+    table = kernels.table_for(model)
+    entry = table.choices[key]
+    assert set(entry) == {str(rows) for rows in kernels.STEP_BUCKETS}
+    for rows, found in table.timings[key].items():
+        assert set(found) <= set(quantize.STEP_KERNELS) and all(t > 0 for t in found.values())
+        assert entry[rows] == kernels.choose(found, preferred="fbgemm")
+    expected = tuple(sorted((int(rows), name) for rows, name in entry.items()))
+    assert all(layer.step_kernels == expected for layer in layers)
+    assert model.decoder.token_embedding.projection.step_kernels == ()
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    assert saved["machines"][kernels.machine_key()][key] == entry
+    # A kernel this version does not know makes the entry stale.
+    assert not kernels._valid_entry(key, {"1": "turbo"})
+    assert kernels._valid_entry(key, entry)

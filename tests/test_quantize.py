@@ -78,6 +78,49 @@ def test_int8_rows_of_several_positions_are_quantized_independently():
     assert relative < 0.02, relative
 
 
+@pytest.mark.skipif(not quantize.weight_only_supported(), reason="no weight-only int8 kernel")
+def test_int8_step_kernels_agree_and_keep_each_row_to_itself():
+    """Both kernels a decoding step's int8 products can take (chosen per row count) give
+    the float layer's output to within int8 precision, and each row's output is the same
+    alone as beside a loud row (a window's numbers never depend on its neighbours')."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 384)
+    layer = Int8Linear(linear.weight, linear.bias)
+    quiet = torch.randn(1, 1, 512) * 0.01
+    rows = torch.cat([quiet, torch.randn(4, 1, 512) * 100])
+    outputs = {}
+    for name in quantize.STEP_KERNELS:
+        layer.step_kernels = ((8, name),)
+        out = outputs[name] = layer(rows)
+        relative = (out - linear(rows)).norm(dim=-1) / linear(rows).norm(dim=-1)
+        assert relative.max() < 0.02, (name, relative)
+        assert torch.equal(out[:1], layer(quiet)), name
+    # Two kernels, two roundings of the activations: close, not equal.
+    fbgemm, weight_only = outputs["fbgemm"], outputs["int8pack"]
+    assert not torch.equal(fbgemm, weight_only)
+    assert ((fbgemm - weight_only).norm() / fbgemm.norm()) < 0.02
+    # Past the largest bucket: its kernel; beyond the step's few rows: per-row products.
+    layer.step_kernels = ((1, "fbgemm"), (4, "int8pack"))
+    assert layer._step_kernel(1) == "fbgemm" and layer._step_kernel(9) == "int8pack"
+    layer.to(torch.float32)
+    assert layer._scale_bf16 is None  # made again after a move
+
+
+@requires_shared
+@pytest.mark.parametrize("name", quantize.STEP_KERNELS)
+def test_auto_transcribes_jfk_with_either_step_kernel(name, monkeypatch):
+    if name == "int8pack" and not quantize.weight_only_supported():
+        pytest.skip("no weight-only int8 kernel")
+    monkeypatch.setenv("SUSURRUS_INT8", name)
+    model = load_model("tiny.en", device="cpu", compute_type="auto")
+    layer = model.decoder.blocks[0].mlp[0]
+    assert layer.step_kernels == ((1, name),)
+    text = model.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0, beam_size=5)["text"]
+    norm = EnglishTextNormalizer()
+    truth = {r["file"]: r["transcript"] for r in manifest()}["jfk.flac"]
+    assert jiwer.wer(norm(truth), norm(text)) == 0.0, text
+
+
 def test_stacked_layers_give_the_separate_results():
     torch.manual_seed(0)
     parts = [torch.nn.Linear(64, 64), torch.nn.Linear(64, 64, bias=False)]
