@@ -392,3 +392,15 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     err = proc.stderr.read()
     assert "run the same command again to continue" in err and "Traceback" not in err
     assert json.loads(state.read_text())["session"]["segments"]
+
+
+def test_beams_keep_their_rows_and_only_a_twice_continued_beam_is_copied():
+    """The rows for a window's new beams, from the row each continues: a reordering moves
+    nothing; a row continued twice is copied once, into the row nobody continued."""
+    from susurrus.engine.engine import _place
+
+    assert _place([0, 1, 2, 3, 4], 5) == [0, 1, 2, 3, 4]
+    assert _place([3, 0, 4, 1, 2], 5) == [3, 0, 4, 1, 2]  # reordered: no copy
+    # Beams 0 and 2 continue row 1; rows 3 and 4 are continued by nobody.
+    assert _place([1, 0, 1, 2, 1], 5) == [1, 0, 3, 2, 4]
+    assert _place([2, 2, 2], 3) == [2, 0, 1]

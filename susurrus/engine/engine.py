@@ -130,6 +130,10 @@ class _Window:
     histories: list[list[int]] = field(default_factory=list)
     ended: list[bool] = field(default_factory=list)
     first_logits: Tensor | None = None  # from the prompt's pass, for the first token
+    # Beam search: the row (from `row`) each beam, in the search's order, sits in; empty:
+    # beam j in row j. Beams keep their rows as the search reorders them, so that only a
+    # beam continued twice is copied (see _place).
+    slots: list[int] = field(default_factory=list)
     mask: int = 0  # its row of the token rules' masks
     # Screened steps (greedy, float32 on a CPU; see screen.py) whose log-probabilities are
     # added when the window is done.
@@ -727,19 +731,23 @@ class Engine:
             new_scores, new_tokens, offset = [], [], 0
             for window in beams:
                 g = window.group
+                slots = window.slots or range(g)
                 tokens, local, window_scores = window.search.update(
                     window.histories,
-                    [row[: g + 1] for row in scores[offset : offset + g]],
-                    [row[: g + 1] for row in top_tokens[offset : offset + g]],
+                    [scores[offset + p][: g + 1] for p in slots],
+                    [top_tokens[offset + p][: g + 1] for p in slots],
                 )
                 offset += g
                 window.histories = [
                     window.histories[s] + [t] for s, t in zip(local, tokens)
                 ]
-                for j, s in enumerate(local):
-                    sources[window.row + j] = window.row + s
-                new_scores += window_scores
-                new_tokens += tokens
+                window.slots = _place([slots[s] for s in local], g)
+                row_scores, row_tokens = [0.0] * g, [0] * g
+                for j, (p, s) in enumerate(zip(window.slots, local)):
+                    sources[window.row + p] = window.row + slots[s]
+                    row_scores[p], row_tokens[p] = window_scores[j], tokens[j]
+                new_scores += row_scores
+                new_tokens += row_tokens
             self._sum_logprobs.index_copy_(
                 0, index, torch.tensor(new_scores, dtype=self._sum_logprobs.dtype, device=device)
             )
@@ -829,6 +837,7 @@ class Engine:
             self._sum_logprobs[window.row] = total
         scores = self._sum_logprobs[rows].tolist()
         if window.search is not None:
+            scores = [scores[p] for p in window.slots or range(window.group)]
             candidates, scores = window.search.candidates(window.histories, scores)
         else:
             candidates = window.histories
@@ -890,6 +899,22 @@ class Engine:
             source.job_done(job)
         except Exception as exc:  # one recording's failure is only its own
             source.fail(exc)
+
+
+def _place(continued: list[int], group: int) -> list[int]:
+    """Rows for a window's new beams, given the row each continues: the first beam to
+    continue a row keeps it (no copy: most steps only reorder the beams); a second takes a
+    row that no beam continues, copied from its source. (Moving every beam to its place in
+    the search's order copied three rows a step where one was continued twice: base,
+    beam 5.)"""
+    rows = [-1] * len(continued)
+    taken = [False] * group
+    for j, row in enumerate(continued):
+        if not taken[row]:
+            taken[row] = True
+            rows[j] = row
+    free = (row for row in range(group) if not taken[row])
+    return [row if row >= 0 else next(free) for row in rows]
 
 
 def _group(options: DecodingOptions) -> int:
