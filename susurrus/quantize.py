@@ -191,6 +191,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight_int8.shape
         self._packed = None  # FBGEMM's prepacked copy, made on first use with few rows
         self._scale_bf16: Tensor | None = None  # the weight-only kernel's scales
+        self._rescale: Tensor | None = None  # float32 scales / bfloat16 ones
         # (most rows, kernel name) by row count for decoding steps (kernels.py measures
         # them); none: FBGEMM.
         self.step_kernels: tuple[tuple[int, str], ...] = ()
@@ -253,15 +254,19 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _weight_only(self, x: Tensor) -> Tensor:
-        """The weight-only int8 kernel on bfloat16 activations (its scales in bfloat16 too,
-        as it takes them): no rounding of the rows to 8 bits, and each row on its own
-        whatever its neighbours, like the fused path."""
+        """The weight-only int8 kernel on bfloat16 activations: no rounding of the rows to 8
+        bits, and each row on its own whatever its neighbours, like the fused path. The
+        kernel takes its scales in bfloat16; the output is brought back to the exact
+        float32 scales as it returns to float32 (with the bias, in one operation)."""
         if self._scale_bf16 is None:
             self._scale_bf16 = self.scale.bfloat16()
+            self._rescale = self.scale / self._scale_bf16.float()
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(rows, self.weight_int8, self._scale_bf16).float()
+        out = torch._weight_int8pack_mm(rows, self.weight_int8, self._scale_bf16)
         if self.bias is not None:
-            out.add_(self.bias)
+            out = torch.addcmul(self.bias, out, self._rescale)
+        else:
+            out = out * self._rescale
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _step_kernel(self, rows: int) -> str:

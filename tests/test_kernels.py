@@ -39,6 +39,12 @@ def test_choice_follows_recorded_timings():
                            "onednn_packed": 3.2}) == "onednn_packed"
     assert kernels.choose({"linear": 0.35, "onednn": 0.126, "weight_first": 0.28,
                            "onednn_packed": 0.122}) == "onednn"
+    # An int8 decoder's one-row steps (Zen 4, ms): the weight-only kernel must win by more
+    # than 10%, since the two kernels' results differ by more than the order of sums.
+    tiny_one_row = {"fbgemm": 2.96, "int8pack": 2.58}
+    base_one_row = {"fbgemm": 5.63, "int8pack": 5.24}
+    assert kernels.choose(tiny_one_row, "fbgemm", tie=kernels.ATTENTION_TIE) == "int8pack"
+    assert kernels.choose(base_one_row, "fbgemm", tie=kernels.ATTENTION_TIE) == "fbgemm"
 
 
 def test_bucket_for_rows():
@@ -359,8 +365,8 @@ def test_float32_parity_with_each_kernel_forced(name, monkeypatch):
 
 def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, monkeypatch):
     """int8 decoders choose their steps' kernel per row bucket from whole-step timings
-    (FBGEMM within 5%), cache it with the rest and give it to every layer but the output
-    projection (where FBGEMM stays)."""
+    (FBGEMM within 10%: the choice changes words now and then), cache it with the rest and
+    give it to every layer but the output projection (where FBGEMM stays)."""
     _fresh(monkeypatch)
     monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     model = load_model("tiny.en", compute_type="int8")
@@ -372,7 +378,7 @@ def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, m
     assert set(entry) == {str(rows) for rows in kernels.STEP_BUCKETS}
     for rows, found in table.timings[key].items():
         assert set(found) <= set(quantize.STEP_KERNELS) and all(t > 0 for t in found.values())
-        assert entry[rows] == kernels.choose(found, preferred="fbgemm")
+        assert entry[rows] == kernels.choose(found, "fbgemm", tie=kernels.ATTENTION_TIE)
     expected = tuple(sorted((int(rows), name) for rows, name in entry.items()))
     assert all(layer.step_kernels == expected for layer in layers)
     assert model.decoder.token_embedding.projection.step_kernels == ()

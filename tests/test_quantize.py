@@ -95,6 +95,15 @@ def test_int8_step_kernels_agree_and_keep_each_row_to_itself():
         relative = (out - linear(rows)).norm(dim=-1) / linear(rows).norm(dim=-1)
         assert relative.max() < 0.02, (name, relative)
         assert torch.equal(out[:1], layer(quiet)), name
+    # The engine changes the thread count with the machine's load: the outputs are split
+    # between threads, never a sum.
+    threads = torch.get_num_threads()
+    layer.step_kernels = ((8, "int8pack"),)
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(layer(rows), outputs["int8pack"])
+    finally:
+        torch.set_num_threads(threads)
     # Two kernels, two roundings of the activations: close, not equal.
     fbgemm, weight_only = outputs["fbgemm"], outputs["int8pack"]
     assert not torch.equal(fbgemm, weight_only)
