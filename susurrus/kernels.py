@@ -14,8 +14,8 @@ directory: measuring costs a few seconds the first time, nothing afterwards.
 Every candidate computes the same float sums in another order, so float32 results change
 only by that reordering (the parity tests pass with each candidate forced in turn:
 `SUSURRUS_KERNEL=linear|onednn|weight_first|onednn_packed`). An int8 decoder's steps choose,
-per row bucket and in whole steps, between FBGEMM's dynamic kernel and the weight-only int8
-kernel on bfloat16 activations (`SUSURRUS_INT8=fbgemm|int8pack` forces one; quantize.py).
+in whole steps, between FBGEMM's dynamic kernel and the weight-only int8 kernel on
+bfloat16 activations (`SUSURRUS_INT8=fbgemm|int8pack` forces one; quantize.py).
 
 The attention of decoding steps runs as two plain products around a float32 softmax
 (`SUSURRUS_ATTENTION=sdpa|matmul` forces a kernel), and where the compute type asks for
@@ -433,6 +433,8 @@ def _valid_entry(key: str, buckets: object) -> bool:
     def valid(rows: str, name: object) -> bool:
         if rows == "dtype":
             return names is ATTENTION
+        if rows == "all":
+            return names is quantize.STEP_KERNELS and name in names
         if names is CANDIDATES and rows.endswith(":plain"):
             return rows[:-6].isdigit() and name in names and name not in PACKED
         return rows.isdigit() and name in names
@@ -522,7 +524,7 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         screen = _screen_key(model)
         screen_missing = screen is not None and screen not in table.choices
         int8 = _int8_layers(model)
-        int8_missing = int8 is not None and int8[0] not in table.choices
+        int8_missing = int8 is not None and "all" not in table.choices.get(int8[0], {})
         if missing or refine or attend or encode or screen_missing or int8_missing:
             start = time.perf_counter()
             for name, (weight, bias, buckets, packed) in missing.items():
@@ -565,6 +567,7 @@ def _time_steps(
     dtype: torch.dtype,
     candidates: Callable[[int], list[str]],
     install: Callable[[str], None],
+    buckets: Iterable[int] = STEP_BUCKETS,
 ) -> dict[int, dict[str, float]]:
     """Best time of a whole decoder step for each row bucket and each of its candidates
     (`install(name)` routes the products through one), with packed weights allowed.
@@ -587,7 +590,7 @@ def _time_steps(
         cache = decoder.new_cache(1, n_ctx=n_ctx)
         features = torch.randn(1, model.dims.n_audio_ctx, n_state, dtype=dtype)
         decoder.fill_cross_cache(cache, features)
-        for rows in STEP_BUCKETS:
+        for rows in buckets:
             step_cache = decoder.new_cache(rows, n_ctx=n_ctx)
             step_cache.cross_k, step_cache.cross_v = cache.cross_k, cache.cross_v
             tokens = torch.zeros(rows, 1, dtype=torch.long)
@@ -644,12 +647,15 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
         shape.update(entry)
 
 
-def _rounded(found: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+def _rounded(found: dict[int | str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Timings as kept beside the choices: milliseconds, per bucket."""
     return {str(rows): {n: round(t * 1e3, 4) for n, t in f.items()} for rows, f in found.items()}
 
 
 ENV_FORCE_INT8 = "SUSURRUS_INT8"
+# Row counts an int8 decoder's step kernel is timed for: one window decoded alone, greedy
+# and with beam search's five rows (the tool's usual work).
+INT8_BUCKETS = (1, 5)
 
 
 def _int8_layers(model: nn.Module) -> tuple[str, list[quantize.Int8Linear]] | None:
@@ -672,30 +678,33 @@ def _int8_layers(model: nn.Module) -> tuple[str, list[quantize.Int8Linear]] | No
 
 
 def _measure_int8(model: nn.Module, table: KernelTable, key: str, layers: list) -> None:
-    """Choose the int8 decoder's step kernel per row bucket by timing whole decoder
-    steps through each. The two round the activations differently, so the choice changes
-    a transcript's words now and then, not only its last digits (the weight-only kernel's
-    are the closer to float32's: tiny.en's steps on real speech, teacher-forced, mean KL
-    divergence 0.0008 against FBGEMM's 0.0019): as for the attention's type, FBGEMM (what
-    int8 had) stays unless the other is more than ATTENTION_TIE faster. On the EPYC, one
-    row: base's steps 7-9% faster through it (FBGEMM stays; its whole runs were level
-    either way), tiny.en's 11-14% (its long-form run 4-9%)."""
-    saved = [m.step_kernels for m in layers]
+    """Choose the int8 decoder's step kernel by timing whole decoder steps through each,
+    one row and five, and comparing the totals.
+
+    One kernel serves every row count: the two round the activations differently, so
+    mixing them (one for a beam window's one-row prompt pass, the other for its five-row
+    steps) gave tiny.en's beam search on the synthetic reading 14.4% WER against 9.2 and
+    9.9 with either alone. The choice changes a transcript's words now and then, not only
+    its last digits (the weight-only kernel's are the closer to float32's: tiny.en's steps
+    on real speech, teacher-forced, mean KL divergence 0.0008 against FBGEMM's 0.0019), so,
+    as for the attention's type, FBGEMM (what int8 had) stays unless the other is more than
+    ATTENTION_TIE faster. On the EPYC: tiny.en's totals 11-12% faster through the weight-only
+    kernel (its long-form greedy run 4-9%), base's 3-5% (FBGEMM stays)."""
+    saved = [m.step_kernel for m in layers]
 
     def install(name: str) -> None:
         for m in layers:
-            m.step_kernels = ((1 << 30, name),)
+            m.step_kernel = name
 
     names = list(quantize.STEP_KERNELS if quantize.weight_only_supported() else ("fbgemm",))
     try:
-        found = _time_steps(model, torch.float32, lambda rows: names, install)
+        found = _time_steps(model, torch.float32, lambda rows: names, install, INT8_BUCKETS)
     finally:
-        for m, kernels in zip(layers, saved):
-            m.step_kernels = kernels
-    table.choices[key] = {
-        str(rows): choose(t, preferred="fbgemm", tie=ATTENTION_TIE) for rows, t in found.items()
-    }
-    table.timings[key] = _rounded(found)
+        for m, name in zip(layers, saved):
+            m.step_kernel = name
+    totals = {name: sum(f[name] for f in found.values()) for name in names}
+    table.choices[key] = {"all": choose(totals, preferred="fbgemm", tie=ATTENTION_TIE)}
+    table.timings[key] = _rounded({**found, "all": totals})
 
 
 def _apply_int8(model: nn.Module, table: KernelTable | None) -> None:
@@ -703,13 +712,10 @@ def _apply_int8(model: nn.Module, table: KernelTable | None) -> None:
         return
     key, layers = found
     name = forced(ENV_FORCE_INT8, quantize.STEP_KERNELS)
-    if name is not None:
-        choices = ((1, name),)
-    else:
-        entry = table.choices.get(key, {}) if table is not None else {}
-        choices = tuple(sorted((int(rows), kernel) for rows, kernel in entry.items()))
+    if name is None and table is not None:
+        name = table.choices.get(key, {}).get("all")
     for m in layers:
-        m.step_kernels = choices
+        m.step_kernel = name or "fbgemm"
 
 
 def _attention_key(model: nn.Module) -> str | None:

@@ -36,12 +36,12 @@ COMPUTE_TYPES = (
 PER_ROW_MIN_ROWS = 64  # inputs with this many rows (encoder, prompts) get per-row scales
 REFINED_LOGITS = 64  # top logits recomputed without rounding the hidden state (int8 models)
 FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The kernels of a decoding step's int8 products (a few rows), chosen per row count by
-# measurement (kernels.py): FBGEMM's dynamic kernel (activations rounded to 8 bits per
-# row), or the weight-only int8 kernel on bfloat16 activations. The second costs far less
-# per call where the CPU computes bfloat16 natively (one row of tiny's 1152x384, Zen 4:
-# 10 against 25 us), but falls behind FBGEMM for several rows of the larger layers (five
-# rows of base's 2048x512: 62 against 33 us).
+# The kernels of a decoding step's int8 products (a few rows), chosen by measurement
+# (kernels.py): FBGEMM's dynamic kernel (activations rounded to 8 bits per row), or the
+# weight-only int8 kernel on bfloat16 activations. The second costs far less per call
+# where the CPU computes bfloat16 natively (one row of tiny's 1152x384, Zen 4: 10 against
+# 25 us), but falls behind FBGEMM for several rows of the larger layers (five rows of
+# base's 2048x512: 62 against 33 us).
 STEP_KERNELS = ("fbgemm", "int8pack")
 
 
@@ -192,9 +192,10 @@ class Int8Linear(nn.Module):
         self._packed = None  # FBGEMM's prepacked copy, made on first use with few rows
         self._scale_bf16: Tensor | None = None  # the weight-only kernel's scales
         self._rescale: Tensor | None = None  # float32 scales / bfloat16 ones
-        # (most rows, kernel name) by row count for decoding steps (kernels.py measures
-        # them); none: FBGEMM.
-        self.step_kernels: tuple[tuple[int, str], ...] = ()
+        # The kernel of decoding steps (STEP_KERNELS; kernels.py measures which): one for
+        # every row count, so that a window's numbers depend neither on how many rows step
+        # beside it nor, with beams, on its prompt's pass having had one row.
+        self.step_kernel = "fbgemm"
 
     @classmethod
     def stacked(cls, layers: list[Int8Linear]) -> Int8Linear:
@@ -269,14 +270,6 @@ class Int8Linear(nn.Module):
             out = out * self._rescale
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _step_kernel(self, rows: int) -> str:
-        """The kernel measured fastest for a step of `rows` rows: that of the smallest
-        bucket holding them, else of the largest."""
-        for most, name in self.step_kernels:
-            if rows <= most:
-                return name
-        return self.step_kernels[-1][1] if self.step_kernels else "fbgemm"
-
     @staticmethod
     @functools.cache
     def _pin(features: int) -> Tensor:
@@ -292,7 +285,7 @@ class Int8Linear(nn.Module):
             several = x.dim() > 2 and x.shape[-2] > 1
             if several or x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
                 return self._per_row(x)
-            if self.step_kernels and self._step_kernel(x.numel() // x.shape[-1]) == "int8pack":
+            if self.step_kernel == "int8pack":
                 return self._weight_only(x)
             if self._packed is None:
                 self._packed = self._pack()

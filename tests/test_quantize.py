@@ -80,9 +80,9 @@ def test_int8_rows_of_several_positions_are_quantized_independently():
 
 @pytest.mark.skipif(not quantize.weight_only_supported(), reason="no weight-only int8 kernel")
 def test_int8_step_kernels_agree_and_keep_each_row_to_itself():
-    """Both kernels a decoding step's int8 products can take (chosen per row count) give
-    the float layer's output to within int8 precision, and each row's output is the same
-    alone as beside a loud row (a window's numbers never depend on its neighbours')."""
+    """Both kernels a decoding step's int8 products can take give the float layer's output
+    to within int8 precision, and each row's output is the same alone as beside a loud
+    row (a window's numbers never depend on its neighbours')."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 384)
     layer = Int8Linear(linear.weight, linear.bias)
@@ -90,7 +90,7 @@ def test_int8_step_kernels_agree_and_keep_each_row_to_itself():
     rows = torch.cat([quiet, torch.randn(4, 1, 512) * 100])
     outputs = {}
     for name in quantize.STEP_KERNELS:
-        layer.step_kernels = ((8, name),)
+        layer.step_kernel = name
         out = outputs[name] = layer(rows)
         relative = (out - linear(rows)).norm(dim=-1) / linear(rows).norm(dim=-1)
         assert relative.max() < 0.02, (name, relative)
@@ -98,7 +98,6 @@ def test_int8_step_kernels_agree_and_keep_each_row_to_itself():
     # The engine changes the thread count with the machine's load: the outputs are split
     # between threads, never a sum.
     threads = torch.get_num_threads()
-    layer.step_kernels = ((8, "int8pack"),)
     try:
         torch.set_num_threads(1)
         assert torch.equal(layer(rows), outputs["int8pack"])
@@ -108,9 +107,6 @@ def test_int8_step_kernels_agree_and_keep_each_row_to_itself():
     fbgemm, weight_only = outputs["fbgemm"], outputs["int8pack"]
     assert not torch.equal(fbgemm, weight_only)
     assert ((fbgemm - weight_only).norm() / fbgemm.norm()) < 0.02
-    # Past the largest bucket: its kernel; beyond the step's few rows: per-row products.
-    layer.step_kernels = ((1, "fbgemm"), (4, "int8pack"))
-    assert layer._step_kernel(1) == "fbgemm" and layer._step_kernel(9) == "int8pack"
     layer.to(torch.float32)
     assert layer._scale_bf16 is None  # made again after a move
 
@@ -122,8 +118,7 @@ def test_auto_transcribes_jfk_with_either_step_kernel(name, monkeypatch):
         pytest.skip("no weight-only int8 kernel")
     monkeypatch.setenv("SUSURRUS_INT8", name)
     model = load_model("tiny.en", device="cpu", compute_type="auto")
-    layer = model.decoder.blocks[0].mlp[0]
-    assert layer.step_kernels == ((1, name),)
+    assert model.decoder.blocks[0].mlp[0].step_kernel == name
     text = model.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0, beam_size=5)["text"]
     norm = EnglishTextNormalizer()
     truth = {r["file"]: r["transcript"] for r in manifest()}["jfk.flac"]
