@@ -306,8 +306,9 @@ def time_candidates(
 
 def choose(timings: dict[str, float], preferred: str = "linear", tie: float = 1.05) -> str:
     """The fastest candidate; `preferred` (the reference's own path: `linear` for products)
-    on a near tie (within `tie`), so that noise never moves work off it for less than 5%.
-    A packed weight is a second copy in memory: it must win by more than 5% too."""
+    on a near tie (within `tie`: 5% unless a choice needs more), so that noise never moves
+    work off it for less. A packed weight is a second copy in memory: it must win by more
+    than 5% too."""
     best = min(timings, key=timings.__getitem__)
     if preferred in timings and timings[preferred] <= timings[best] * tie:
         return preferred
