@@ -331,6 +331,11 @@ def _choices(rows: int, timings: dict[str, float]) -> dict[str, str]:
     return entry
 
 
+def _rounded(found: dict[int | str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Timings as kept beside the choices: milliseconds, per bucket."""
+    return {str(rows): {n: round(t * 1e3, 4) for n, t in f.items()} for rows, f in found.items()}
+
+
 class KernelTable:
     """Choices per (dtype, shape): for each row bucket, the name of the fastest kernel."""
 
@@ -363,7 +368,7 @@ class KernelTable:
         """Time every usable candidate for each row bucket of one product and keep the
         fastest; `packed`: the buckets where a packed copy of the weight may be kept."""
         entry: dict[str, str] = {}
-        timings: dict[str, dict[str, float]] = {}
+        timings: dict[int, dict[str, float]] = {}
         with torch.inference_mode():
             for rows in buckets:
                 usable = {
@@ -371,23 +376,23 @@ class KernelTable:
                     for name, kernel in CANDIDATES.items()
                     if _usable(name, weight.dtype, rows, packed)
                 }
-                found = time_candidates(usable, weight, bias, rows, seconds)
+                found = timings[rows] = time_candidates(usable, weight, bias, rows, seconds)
                 entry.update(_choices(rows, found))
-                timings[str(rows)] = {name: round(t * 1e3, 4) for name, t in found.items()}
         self.choices[key] = entry
-        self.timings[key] = timings
+        self.timings[key] = _rounded(timings)
 
     def describe(self) -> list[str]:
         """One line per shape: the chosen kernel per row bucket."""
-        lines = []
-        for key, entry in sorted(self.choices.items()):
-            picks = ", ".join(
-                f"in {name}" if rows == "dtype" else f"{rows.replace(':', ' rows ')}: {name}"
-                if ":" in rows else f"{rows} rows: {name}"
-                for rows, name in entry.items()
-            )
-            lines.append(f"{key}: {picks}")
-        return lines
+        def label(rows: str, name: str) -> str:
+            if rows == "dtype":
+                return f"in {name}"
+            bucket, _, plain = rows.partition(":")  # "5:plain": outside beam search
+            return f"{bucket} rows{' ' + plain if plain else ''}: {name}"
+
+        return [
+            f"{key}: {', '.join(label(rows, name) for rows, name in entry.items())}"
+            for key, entry in sorted(self.choices.items())
+        ]
 
 
 _lock = threading.Lock()
@@ -434,8 +439,8 @@ def _valid_entry(key: str, buckets: object) -> bool:
     def valid(rows: str, name: object) -> bool:
         if rows == "dtype":
             return names is ATTENTION
-        if rows == "all":
-            return names is quantize.STEP_KERNELS and name in names
+        if names is quantize.STEP_KERNELS:  # one kernel for every row count
+            return rows == "all" and name in names
         if names is CANDIDATES and rows.endswith(":plain"):
             return rows[:-6].isdigit() and name in names and name not in PACKED
         return rows.isdigit() and name in names
@@ -648,11 +653,6 @@ def _measure_decoder(model: nn.Module, table: KernelTable, key: str, layers: lis
         shape.update(entry)
 
 
-def _rounded(found: dict[int | str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Timings as kept beside the choices: milliseconds, per bucket."""
-    return {str(rows): {n: round(t * 1e3, 4) for n, t in f.items()} for rows, f in found.items()}
-
-
 ENV_FORCE_INT8 = "SUSURRUS_INT8"
 # Row counts an int8 decoder's step kernel is timed for: one window decoded alone, greedy
 # and with beam search's five rows (the tool's usual work).
@@ -775,7 +775,7 @@ def _measure_encoder_attention(
                 if turn:
                     found[name] = min(found[name], time.perf_counter() - start)
     table.choices[key] = {"1": choose(found, preferred="sdpa")}
-    table.timings[key] = {"1": {name: round(t * 1e3, 4) for name, t in found.items()}}
+    table.timings[key] = _rounded({1: found})
 
 
 def _apply_encoder_attention(model: nn.Module, table: KernelTable | None) -> None:
@@ -855,10 +855,7 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
             m.attention_dtype, m.step_kernel = dtype, kernel
 
     table.choices[key] = choose_attention(timings, asked, own)
-    table.timings[key] = {
-        rows: {label: round(t * 1e3, 4) for label, t in found.items()}
-        for rows, found in timings.items()
-    }
+    table.timings[key] = _rounded(timings)
 
 
 # The type decides a transcript's last digits (and, with int8, now and then a word), so
@@ -945,7 +942,7 @@ def _measure_screen(model: nn.Module, table: KernelTable, key: str) -> None:
                                    w, None, SCREEN_DEFERRED_ROWS, MEASURE_SECONDS)
         best["screen"] += deferred["deferred"] / SCREEN_DEFERRED_ROWS
     table.choices[key] = {"1": choose(best, preferred="full")}
-    table.timings[key] = {"1": {name: round(t * 1e3, 4) for name, t in best.items()}}
+    table.timings[key] = _rounded({1: best})
 
 
 def _apply_screen(model: nn.Module, table: KernelTable | None) -> None:

@@ -386,4 +386,5 @@ def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, m
     assert saved["machines"][kernels.machine_key()][key] == entry
     # A kernel this version does not know makes the entry stale.
     assert not kernels._valid_entry(key, {"all": "turbo"})
+    assert not kernels._valid_entry(key, {"1": "int8pack"})  # one kernel, not per bucket
     assert kernels._valid_entry(key, entry)
