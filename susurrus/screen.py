@@ -135,11 +135,6 @@ class LogitScreen:
             self._per_error = norm_most + spill
             if self.kernel == "fbgemm":
                 self._packed = quantize.pack_fbgemm(q8, scale)  # its own copy: q8 goes
-                # Without VNNI FBGEMM keeps activations to 7 bits (reduce_range); its
-                # grid over the pinned range [-1, 1] has 2/qmax steps.
-                qmax = 255 if quantize.has_vnni() else 127
-                self._step = torch.tensor(2 / qmax, dtype=torch.float32)
-                self._levels = qmax // 2
             else:
                 self.q = q8
             self._built = True
@@ -160,36 +155,12 @@ class LogitScreen:
             self._build()
         logits = torch.empty(hidden.shape[0], self.weight.shape[0], dtype=hidden.dtype)
         if self.kernel == "fbgemm":
-            logits[:, : self.split], used = self._fbgemm(hidden)
+            logits[:, : self.split], used = quantize.two_row_product(hidden, self._packed)
         else:
             used = hidden.to(torch.bfloat16)
             logits[:, : self.split] = torch._weight_int8pack_mm(used, self.q, self.scale)
         logits[:, self.split :] = self.product(hidden, self.weight[self.split :])
         return logits, torch.linalg.vector_norm(hidden - used.float(), dim=1, keepdim=True)
-
-    def _fbgemm(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """The screened logits through FBGEMM, and the activations they stand for.
-
-        Each row is scaled to [-1, 1] and rounded to FBGEMM's grid for that range (a row
-        of +1 and -1 pins the range), so its own quantization changes nothing; what the
-        rounding left goes in as a second row, scaled and rounded the same way."""
-        rows = hidden.shape[0]
-        step, levels = self._step, self._levels
-        # abs().amax() rather than vector_norm(inf): equal, and faster for several rows.
-        top = hidden.abs().amax(dim=1, keepdim=True)
-        top.clamp_min_(1e-30)
-        unit = hidden / top
-        high = torch.round(unit / step).clamp_(-levels, levels).mul_(step)
-        left = unit - high
-        top2 = left.abs().amax(dim=1, keepdim=True)
-        top2.clamp_min_(1e-30)
-        low = torch.round(left / top2 / step).clamp_(-levels, levels).mul_(step)
-        pin = quantize.Int8Linear._pin(hidden.shape[1])
-        out = quantize.linear_dynamic()(
-            torch.cat([high, low, pin]), self._packed, not quantize.has_vnni()
-        )
-        screened = out[rows : 2 * rows].mul_(top2).add_(out[:rows]).mul_(top)
-        return screened, (low * top2 + high) * top
 
     def refine(self, logits: Tensor, hidden: Tensor, error: Tensor) -> None:
         """Recompute in float32, in place, every screened logit of `logits` (from

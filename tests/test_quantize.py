@@ -135,6 +135,29 @@ def test_stacked_layers_give_the_separate_results():
         assert torch.equal(stacked(x), expected)
 
 
+@pytest.mark.skipif(not quantize.fbgemm_built(), reason="no FBGEMM")
+def test_int8_logits_keep_the_hidden_state_to_about_16_bits():
+    """The int8 output projection's logits are those of the int8 weights times the hidden
+    state as it is (FBGEMM alone would round it to 8 bits): every logit, each row on its
+    own beside a loud one, one row or several."""
+    torch.manual_seed(0)
+    weight = torch.randn(2000, 384) * 0.05
+    embedding = quantize.Int8Embedding(weight)
+    p = embedding.projection
+    dequantized = p.weight_int8.float() * p.scale[:, None]
+    quiet = torch.randn(1, 384) * 0.01
+    rows = torch.cat([quiet, torch.randn(4, 384) * 100])
+    out = embedding.logits(rows)
+    exact = rows.double() @ dequantized.double().T
+    # Relative to each row's logits: 8-bit activations leave ~1e-2, two rows ~1e-4.
+    error = (out.double() - exact).norm(dim=1) / exact.norm(dim=1)
+    assert error.max() < 2e-4, error
+    one_kernel = p._per_row_fused(rows)  # the 8-bit rounding the two rows avoid
+    assert ((one_kernel.double() - exact).norm(dim=1) / exact.norm(dim=1)).min() > 1e-3
+    assert torch.equal(out[:1], embedding.logits(quiet))
+    assert embedding.logits(rows[None]).shape == (1, 5, 2000)
+
+
 def test_int8_model_is_smaller_and_not_exportable(tmp_path):
     def size(model):
         tensors = [*model.parameters(), *model.buffers()]
