@@ -106,8 +106,11 @@ class MultiHeadAttention(nn.Module):
         dtype = self.attention_dtype or q.dtype
         if q.dtype == k.dtype == v.dtype == dtype:
             return self._attention(q, k, v, **kwargs)
-        out = self._attention(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
-        return out.to(q.dtype)
+        # Only what differs is cast (a decoding step's audio keys are kept in `dtype`):
+        # a cast to the same type is still an operator call, a few per layer and step.
+        k = k if k.dtype == dtype else k.to(dtype)
+        v = v if v.dtype == dtype else v.to(dtype)
+        return self._attention(q.to(dtype), k, v, **kwargs).to(q.dtype)
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
         kernel = self.step_kernel
@@ -164,8 +167,13 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Cross-attention. `x` may hold several rows (beams, samples) per row of `k`/`v`:
-        they become extra queries against one copy of the audio's keys, not copies of it."""
-        q = self.split_heads(self.query(x))
+        they become extra queries against one copy of the audio's keys, not copies of it.
+        `x` (rows, n_state), without a length: a decoding step's one position per row
+        (engine/step.py), answered in the same shape."""
+        step = x.dim() == 2
+        q = self.query(x)
+        # One position: (rows, heads, 1, dim) is the same memory as split_heads' result.
+        q = q.view(q.shape[0], self.n_head, 1, -1) if step else self.split_heads(q)
         batch, heads, length, dim = q.shape
         group = batch // k.shape[0]
         if group > 1:
@@ -175,7 +183,7 @@ class MultiHeadAttention(nn.Module):
         if group > 1:
             out = out.view(k.shape[0], heads, group, length, dim).transpose(1, 2)
             out = out.reshape(batch, heads, length, dim)
-        return self.out(self.merge_heads(out))
+        return self.out(out.reshape(batch, -1) if step else self.merge_heads(out))
 
     def attention_logits(self, x: Tensor, k: Tensor) -> Tensor:
         """Scaled QK^T before the softmax, in float32: what SDPA computes but does not return.

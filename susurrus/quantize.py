@@ -273,7 +273,7 @@ class Int8Linear(nn.Module):
         magnitude, and a row holding +1 and -1 pins the joint range to [-1, 1] whatever
         the rows: every row's rounding depends on that row alone, alone or in a batch.
         """
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         # abs().amax(), not vector_norm(inf): the same values, as fast for one row and 3-9x
         # faster for several (five rows of 2048: 3.2 against 28 us; 0.3 ms a base beam step).
         top = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)
@@ -284,7 +284,7 @@ class Int8Linear(nn.Module):
         out = out[:-1].mul_(top)
         if self.bias is not None:
             out.add_(self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _weight_only(self, x: Tensor) -> Tensor:
         """The weight-only int8 kernel on bfloat16 activations: no rounding of the rows to 8
@@ -294,13 +294,14 @@ class Int8Linear(nn.Module):
         if self._scale_bf16 is None:
             self._scale_bf16 = self.scale.bfloat16()
             self._rescale = self.scale / self._scale_bf16.float()
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        # A decoding step's rows come as they are (engine/step.py keeps them 2D).
+        rows = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(torch.bfloat16)
         out = torch._weight_int8pack_mm(rows, self.weight_int8, self._scale_bf16)
         if self.bias is not None:
             out = torch.addcmul(self.bias, out, self._rescale)
         else:
             out = out * self._rescale
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     @staticmethod
     @functools.cache

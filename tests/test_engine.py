@@ -388,8 +388,9 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     while time.monotonic() < deadline and not state.exists() and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    status = proc.wait(timeout=120)
     err = proc.stderr.read()
+    assert status == 130, err
     assert "run the same command again to continue" in err and "Traceback" not in err
     assert json.loads(state.read_text())["session"]["segments"]
 

@@ -57,18 +57,27 @@ def decoder_step(
     `same_position` (every row at that position, known by the caller) the step writes a
     slice and attends without a mask: the arithmetic of the plain cached decoder.
     """
+    # The rows stay (rows, n_state) through the step, one position each: the layers
+    # then need no reshapes, and a head split or merge is one view (a few operator calls
+    # fewer per layer, and a step of a small model is mostly such calls).
+    n_rows = tokens.shape[0]
     if same_position is not None:
         pe = decoder.positional_embedding[same_position : same_position + 1]
         mask = None
     else:
-        pe = decoder.positional_embedding[positions][:, None]
+        pe = decoder.positional_embedding[positions]
         keys = torch.arange(self_k[0].shape[2], device=tokens.device)
         mask = (keys <= positions[:, None])[:, None, None, :]
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-    x = decoder.token_embedding(tokens).to(pe.dtype) + pe
+        rows = torch.arange(n_rows, device=tokens.device)
+    x = decoder.token_embedding(tokens[:, 0]).to(pe.dtype) + pe
+    # One run over every row and audio (one window, or windows in groups of one size
+    # side by side): its rows and audios need no cut.
+    whole = len(runs) == 1 and runs[0].row_start == 0 and runs[0].row_end == n_rows and (
+        runs[0].audio_start == 0 and runs[0].audio_end == cross_k[0].shape[0]
+    )
     for i, block in enumerate(decoder.blocks):
         attn = block.attn
-        q, k, v = (attn.split_heads(y) for y in attn.project_qkv(block.attn_ln(x)))
+        q, k, v = (y.view(n_rows, attn.n_head, 1, -1) for y in attn.project_qkv(block.attn_ln(x)))
         cache_k, cache_v = self_k[i], self_v[i]
         if same_position is not None:
             cache_k[:, :, same_position : same_position + 1] = k
@@ -79,19 +88,22 @@ def decoder_step(
             cache_k[rows, :, positions] = k[:, :, 0].to(cache_k.dtype)
             cache_v[rows, :, positions] = v[:, :, 0].to(cache_v.dtype)
             out = attn.sdpa(q, cache_k, cache_v, attn_mask=mask)
-        x = x + attn.out(attn.merge_heads(out))
+        x = x + attn.out(out.reshape(n_rows, -1))
         h = block.cross_attn_ln(x)
-        parts = [
-            block.cross_attn.attend(
-                h[run.row_start : run.row_end],
-                cross_k[i][run.audio_start : run.audio_end],
-                cross_v[i][run.audio_start : run.audio_end],
-            )
-            for run in runs
-        ]
-        x = x + (parts[0] if len(parts) == 1 else torch.cat(parts))
+        if whole:
+            x = x + block.cross_attn.attend(h, cross_k[i], cross_v[i])
+        else:
+            parts = [
+                block.cross_attn.attend(
+                    h[run.row_start : run.row_end],
+                    cross_k[i][run.audio_start : run.audio_end],
+                    cross_v[i][run.audio_start : run.audio_end],
+                )
+                for run in runs
+            ]
+            x = x + (parts[0] if len(parts) == 1 else torch.cat(parts))
         x = x + block.mlp(block.mlp_ln(x))
-    hidden = decoder.ln(x)[:, -1]
+    hidden = decoder.ln(x)
     return hidden if hidden_only else decoder.logits(hidden)
 
 
