@@ -617,7 +617,11 @@ class Engine:
             length = max(positions) + 1
             self._table.reserve(self._table.n_rows, self._table.n_audio, length)
             n_audio = decoding[-1].audio + 1
-            self_k, self_v, cross_k, cross_v = self._table.views(length)
+            # At one position the step cuts the keys' length itself: uncut, the views
+            # stay the same from step to step.
+            self_k, self_v, cross_k, cross_v = self._table.views(
+                n_rows, n_audio, None if same is not None else length
+            )
             position_rows = torch.tensor(
                 [p for w, p in zip(decoding, positions) for _ in range(w.group)],
                 device=self.model.device,
@@ -632,10 +636,10 @@ class Engine:
                     self.model.decoder,
                     self._last_tokens[:n_rows, None],
                     position_rows,
-                    [b[:n_rows] for b in self_k],
-                    [b[:n_rows] for b in self_v],
-                    [b[:n_audio] for b in cross_k],
-                    [b[:n_audio] for b in cross_v],
+                    self_k,
+                    self_v,
+                    cross_k,
+                    cross_v,
                     runs(decoding),
                     same,
                     hidden_only=screen is not None,

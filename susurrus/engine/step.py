@@ -135,6 +135,9 @@ class RowTable:
         self.cross_v: list[Tensor] = []
         self.row_capacity = self.audio_capacity = self.length_capacity = 0
         self.n_rows = self.n_audio = 0
+        # The last views handed out, with what they were asked for; dropped whenever the
+        # buffers are replaced.
+        self._views: tuple[tuple[int, ...], tuple[list[Tensor], ...]] | None = None
 
     def reserve(
         self, rows: int, audios: int, length: int, *, row_limit: int = 0, audio_limit: int = 0
@@ -177,6 +180,7 @@ class RowTable:
         """Each layer's buffer replaced by a new one of `shape` (what `keep(new, old)`
         copies survives), one layer at a time: beside the buffers of every layer, the old
         and the new buffer of only one layer are held at once, not of all."""
+        self._views = None  # (they would also hold every old buffer till the next step)
         for i in range(len(self.decoder.blocks)):
             new = make(shape, dtype=dtype, device=self.device)
             if i < len(buffers):
@@ -191,6 +195,7 @@ class RowTable:
             return
         self.self_k, self.self_v, self.cross_k, self.cross_v = [], [], [], []
         self.row_capacity = self.audio_capacity = self.length_capacity = 0
+        self._views = None
 
     def next_audio(self) -> tuple[list[Tensor], list[Tensor]]:
         """The cross-attention keys and values of the next window to join, (1, heads,
@@ -238,13 +243,20 @@ class RowTable:
         if moved:
             self.move([sources[r] for r in moved], moved, [], length)
 
-    def views(self, length: int | None) -> tuple[list[Tensor], ...]:
-        """The active prefix: self-attention buffers cut to `length` positions (None: all)."""
-        n, a = self.n_rows, self.n_audio
+    def views(self, rows: int, audios: int, length: int | None) -> tuple[list[Tensor], ...]:
+        """The first `rows` rows, their self-attention buffers cut to `length` positions
+        (None: all), and the first `audios` windows' keys and values. Kept while the
+        buffers are: a window decoding at one position per step (whose step cuts the
+        length itself) asks the same views every step, a few dozen slices fewer a step."""
+        key = (rows, audios, -1 if length is None else length)
+        if self._views is not None and self._views[0] == key:
+            return self._views[1]
         cut = slice(None) if length is None else slice(0, length)
-        return (
-            [b[:n, :, cut] for b in self.self_k],
-            [b[:n, :, cut] for b in self.self_v],
-            [b[:a] for b in self.cross_k],
-            [b[:a] for b in self.cross_v],
+        views = (
+            [b[:rows, :, cut] for b in self.self_k],
+            [b[:rows, :, cut] for b in self.self_v],
+            [b[:audios] for b in self.cross_k],
+            [b[:audios] for b in self.cross_v],
         )
+        self._views = key, views
+        return views
