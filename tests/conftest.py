@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,13 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 AUDIO = SHARED / "audio"
 PARITY = SHARED / "reference" / "parity"
+
+# A suite started in the background of a script (`pytest ... &`) has SIGINT ignored, and
+# so would every CLI it starts (an ignored signal is inherited, and Python then installs no
+# KeyboardInterrupt handler): the Ctrl-C tests would see their interrupt vanish. Ctrl-C
+# as at a terminal, for this process and its children.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The kernel choices (kernels.py) measured by the tests' own processes stay out of the
 # user's cache: measured under the tests' load, they would be kept for real runs.
