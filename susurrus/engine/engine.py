@@ -16,7 +16,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -138,6 +138,11 @@ class _Window:
     # Screened steps (greedy, float32 on a CPU; see screen.py) whose log-probabilities are
     # added when the window is done.
     deferred: DeferredSteps = field(default_factory=DeferredSteps)
+
+    @property
+    def beam_rows(self) -> Sequence[int]:
+        """The row (from `row`) of each beam, in the search's order."""
+        return self.slots or range(self.group)
     done: bool = False
     cancelled: bool = False  # set by another thread: leaves at the next compaction
 
@@ -735,7 +740,7 @@ class Engine:
             new_scores, new_tokens, offset = [], [], 0
             for window in beams:
                 g = window.group
-                slots = window.slots or range(g)
+                slots = window.beam_rows
                 tokens, local, window_scores = window.search.update(
                     window.histories,
                     [scores[offset + p][: g + 1] for p in slots],
@@ -841,7 +846,7 @@ class Engine:
             self._sum_logprobs[window.row] = total
         scores = self._sum_logprobs[rows].tolist()
         if window.search is not None:
-            scores = [scores[p] for p in window.slots or range(window.group)]
+            scores = [scores[p] for p in window.beam_rows]
             candidates, scores = window.search.candidates(window.histories, scores)
         else:
             candidates = window.histories
