@@ -249,9 +249,12 @@ class Int8Linear(nn.Module):
         )
         return fused
 
-    def _pack(self) -> object:
-        # The bias is added after the rows' scales are undone (_per_row_fused).
-        return pack_fbgemm(self.weight_int8, self.scale)
+    def packed(self) -> object:
+        """FBGEMM's prepacked copy of the weight, made on first use (the bias is added
+        after the rows' scales are undone)."""
+        if self._packed is None:
+            self._packed = pack_fbgemm(self.weight_int8, self.scale)
+        return self._packed
 
     def _per_row(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -264,8 +267,9 @@ class Int8Linear(nn.Module):
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _per_row_fused(self, x: Tensor) -> Tensor:
-        """Each row quantized on its own scale, through FBGEMM's fused kernel.
+    def _per_row_fused(self, rows: Tensor) -> Tensor:
+        """Each row of `rows` (rows, features) quantized on its own scale, through FBGEMM's
+        fused kernel.
 
         FBGEMM quantizes all rows of a call with one scale, taken from their joint range:
         a window's numbers would then depend on the windows decoded beside it (another
@@ -273,20 +277,19 @@ class Int8Linear(nn.Module):
         magnitude, and a row holding +1 and -1 pins the joint range to [-1, 1] whatever
         the rows: every row's rounding depends on that row alone, alone or in a batch.
         """
-        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         # abs().amax(), not vector_norm(inf): the same values, as fast for one row and 3-9x
         # faster for several (five rows of 2048: 3.2 against 28 us; 0.3 ms a base beam step).
         top = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)
-        pinned = torch.cat([rows / top, self._pin(x.shape[-1])])
+        pinned = torch.cat([rows / top, self._pin(rows.shape[1])])
         # Without VNNI the u8 x s8 pair sums saturate at 16 bits unless the activations
         # keep to 7 bits (reduce_range), which costs accuracy: about 1 WER point on base.
-        out = linear_dynamic()(pinned, self._packed, not has_vnni())
+        out = linear_dynamic()(pinned, self.packed(), not has_vnni())
         out = out[:-1].mul_(top)
         if self.bias is not None:
             out.add_(self.bias)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+        return out
 
-    def _weight_only(self, x: Tensor) -> Tensor:
+    def _weight_only(self, rows: Tensor) -> Tensor:
         """The weight-only int8 kernel on bfloat16 activations: no rounding of the rows to 8
         bits, and each row on its own whatever its neighbours, like the fused path. The
         kernel takes its scales in bfloat16; the output is brought back to the exact
@@ -294,14 +297,10 @@ class Int8Linear(nn.Module):
         if self._scale_bf16 is None:
             self._scale_bf16 = self.scale.bfloat16()
             self._rescale = self.scale / self._scale_bf16.float()
-        # A decoding step's rows come as they are (engine/step.py keeps them 2D).
-        rows = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(rows, self.weight_int8, self._scale_bf16)
+        out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self._scale_bf16)
         if self.bias is not None:
-            out = torch.addcmul(self.bias, out, self._rescale)
-        else:
-            out = out * self._rescale
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+            return torch.addcmul(self.bias, out, self._rescale)
+        return out * self._rescale
 
     @staticmethod
     @functools.cache
@@ -318,11 +317,13 @@ class Int8Linear(nn.Module):
             several = x.dim() > 2 and x.shape[-2] > 1
             if several or x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
                 return self._per_row(x)
+            # A decoding step's rows come 2-D (engine/step.py): no reshapes there.
+            rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             if self.step_kernel == "int8pack":
-                return self._weight_only(x)
-            if self._packed is None:
-                self._packed = self._pack()
-            return self._per_row_fused(x)
+                out = self._weight_only(rows)
+            else:
+                out = self._per_row_fused(rows)
+            return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
         # The product in float32: a row's scale can be a float16 subnormal.
         weight = (self.weight_int8.float() * self.scale[:, None]).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -363,9 +364,7 @@ class Int8Embedding(nn.Module):
         rows = hidden.reshape(-1, hidden.shape[-1])
         if not (_fbgemm_available(rows.device) and rows.dtype == torch.float32):
             return p(hidden)  # the float product of the dequantized weight
-        if p._packed is None:
-            p._packed = p._pack()
-        out = two_row_product(rows, p._packed)[0]
+        out = two_row_product(rows, p.packed())[0]
         return out.reshape(*hidden.shape[:-1], p.out_features)
 
 

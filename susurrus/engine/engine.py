@@ -138,13 +138,13 @@ class _Window:
     # Screened steps (greedy, float32 on a CPU; see screen.py) whose log-probabilities are
     # added when the window is done.
     deferred: DeferredSteps = field(default_factory=DeferredSteps)
+    done: bool = False
+    cancelled: bool = False  # set by another thread: leaves at the next compaction
 
     @property
     def beam_rows(self) -> Sequence[int]:
         """The row (from `row`) of each beam, in the search's order."""
         return self.slots or range(self.group)
-    done: bool = False
-    cancelled: bool = False  # set by another thread: leaves at the next compaction
 
     @property
     def temperature(self) -> float:
