@@ -95,6 +95,34 @@ def _weight_first(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _split(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # MKL runs a product of one row (or a few) on one thread: on an AMD EPYC Zen 3 a
+    # decoding step's layers then read their weights at 11-12 GB/s of the 29 a plain
+    # sum reaches. The weight's rows cut into equal parts make a batch of products that
+    # the threads share (tiny.en's 1536x384, weights out of cache: 89 against 198 us).
+    # Each output is one dot product, as in F.linear; the parts depend on the shape
+    # alone, never on the thread count (which the engine changes with the load), so the
+    # sums do not either.
+    rows = x.reshape(-1, x.shape[-1])
+    out_features, in_features = weight.shape
+    parts = next((p for p in SPLIT_PARTS if out_features % p == 0), 1)
+    if parts == 1 or rows.shape[0] > SPLIT_ROWS:
+        return F.linear(x, weight, bias)
+    out = torch.bmm(
+        weight.view(parts, out_features // parts, in_features),
+        rows.t().expand(parts, in_features, rows.shape[0]),
+    )
+    # (parts, outputs, rows) -> (rows, parts * outputs): a view for one row.
+    out = out.permute(2, 0, 1).reshape(rows.shape[0], out_features)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+SPLIT_PARTS = (8, 4, 2)  # the first that divides the outputs
+SPLIT_ROWS = 32  # more rows than a step's: F.linear shares them between threads itself
+
+
 # The row count oneDNN lays a packed weight out for. Packed for 8 rows, a weight serves 1 to
 # 8 rows as fast as packed for each (base's 2048x512 layer, Zen 4: 113-134 us), and 32
 # rows faster than dense.
@@ -158,6 +186,7 @@ CANDIDATES: dict[str, Kernel] = {
     "onednn": _onednn,
     "weight_first": _weight_first,
     "onednn_packed": _onednn_packed,
+    "split": _split,
 }
 PACKED = frozenset({"onednn_packed"})  # candidates that keep a second copy of the weight
 
@@ -234,7 +263,9 @@ def _usable(name: str, dtype: torch.dtype, rows: int = 1, packed: Iterable[int] 
     """Whether candidate `name` is timed for `rows` rows of a product in `dtype`; `packed`:
     the row counts where this product may keep a packed copy of its weight."""
     if name == "onednn":
-        return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+        # oneDNN has no bfloat16 inner product without the CPU's own (AVX2 only: an error).
+        bf16 = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.backends.mkldnn.is_available() and (dtype == torch.float32 or bf16)
     if name == "onednn_packed":
         return torch.backends.mkldnn.is_available() and dtype == torch.float32 and rows in packed
     return True
@@ -436,6 +467,8 @@ def _valid_entry(key: str, buckets: object) -> bool:
         names = SCREEN
     elif key.startswith("int8-decoder:"):
         names = quantize.STEP_KERNELS
+    elif key.startswith("int8-rows:"):
+        names = quantize.ROWS_KERNELS
     elif key.startswith("attention:"):
         names = ATTENTION
         if buckets.get("dtype") not in ATTENTION_DTYPES:
@@ -536,7 +569,11 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         screen_missing = screen is not None and screen not in table.choices
         int8 = _int8_layers(model)
         int8_missing = int8 is not None and "all" not in table.choices.get(int8[0], {})
-        if missing or refine or attend or encode or screen_missing or int8_missing:
+        rows_missing = {
+            s for s in _int8_rows_shapes(model) if _int8_rows_key(*s) not in table.choices
+        } if quantize.fbgemm_built() else set()
+        if (missing or refine or attend or encode or screen_missing or int8_missing
+                or rows_missing):
             start = time.perf_counter()
             for name, (weight, bias, buckets, packed) in missing.items():
                 table.measure(name, weight, bias, buckets, packed=packed)
@@ -550,6 +587,8 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
                 _measure_screen(model, table, screen)
             if int8_missing:
                 _measure_int8(model, table, *int8)
+            if rows_missing:
+                _measure_int8_rows(table, rows_missing)
             logger.info(
                 "measured %d product shapes in %.2f s: %s",
                 len(missing),
@@ -727,6 +766,90 @@ def _apply_int8(model: nn.Module, table: KernelTable | None) -> None:
         name = table.choices.get(key, {}).get("all")
     for m in layers:
         m.step_kernel = name or "fbgemm"
+
+
+ENV_FORCE_INT8_ROWS = "SUSURRUS_INT8_ROWS"
+# A kernel slower than the best by this factor on its first call is not called again (the
+# int8 product without VNNI takes a quarter of a second a call: three each would make the
+# first load of base on such a CPU take 10 s).
+ROWS_DROP = 2.0
+
+
+def _int8_rows_key(out_features: int, in_features: int) -> str:
+    return f"int8-rows:{out_features}x{in_features}"
+
+
+def _int8_rows_shapes(model: nn.Module) -> set[tuple[int, int]]:
+    """The shapes (out, in) of `model`'s int8 CPU layers, the output projection aside (its
+    rows of every count go through FBGEMM: quantize.two_row_product)."""
+    decoder = getattr(model, "decoder", None)
+    projection = getattr(getattr(decoder, "token_embedding", None), "projection", None)
+    return {
+        (m.out_features, m.in_features)
+        for m in model.modules()
+        if isinstance(m, quantize.Int8Linear) and m is not projection
+        and m.weight_int8.device.type == "cpu"
+    }
+
+
+def _measure_int8_rows(table: KernelTable, shapes: Iterable[tuple[int, int]]) -> None:
+    """Choose each int8 shape's kernel for many rows (quantize.ROWS_KERNELS) by timing a
+    product of the encoder's 1500 rows through each, on a random layer of that shape."""
+    with torch.inference_mode():
+        for out_features, in_features in sorted(shapes):
+            key = _int8_rows_key(out_features, in_features)
+            if key in table.choices:
+                continue
+            layer = quantize.Int8Linear(
+                torch.randn(out_features, in_features), torch.randn(out_features)
+            )
+            rows = ENCODER_BUCKETS[-1]
+            x = torch.randn(rows, in_features)
+            kernels = {"int_mm": layer._per_row, "dequantized": layer._dequantized}
+            first = {}
+            for name, kernel in kernels.items():  # set-up calls, timed as an upper bound
+                start = time.perf_counter()
+                kernel(x)
+                first[name] = time.perf_counter() - start
+            best = dict(first)
+            for _ in range(3):
+                for name, kernel in kernels.items():
+                    if first[name] > ROWS_DROP * min(first.values()):
+                        continue  # far behind already: not worth its time again
+                    start = time.perf_counter()
+                    kernel(x)
+                    best[name] = min(best[name], time.perf_counter() - start)
+            # The float product keeps the activations unrounded: it wins ties.
+            table.choices[key] = {str(rows): choose(best, preferred="dequantized")}
+            table.timings[key] = _rounded({rows: best})
+
+
+def int8_rows_pay(encoder: nn.Module) -> bool:
+    """Whether `encoder`'s float linear layers would run faster in int8 on this CPU: every
+    shape's products of many rows measured fastest through the int8 kernel (measured now
+    if need be, and cached)."""
+    shapes = {(m.out_features, m.in_features) for m in _linears(encoder)}
+    if not shapes:
+        return False
+    with _lock:
+        path, key = cache_path(), machine_key()
+        table = _tables.get((str(path), key))
+        if table is None:
+            table = _tables[str(path), key] = _read_cache(path, key) or KernelTable()
+        if any(_int8_rows_key(*shape) not in table.choices for shape in shapes):
+            _measure_int8_rows(table, shapes)
+            _write_cache(path, key, table)
+    return all(table.choices[_int8_rows_key(*s)][str(ENCODER_BUCKETS[-1])] == "int_mm"
+               for s in shapes)
+
+
+def _apply_int8_rows(model: nn.Module, table: KernelTable | None) -> None:
+    name = forced(ENV_FORCE_INT8_ROWS, quantize.ROWS_KERNELS)
+    for m in model.modules():
+        if isinstance(m, quantize.Int8Linear) and m.weight_int8.device.type == "cpu":
+            entry = table.choices.get(_int8_rows_key(m.out_features, m.in_features), {}) if (
+                table is not None) else {}
+            m.rows_kernel = name or entry.get(str(ENCODER_BUCKETS[-1]), "int_mm")
 
 
 def _attention_key(model: nn.Module) -> str | None:
@@ -1056,4 +1179,5 @@ def tune(model: nn.Module) -> KernelTable | None:
     _apply_encoder_attention(model, table)
     _apply_screen(model, table)
     _apply_int8(model, table)
+    _apply_int8_rows(model, table)
     return table

@@ -42,6 +42,13 @@ FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 # 25 us), but falls behind FBGEMM for several rows of the larger layers (five rows of
 # base's 2048x512: 62 against 33 us).
 STEP_KERNELS = ("fbgemm", "int8pack")
+# The kernels of an int8 layer's products of many rows (the encoder's 1500 frames, prompt
+# passes), chosen per shape by measurement (kernels.py): PyTorch's int8 matrix product on
+# activations rounded to 8 bits per row, or the float32 product of the weight dequantized
+# for the call. The first is the faster where the CPU multiplies int8 natively (VNNI); on
+# an AMD EPYC Zen 3 (AVX2 only) it takes 218 ms for 1500 rows of tiny's 1152x384, the
+# second 7.5 ms (and keeps the activations unrounded).
+ROWS_KERNELS = ("int_mm", "dequantized")
 
 
 class ComputePlan(NamedTuple):
@@ -53,6 +60,9 @@ class ComputePlan(NamedTuple):
     # The encoder's convolutions and linear layers in this type instead of int8, around a
     # residual stream kept in `dtype` (None: as the rest).
     encoder_dtype: torch.dtype | None = None
+    # The encoder in int8 only where int8 products of many rows measure faster than
+    # float32's on this CPU (kernels.int8_rows_pay); else its layers stay in `dtype`.
+    int8_encoder_if_faster: bool = False
 
 
 def resolve_compute_type(compute_type: str, device: torch.device) -> ComputePlan:
@@ -69,7 +79,10 @@ def resolve_compute_type(compute_type: str, device: torch.device) -> ComputePlan
     bfloat16 matrix units (AMX) beat quantizing the activations per call by far: the base
     encoder takes about 0.11 s a window instead of 0.2 s, and its output is four times
     closer to float32's (the weights are bfloat16, not rounded to 8 bits). The decoder's
-    one-token steps are bound by reading weights, where int8's quarter size wins.
+    one-token steps are bound by reading weights, where int8's quarter size wins. Without
+    native bfloat16 the encoder takes int8 only where its int8 products measure faster than
+    float32's: without VNNI they are many times slower (AMD EPYC Zen 3, tiny.en: 3.6 s a
+    window against 0.28 s in float32).
     """
     if compute_type not in COMPUTE_TYPES:
         raise SusurrusError(
@@ -83,7 +96,7 @@ def resolve_compute_type(compute_type: str, device: torch.device) -> ComputePlan
             return ComputePlan(torch.float16, False, None)
         if device.type == "cpu" and native_bfloat16():
             return ComputePlan(torch.float32, True, torch.bfloat16, torch.bfloat16)
-        compute_type = "int8"
+        return ComputePlan(torch.float32, True, None, None, int8_encoder_if_faster=True)
     if compute_type in FLOAT_TYPES:
         return ComputePlan(FLOAT_TYPES[compute_type], False, None)
     float_name = compute_type.partition("_")[2] or ("float16" if cuda else "float32")
@@ -228,6 +241,7 @@ class Int8Linear(nn.Module):
         # every row count, so that a window's numbers depend neither on how many rows step
         # beside it nor, with beams, on its prompt's pass having had one row.
         self.step_kernel = "fbgemm"
+        self.rows_kernel = "int_mm"  # of products of many rows (ROWS_KERNELS; kernels.py)
 
     @classmethod
     def stacked(cls, layers: list[Int8Linear]) -> Int8Linear:
@@ -255,6 +269,18 @@ class Int8Linear(nn.Module):
         if self._packed is None:
             self._packed = pack_fbgemm(self.weight_int8, self.scale)
         return self._packed
+
+    def _many_rows(self, x: Tensor) -> Tensor:
+        if self.rows_kernel == "dequantized":
+            return self._dequantized(x)
+        return self._per_row(x)
+
+    def _dequantized(self, x: Tensor) -> Tensor:
+        """The float32 product of the weight dequantized for this call only: a float copy
+        kept would cost the memory int8 saves, and converting the weight is a small part
+        of a product of many rows (tiny's 1152x384: 0.2 of 7.5 ms for 1500 rows)."""
+        weight = self.weight_int8.float().mul_(self.scale[:, None])
+        return F.linear(x, weight, self.bias)
 
     def _per_row(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -316,7 +342,7 @@ class Int8Linear(nn.Module):
             # one shared scale.
             several = x.dim() > 2 and x.shape[-2] > 1
             if several or x.numel() >= PER_ROW_MIN_ROWS * self.in_features:
-                return self._per_row(x)
+                return self._many_rows(x)
             # A decoding step's rows come 2-D (engine/step.py): no reshapes there.
             rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             if self.step_kernel == "int8pack":

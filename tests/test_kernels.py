@@ -48,7 +48,8 @@ def test_choice_follows_recorded_timings():
 
 
 def test_bucket_for_rows():
-    one, two, three, packed = kernels.CANDIDATES.values()
+    c = kernels.CANDIDATES
+    one, two, three, packed = c["linear"], c["onednn"], c["weight_first"], c["onednn_packed"]
     choices = ((1, one, one), (8, packed, two), (32, three, three))
     with kernels.packed_weights():
         assert kernels.pick(choices, 1) is one
@@ -86,6 +87,24 @@ def test_every_candidate_computes_the_same_product(name, rows):
     got = kernels.CANDIDATES[name](x, linear.weight, linear.bias)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_split_products_do_not_depend_on_the_thread_count():
+    """The engine changes the thread count with the machine's load: a product cut into
+    parts (one row, a beam's five; an odd output count takes F.linear) sums each output
+    the same way whatever the count."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    for rows, out_features in ((1, 1536), (5, 1152), (1, 51865 // 5)):
+        x, weight, bias = torch.randn(rows, 384), torch.randn(out_features, 384), None
+        results = []
+        try:
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                results.append(kernels.CANDIDATES["split"](x, weight, bias))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(results[0], r) for r in results[1:]), (rows, out_features)
 
 
 @pytest.mark.parametrize("name", list(kernels.ATTENTION))
@@ -388,3 +407,55 @@ def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, m
     assert not kernels._valid_entry(key, {"all": "turbo"})
     assert not kernels._valid_entry(key, {"1": "int8pack"})  # one kernel, not per bucket
     assert kernels._valid_entry(key, entry)
+
+
+def test_an_int8_layers_many_row_kernel_is_measured_cached_and_applied(tmp_path, monkeypatch):
+    """Each int8 shape's products of many rows (the encoder, prompt passes) take the kernel
+    timed faster for 1500 rows (the dequantized float product on a near tie: its
+    activations stay unrounded), cached with the rest and given to every layer of that
+    shape; the output projection is not timed (its rows always go through FBGEMM)."""
+    _fresh(monkeypatch)
+    monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    model = load_model("tiny.en", compute_type="int8")
+    table = kernels.table_for(model)
+    shapes = kernels._int8_rows_shapes(model)
+    assert (1152, 384) in shapes and (51864, 384) not in shapes  # stacked q/k/v; projection
+    saved = json.loads((tmp_path / "kernels.json").read_text())["machines"]
+    for out_features, in_features in shapes:
+        key = f"int8-rows:{out_features}x{in_features}"
+        timings = table.timings[key]["1500"]
+        assert set(timings) == set(quantize.ROWS_KERNELS) and all(t > 0 for t in timings.values())
+        assert table.choices[key] == {"1500": kernels.choose(timings, "dequantized")}
+        assert saved[kernels.machine_key()][key] == table.choices[key]
+        assert kernels._valid_entry(key, table.choices[key])
+    projection = model.decoder.token_embedding.projection
+    for layer in model.modules():
+        if isinstance(layer, quantize.Int8Linear) and layer is not projection:
+            key = f"int8-rows:{layer.out_features}x{layer.in_features}"
+            assert layer.rows_kernel == table.choices[key]["1500"]
+    assert not kernels._valid_entry("int8-rows:384x384", {"1500": "turbo"})
+
+
+@pytest.mark.parametrize("int8_faster", [True, False])
+def test_auto_quantizes_the_encoder_only_where_int8_measured_faster(
+    tmp_path, monkeypatch, int8_faster
+):
+    """On a CPU without native bfloat16, `auto` puts the encoder in int8 only where each of
+    its shapes' int8 products of 1500 rows measured faster than the float ones: recorded
+    choices of a CPU where int8 wins (VNNI) and of one where it loses (AVX2 only)."""
+    _fresh(monkeypatch)
+    monkeypatch.setattr(quantize, "native_bfloat16", lambda: False)
+    name = "int_mm" if int8_faster else "dequantized"
+    # tiny.en's encoder: q, k, v and out 384x384; the MLP's 1536x384 and 384x1536.
+    recorded = {f"int8-rows:{shape}": {"1500": name} for shape in ("384x384", "1536x384",
+                                                                  "384x1536")}
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps(
+        {"format": kernels.FORMAT, "machines": {kernels.machine_key(): recorded}}
+    ))
+    monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(path))
+    model = load_model("tiny.en", compute_type="auto")
+    encoder_int8 = [isinstance(m, quantize.Int8Linear) for m in model.encoder.modules()]
+    assert any(encoder_int8) == int8_faster
+    assert isinstance(model.decoder.blocks[0].mlp[0], quantize.Int8Linear)  # always int8
+    assert int8_faster or model.encoder.blocks[0].mlp[0].weight.dtype == torch.float32

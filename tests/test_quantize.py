@@ -5,6 +5,7 @@ from __future__ import annotations
 import jiwer
 import pytest
 import torch
+import torch.nn.functional as F
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from susurrus import load_model, quantize
@@ -19,18 +20,24 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_compute_type_names():
-    assert resolve_compute_type("default", CPU) == (torch.float32, False, None, None)
-    assert resolve_compute_type("default", CUDA) == (torch.float16, False, None, None)
+    def plan(name: str, device: torch.device) -> tuple:
+        return tuple(resolve_compute_type(name, device)[:4])
+
+    assert plan("default", CPU) == (torch.float32, False, None, None)
+    assert plan("default", CUDA) == (torch.float16, False, None, None)
     bf16 = torch.bfloat16 if native_bfloat16() else None
-    # auto on the CPU: an int8 decoder, and bfloat16 attention and encoder where native.
-    assert resolve_compute_type("auto", CPU) == (torch.float32, True, bf16, bf16)
-    assert resolve_compute_type("int8_bfloat16", CPU) == (torch.float32, True, bf16, None)
-    assert resolve_compute_type("auto", CUDA) == (torch.float16, False, None, None)
-    assert resolve_compute_type("bfloat16", CPU) == (torch.bfloat16, False, None, None)
-    assert resolve_compute_type("int8", CPU) == (torch.float32, True, None, None)
+    # auto on the CPU: an int8 decoder, and bfloat16 attention and encoder where native;
+    # elsewhere the encoder in int8 only where that measures faster (load.py).
+    assert plan("auto", CPU) == (torch.float32, True, bf16, bf16)
+    assert resolve_compute_type("auto", CPU).int8_encoder_if_faster == (bf16 is None)
+    assert not resolve_compute_type("int8", CPU).int8_encoder_if_faster
+    assert plan("int8_bfloat16", CPU) == (torch.float32, True, bf16, None)
+    assert plan("auto", CUDA) == (torch.float16, False, None, None)
+    assert plan("bfloat16", CPU) == (torch.bfloat16, False, None, None)
+    assert plan("int8", CPU) == (torch.float32, True, None, None)
     # The CPU's int8 kernels take float32 whatever float type was named with int8.
-    assert resolve_compute_type("int8_float16", CPU)[:2] == (torch.float32, True)
-    assert resolve_compute_type("int8_float16", CUDA) == (torch.float16, True, None, None)
+    assert plan("int8_float16", CPU)[:2] == (torch.float32, True)
+    assert plan("int8_float16", CUDA) == (torch.float16, True, None, None)
     with pytest.raises(SusurrusError, match="unknown compute type 'int4'"):
         resolve_compute_type("int4", CPU)
 
@@ -271,3 +278,39 @@ def test_cli_compute_type(tmp_path):
     assert "ask what you can do for your country" in (tmp_path / "jfk.txt").read_text()
     bad = run_cli(jfk, "--compute_type", "int4")
     assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
+
+
+@pytest.mark.skipif(not quantize.fbgemm_built(), reason="no FBGEMM")
+def test_int8_many_row_kernels_agree():
+    """Both kernels an int8 layer's products of many rows can take (the encoder's frames,
+    a prompt) give the float layer's output to within int8 precision, each row on its own
+    scale; the dequantized one is the float product of the int8 weight, activations as
+    they are."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 384)
+    layer = Int8Linear(linear.weight, linear.bias)
+    x = torch.randn(1, 100, 512) * torch.logspace(-3, 2, 100)[None, :, None]
+    exact = linear(x)
+    outputs = {}
+    for name in quantize.ROWS_KERNELS:
+        layer.rows_kernel = name
+        out = outputs[name] = layer(x)
+        relative = (out - exact).norm(dim=-1) / exact.norm(dim=-1)
+        assert relative.max() < 0.02, (name, relative.max())
+    dequantized = layer.weight_int8.float() * layer.scale[:, None]
+    assert torch.allclose(outputs["dequantized"], F.linear(x, dequantized, layer.bias),
+                          rtol=1e-5, atol=1e-5)
+    # Rounding the activations to 8 bits is most of what sets the two apart.
+    assert not torch.equal(outputs["int_mm"], outputs["dequantized"])
+
+
+@requires_shared
+@pytest.mark.parametrize("name", quantize.ROWS_KERNELS)
+def test_int8_transcribes_jfk_with_either_many_row_kernel(name, monkeypatch):
+    monkeypatch.setenv("SUSURRUS_INT8_ROWS", name)
+    model = load_model("tiny.en", device="cpu", compute_type="int8")
+    assert model.encoder.blocks[0].mlp[0].rows_kernel == name
+    text = model.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)["text"]
+    truth = {r["file"]: r["transcript"] for r in manifest()}["jfk.flac"]
+    norm = EnglishTextNormalizer()
+    assert jiwer.wer(norm(truth), norm(text)) == 0.0, text
