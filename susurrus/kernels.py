@@ -59,8 +59,10 @@ Kernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 Choice = tuple[int, Kernel, Kernel]
 # 2: the attention of decoding steps measured with the decoder's own keys in the model's type,
 # always through the two products (choices of format 1 are stale). 3: a bucket of 5 rows.
-# 4: oneDNN with a packed weight (caches without it would never try it).
-FORMAT = 4
+# 4: oneDNN with a packed weight (caches without it would never try it). 5: the split
+# products, and F.linear no longer a candidate for a few rows (its sums change with the
+# thread count there).
+FORMAT = 5
 # Row counts that decoding steps produce: one row, a beam or a few windows, a batch of
 # beams. A product uses the smallest bucket that holds its rows, else the largest. Five is
 # the default beam size and best_of, where the fastest product can differ from 4 or 8 rows
@@ -106,8 +108,10 @@ def _split(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])
     out_features, in_features = weight.shape
     parts = next((p for p in SPLIT_PARTS if out_features % p == 0), 1)
-    if parts == 1 or rows.shape[0] > SPLIT_ROWS:
+    if rows.shape[0] > SPLIT_ROWS:
         return F.linear(x, weight, bias)
+    if parts == 1:
+        return _weight_first(x, weight, bias)  # the same sums for any thread count
     out = torch.bmm(
         weight.view(parts, out_features // parts, in_features),
         rows.t().expand(parts, in_features, rows.shape[0]),
@@ -268,6 +272,11 @@ def _usable(name: str, dtype: torch.dtype, rows: int = 1, packed: Iterable[int] 
         return torch.backends.mkldnn.is_available() and (dtype == torch.float32 or bf16)
     if name == "onednn_packed":
         return torch.backends.mkldnn.is_available() and dtype == torch.float32 and rows in packed
+    if name == "linear":
+        # MKL's sums for a few rows change with the thread count (AMD EPYC Zen 3: 5 to 7
+        # and 9 to 11 rows), which the engine's thread policy changes with the machine's
+        # load: a beam's numbers would depend on what else runs.
+        return not 1 < rows <= STEP_BUCKETS[-1]
     return True
 
 

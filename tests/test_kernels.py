@@ -107,6 +107,31 @@ def test_split_products_do_not_depend_on_the_thread_count():
         assert all(torch.equal(results[0], r) for r in results[1:]), (rows, out_features)
 
 
+def test_a_steps_kernels_give_the_same_sums_for_any_thread_count():
+    """Every kernel a decoding step's product may be measured for, at each of its row
+    counts, sums the same way with one thread or two: the engine changes the count with
+    the machine's load, and a window's numbers must not change with it (MKL's F.linear
+    does for some counts of a few rows: it is not a candidate there)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    weight = torch.randn(1536, 384)
+    bias = torch.randn(1536)
+    try:
+        for rows in range(1, 13):
+            bucket = next((b for b in kernels.STEP_BUCKETS if rows <= b), 32)
+            x = torch.randn(rows, 384)
+            for name, kernel in kernels.CANDIDATES.items():
+                if not kernels._usable(name, torch.float32, bucket, kernels.PACKED_STEP_ROWS):
+                    continue
+                results = []
+                for count in (1, 2):
+                    torch.set_num_threads(count)
+                    results.append(kernel(x, weight, bias))
+                assert torch.equal(*results), (name, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", list(kernels.ATTENTION))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_attention_candidate_computes_the_same_attention(name, dtype):

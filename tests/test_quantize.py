@@ -302,6 +302,18 @@ def test_int8_many_row_kernels_agree():
                           rtol=1e-5, atol=1e-5)
     # Rounding the activations to 8 bits is most of what sets the two apart.
     assert not torch.equal(outputs["int_mm"], outputs["dequantized"])
+    # A prompt of a few rows: the same sums whatever the thread count (the engine's thread
+    # policy changes it with the load).
+    threads = torch.get_num_threads()
+    try:
+        for rows in (3, 5, 10, 70):
+            results = []
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                results.append(layer(x[:, :rows]))
+            assert torch.equal(*results), rows
+    finally:
+        torch.set_num_threads(threads)
 
 
 @requires_shared
