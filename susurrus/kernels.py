@@ -11,11 +11,18 @@ and the fastest kept. The choices are
 cached per CPU model, torch version and thread count in a small JSON file in the cache
 directory: measuring costs a few seconds the first time, nothing afterwards.
 
-Every candidate computes the same float sums in another order, so float32 results change
-only by that reordering (the parity tests pass with each candidate forced in turn:
-`SUSURRUS_KERNEL=linear|onednn|weight_first|onednn_packed`). An int8 decoder's steps choose,
+On an AMD EPYC Zen 3 (AVX2 only) MKL runs a product of one row on one thread and reads the
+weight at 12 GB/s: `split` cuts the weight into a batch of parts the threads share
+(24 GB/s). Every candidate computes the same float sums in another order, so float32
+results change only by that reordering (the parity tests pass with each candidate forced
+in turn: `SUSURRUS_KERNEL=linear|onednn|weight_first|onednn_packed|split`), and none that
+a decoding step may take sums differently with another thread count (the engine changes
+it with the load). An int8 decoder's steps choose,
 in whole steps, between FBGEMM's dynamic kernel and the weight-only int8 kernel on
-bfloat16 activations (`SUSURRUS_INT8=fbgemm|int8pack` forces one; quantize.py).
+bfloat16 activations (`SUSURRUS_INT8=fbgemm|int8pack` forces one; quantize.py), and its
+products of many rows between PyTorch's int8 product and the float product of the
+dequantized weight (`SUSURRUS_INT8_ROWS=int_mm|dequantized`): without VNNI the first is
+30 times slower.
 
 The attention of decoding steps runs as two plain products around a float32 softmax
 (`SUSURRUS_ATTENTION=sdpa|matmul` forces a kernel), and where the compute type asks for
