@@ -570,10 +570,7 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
     key = machine_key()
     path = path or cache_path()
     with _lock:
-        table = _tables.get((str(path), key))
-        if table is None:
-            table = _read_cache(path, key) or KernelTable()
-            _tables[str(path), key] = table
+        table = _known(path, key)
         missing = {k: v for k, v in _products(model).items() if k not in table.choices}
         layers = _decoder_layers(model)
         refine = layers is not None and layers[0] not in table.choices
@@ -613,6 +610,15 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
             )
             _write_cache(path, key, table)
         return table
+
+
+def _known(path: Path, key: str) -> KernelTable:
+    """The choices this process holds for a cache file and machine, read from the file
+    the first time (empty when it has none). Call with `_lock` held."""
+    table = _tables.get((str(path), key))
+    if table is None:
+        table = _tables[str(path), key] = _read_cache(path, key) or KernelTable()
+    return table
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, list[nn.Linear]] | None:
@@ -849,9 +855,7 @@ def int8_rows_pay(encoder: nn.Module) -> bool:
         return False
     with _lock:
         path, key = cache_path(), machine_key()
-        table = _tables.get((str(path), key))
-        if table is None:
-            table = _tables[str(path), key] = _read_cache(path, key) or KernelTable()
+        table = _known(path, key)
         if any(_int8_rows_key(*shape) not in table.choices for shape in shapes):
             _measure_int8_rows(table, shapes)
             _write_cache(path, key, table)
@@ -861,10 +865,10 @@ def int8_rows_pay(encoder: nn.Module) -> bool:
 
 def _apply_int8_rows(model: nn.Module, table: KernelTable | None) -> None:
     name = forced(ENV_FORCE_INT8_ROWS, quantize.ROWS_KERNELS)
+    choices = table.choices if table is not None else {}
     for m in model.modules():
         if isinstance(m, quantize.Int8Linear) and m.weight_int8.device.type == "cpu":
-            entry = table.choices.get(_int8_rows_key(m.out_features, m.in_features), {}) if (
-                table is not None) else {}
+            entry = choices.get(_int8_rows_key(m.out_features, m.in_features), {})
             m.rows_kernel = name or entry.get(str(ENCODER_BUCKETS[-1]), "int_mm")
 
 
