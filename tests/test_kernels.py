@@ -91,7 +91,7 @@ def test_every_candidate_computes_the_same_product(name, rows):
 
 def test_split_products_do_not_depend_on_the_thread_count():
     """The engine changes the thread count with the machine's load: a product cut into
-    parts (one row, a beam's five; an odd output count takes F.linear) sums each output
+    parts (one row, a beam's five; an odd output count goes weight-first) sums each output
     the same way whatever the count."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
