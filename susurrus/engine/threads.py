@@ -60,6 +60,12 @@ class ThreadPolicy:
     def adaptive(self) -> bool:
         return self.fixed is None and (self.max_threads or torch.get_num_threads()) > 1
 
+    @property
+    def busy(self) -> bool:
+        """Whether steps run on one thread because that measured faster than all of them:
+        another process takes a core (then the engine encodes with a crew, crew.py)."""
+        return self.active and self.adaptive and self.current == 1 and (self.max_threads or 0) > 1
+
     @contextmanager
     def apply(self) -> Iterator[None]:
         """Run other work of the engine (encoding windows) under the count its steps use,
