@@ -389,11 +389,14 @@ def _rounded(found: dict[int | str, dict[str, float]]) -> dict[str, dict[str, fl
 
 
 class KernelTable:
-    """Choices per (dtype, shape): for each row bucket, the name of the fastest kernel."""
+    """Choices per (dtype, shape): for each row bucket, the name of the fastest kernel.
+    `busy`: some of them were measured while other processes took the cores."""
 
-    def __init__(self, choices: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(self, choices: dict[str, dict[str, str]] | None = None, busy: bool = False
+                 ) -> None:
         self.choices: dict[str, dict[str, str]] = choices or {}
         self.timings: dict[str, dict[str, dict[str, float]]] = {}
+        self.busy = busy
 
     def kernels(self, key: str) -> tuple[Choice, ...] | None:
         """(max rows, kernel, plain kernel) for a shape, smallest bucket first; None if
@@ -450,6 +453,52 @@ class KernelTable:
 _lock = threading.Lock()
 _tables: dict[tuple[str, str], KernelTable] = {}  # per cache file and machine key
 
+# Choices measured while other processes run are wrong for good (AMD EPYC Zen 3: tiny.en's
+# float32 projection measured beside other work kept the full product, 3.2 ms a step,
+# against 2.2 for its screen), so measurements watch the machine, and choices made on a
+# busy one are measured again at the first start that finds it idle.
+LOAD_SAMPLES = 5  # looks at the machine before trusting choices measured on a busy one
+
+
+def others_running() -> int | None:
+    """Threads of other processes running or ready to run now (Linux's procs_running,
+    less this process's running threads); None where /proc does not tell."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            total = next(int(line.split()[1]) for line in f if line.startswith("procs_running"))
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as f:
+                    own += f.read().rpartition(")")[2].split()[0] == "R"
+            except OSError:  # a thread that just ended
+                continue
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return max(0, total - own)
+
+
+def machine_busy(samples: Iterable[int | None], cpus: int | None = None,
+                 threads: int | None = None) -> bool:
+    """Whether other processes took cores this process's `threads` need, in most of the
+    `samples` of `others_running` (unknown samples count as idle)."""
+    known = sorted(n for n in samples if n is not None)
+    if not known:
+        return False
+    if cpus is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
+    threads = threads or torch.get_num_threads()
+    return known[len(known) // 2] > max(0, cpus - threads)
+
+
+def _idle_now() -> bool:
+    samples = []
+    for _ in range(LOAD_SAMPLES):
+        samples.append(others_running())
+        time.sleep(0.005)
+    return not machine_busy(samples)
+
 
 def _read_cache(path: Path, key: str) -> KernelTable | None:
     try:
@@ -470,7 +519,8 @@ def _read_cache(path: Path, key: str) -> KernelTable | None:
     if not valid:
         logger.warning("ignoring a stale kernel cache entry in %s; measuring again", path)
         return None
-    return KernelTable(entry)
+    busy = data.get("busy")
+    return KernelTable(entry, busy=isinstance(busy, list) and key in busy)
 
 
 def _valid_entry(key: str, buckets: object) -> bool:
@@ -511,7 +561,9 @@ def _write_cache(path: Path, key: str, table: KernelTable) -> None:
         data = {}
     machines = data.get("machines") if isinstance(data.get("machines"), dict) else {}
     machines[key] = table.choices
-    data = {"format": FORMAT, "machines": machines}
+    busy = {k for k in data.get("busy", []) if isinstance(k, str) and k in machines}
+    busy = busy | {key} if table.busy else busy - {key}
+    data = {"format": FORMAT, "machines": machines, "busy": sorted(busy)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels-", suffix=".json")
@@ -588,20 +640,33 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         if (missing or refine or attend or encode or screen_missing or int8_missing
                 or rows_missing):
             start = time.perf_counter()
+            # The machine's load between measurements (in them, this process's threads).
+            load = [others_running()]
             for name, (weight, bias, buckets, packed) in missing.items():
                 table.measure(name, weight, bias, buckets, packed=packed)
+                load.append(others_running())
             if refine:
                 _measure_decoder(model, table, *layers)
             if attend:
                 _measure_attention(model, table, attention)
+            load.append(others_running())
             if encode:
                 _measure_encoder_attention(table, *encoder)
             if screen_missing:
                 _measure_screen(model, table, screen)
+            load.append(others_running())
             if int8_missing:
                 _measure_int8(model, table, *int8)
             if rows_missing:
                 _measure_int8_rows(table, rows_missing)
+            load.append(others_running())
+            if machine_busy(load):
+                table.busy = True
+                logger.warning(
+                    "other processes used the cores while susurrus measured its matrix "
+                    "kernels: the choices may be slow; they are measured again at a start "
+                    "that finds the machine idle"
+                )
             logger.info(
                 "measured %d product shapes in %.2f s: %s",
                 len(missing),
@@ -617,7 +682,12 @@ def _known(path: Path, key: str) -> KernelTable:
     the first time (empty when it has none). Call with `_lock` held."""
     table = _tables.get((str(path), key))
     if table is None:
-        table = _tables[str(path), key] = _read_cache(path, key) or KernelTable()
+        table = _read_cache(path, key) or KernelTable()
+        if table.busy and _idle_now():
+            logger.info("kernel choices in %s were measured on a busy machine; measuring "
+                        "again now that it is idle", path)
+            table = KernelTable()
+        _tables[str(path), key] = table
     return table
 
 

@@ -7,6 +7,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import warnings
 
 import pytest
@@ -291,6 +292,53 @@ def test_a_corrupt_or_stale_cache_is_ignored_and_measured_again(
     data = json.loads(path.read_text())
     assert data["format"] == kernels.FORMAT
     assert data["machines"][kernels.machine_key()] == table.choices
+
+
+def test_a_busy_machine_is_told_from_recorded_samples():
+    # others_running() samples: idle, a busy loop beside 2 threads on 2 cores, and the
+    # same loop on 8 cores, where it takes none of the 2 threads' cores.
+    assert not kernels.machine_busy([0, 0, 1, 0, 0], cpus=2, threads=2)
+    assert kernels.machine_busy([1, 1, 2, 0, 1], cpus=2, threads=2)
+    assert not kernels.machine_busy([1, 1, 2, 0, 1], cpus=8, threads=2)
+    assert not kernels.machine_busy([None, None], cpus=2, threads=2)
+
+
+def test_choices_measured_on_a_busy_machine_are_measured_again_when_it_is_idle(
+    tmp_path, monkeypatch, caplog
+):
+    if kernels.others_running() is None:
+        pytest.skip("this system's /proc does not tell how many threads run")
+    import subprocess
+    import sys
+    import time
+
+    free = len(os.sched_getaffinity(0)) - torch.get_num_threads()
+    if free + 1 > 4:
+        pytest.skip("more cores than a few busy loops can take")
+    _fresh(monkeypatch)
+    path = tmp_path / "kernels.json"
+    model = nn.Sequential(nn.Linear(256, 256))
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(free + 1)
+    ]
+    try:
+        time.sleep(0.3)
+        with caplog.at_level(logging.INFO, logger="susurrus.kernels"):
+            kernels.table_for(model, path)
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    assert "other processes used the cores" in caplog.text
+    assert json.loads(path.read_text())["busy"] == [kernels.machine_key()]
+    # The next process finds the machine idle: it measures again and trusts the result.
+    _fresh(monkeypatch)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="susurrus.kernels"):
+        table = kernels.table_for(model, path)
+    assert "measuring again now that it is idle" in caplog.text
+    assert not table.busy and json.loads(path.read_text())["busy"] == []
+    assert "float32:256x256" in table.choices
 
 
 def test_a_packed_weight_is_made_once_and_follows_its_weight():
