@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
-from susurrus.engine import Engine
+from susurrus.engine import Engine, threads
 from susurrus.engine.threads import ThreadPolicy
 
 from .conftest import AUDIO, requires_shared
+
+
+@pytest.fixture
+def idle_start(monkeypatch):
+    """Recorded step times only: the policy starts as on an idle machine."""
+    monkeypatch.setattr(threads, "others_running", lambda: 0)
 
 
 def _feed(policy: ThreadPolicy, seconds_for: dict[int, float], steps: int) -> list[int]:
@@ -25,7 +32,7 @@ def _feed(policy: ThreadPolicy, seconds_for: dict[int, float], steps: int) -> li
     return used
 
 
-def test_a_busy_machine_moves_steps_to_one_thread_and_back():
+def test_a_busy_machine_moves_steps_to_one_thread_and_back(idle_start):
     # Step times of base, auto, measured on a 2-core AMD EPYC: idle 2 threads 9 ms and
     # 1 thread 13 ms; with a busy loop on one core, 2 threads 60 ms and 1 thread 14 ms.
     policy = ThreadPolicy(max_threads=2)
@@ -43,16 +50,45 @@ def test_a_busy_machine_moves_steps_to_one_thread_and_back():
     assert policy.switches == 2
 
 
-def test_a_small_difference_does_not_switch():
+def test_a_small_difference_does_not_switch(idle_start):
     policy = ThreadPolicy(max_threads=2)
     _feed(policy, {2: 0.010, 1: 0.0095}, 3 * ThreadPolicy.PROBE_EVERY)
     assert policy.current == 2 and policy.switches == 0
 
 
-def test_fixed_threads_are_never_measured():
+def test_fixed_threads_are_never_measured(idle_start):
     policy = ThreadPolicy(fixed=1, max_threads=2)
     used = _feed(policy, {2: 0.001, 1: 1.0}, 50)
     assert set(used) == {1} and policy.switches == 0
+
+
+def test_a_policy_started_beside_a_busy_process_starts_on_one_thread():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if threads.others_running() is None:
+        pytest.skip("this system's /proc does not tell how many threads run")
+    free = len(os.sched_getaffinity(0)) - 2
+    if free + 1 > 4:
+        pytest.skip("more cores than a few busy loops can take")
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(free + 1)
+    ]
+    try:
+        time.sleep(0.3)
+        policy = ThreadPolicy(max_threads=2)
+        with policy.apply():
+            assert torch.get_num_threads() == 1  # the first window's encoding too
+        assert policy.current == 1 and policy.busy
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    idle = ThreadPolicy(max_threads=2)
+    idle._start()
+    assert idle.current == 2 and not idle.busy
 
 
 @requires_shared

@@ -36,8 +36,6 @@ from ..kernels import packed_weights
 from ..model import Whisper
 from ..screen import DeferredSteps, LogitScreen, add_in_order
 from ..tokenizer import Tokenizer, get_tokenizer
-from .crew import Crew
-from .crew import encode as encode_with_crew
 from .search import BeamSearch, RowRules, max_initial_index, rank, suppress_tokens
 from .step import RowTable, Run, decoder_step
 from .threads import ThreadPolicy
@@ -225,7 +223,6 @@ class Engine:
             self.threads = ThreadPolicy(active=on_cpu)
         else:
             self.threads = ThreadPolicy(fixed=int(threads), active=on_cpu)
-        self._crew: Crew | None = None  # made the first time the machine is found busy
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 
@@ -468,20 +465,6 @@ class Engine:
 
     # -- admission ------------------------------------------------------------------------
 
-    def _encode(self, mel: Tensor) -> Tensor:
-        """Audio features of CPU windows: by PyTorch's threads, or while the machine is
-        busy (the thread policy runs steps on one thread) by a crew of threads that do
-        not wait on each other at every product (crew.py; the same numbers)."""
-        dims = self.model.dims
-        if not self.threads.busy or mel.shape[-2:] == (dims.n_audio_ctx, dims.n_audio_state):
-            return _encode_if_needed(self.model, mel)
-        if self._crew is None:
-            self._crew = Crew(self.threads.max_threads or torch.get_num_threads())
-            # Its threads end with the engine; at exit they stay asleep (daemons) rather
-            # than wake while the interpreter shuts down.
-            weakref.finalize(self, self._crew.close).atexit = False
-        return encode_with_crew(self.model.encoder, mel.to(self.model.dtype), self._crew)
-
     def _admit(self) -> bool:
         """Take windows from the sources while there is room; whether any came."""
         with self._lock:
@@ -509,7 +492,7 @@ class Engine:
             # each into a tensor of its own: views of one batch tensor would keep all of
             # it alive until the batch's last window is done (a retry keeps its features).
             for job in fresh:
-                job.features = self._encode(job.mel[None])[0]
+                job.features = _encode_if_needed(self.model, job.mel[None])[0]
                 job.mel = None  # the frames are not needed again
         elif fresh:
             mels = torch.stack([job.mel for job in fresh])

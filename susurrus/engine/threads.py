@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..kernels import machine_busy, others_running
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,6 +57,12 @@ class ThreadPolicy:
             self.max_threads = torch.get_num_threads()
         if self.current is None:
             self.current = self.max_threads
+            # Another process running now: start on one thread (the first window is
+            # encoded before any step could tell), and measure from there as always.
+            if self.adaptive and machine_busy(
+                [others_running() for _ in range(3)], threads=self.max_threads
+            ):
+                self.current = 1
 
     @property
     def adaptive(self) -> bool:
@@ -62,8 +70,8 @@ class ThreadPolicy:
 
     @property
     def busy(self) -> bool:
-        """Whether steps run on one thread because that measured faster than all of them:
-        another process takes a core (then the engine encodes with a crew, crew.py)."""
+        """Whether steps run on one thread because another process takes a core (found
+        at the start, or measured faster than all of them since)."""
         return self.active and self.adaptive and self.current == 1 and (self.max_threads or 0) > 1
 
     @contextmanager
@@ -71,6 +79,8 @@ class ThreadPolicy:
         """Run other work of the engine (encoding windows) under the count its steps use,
         untimed: when one thread is faster for steps, the machine is busy, and the
         encoder's products wait on a late thread as well."""
+        if self.active:
+            self._start()
         with _threads(self.current if self.active else None):
             yield
 
