@@ -464,18 +464,27 @@ def others_running() -> int | None:
     """Threads of other processes running or ready to run now (Linux's procs_running,
     less this process's running threads); None where /proc does not tell."""
     try:
+        # This process's running threads counted before and after the total, and the
+        # larger count kept: a thread of ours that stops running between the reads (an
+        # OpenMP thread going to sleep) must not pass for another process's.
+        before = _own_running()
         with open("/proc/stat", encoding="ascii") as f:
             total = next(int(line.split()[1]) for line in f if line.startswith("procs_running"))
-        own = 0
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as f:
-                    own += f.read().rpartition(")")[2].split()[0] == "R"
-            except OSError:  # a thread that just ended
-                continue
+        own = max(before, _own_running())
     except (OSError, StopIteration, ValueError, IndexError):
         return None
     return max(0, total - own)
+
+
+def _own_running() -> int:
+    own = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as f:
+                own += f.read().rpartition(")")[2].split()[0] == "R"
+        except OSError:  # a thread that just ended
+            continue
+    return own
 
 
 def machine_busy(samples: Iterable[int | None], cpus: int | None = None,

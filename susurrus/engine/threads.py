@@ -37,6 +37,7 @@ class ThreadPolicy:
     PROBE_EVERY = 200  # steps between comparisons later on
     MARGIN = 0.85  # the other count must take at most this share of the time to switch
     SLOWDOWN = 1.5  # steps this much slower than at the last decision: compare again now
+    START_SAMPLES = 3  # looks at the machine before the first window
 
     def __init__(
         self, fixed: int | None = None, max_threads: int | None = None, active: bool = True
@@ -59,10 +60,19 @@ class ThreadPolicy:
             self.current = self.max_threads
             # Another process running now: start on one thread (the first window is
             # encoded before any step could tell), and measure from there as always.
-            if self.adaptive and machine_busy(
-                [others_running() for _ in range(3)], threads=self.max_threads
-            ):
+            if self.adaptive and self._busy_now():
                 self.current = 1
+
+    def _busy_now(self) -> bool:
+        # Every one of a few samples 1 ms apart: a single one finds a short-lived process
+        # (a shell command, a kernel thread) 2-4% of the time on an idle 2-core VM, and a
+        # wrong guess costs the first window half its speed.
+        for i in range(self.START_SAMPLES):
+            if i:
+                time.sleep(0.001)
+            if not machine_busy([others_running()], threads=self.max_threads):
+                return False
+        return True
 
     @property
     def adaptive(self) -> bool:
