@@ -390,13 +390,13 @@ def _rounded(found: dict[int | str, dict[str, float]]) -> dict[str, dict[str, fl
 
 class KernelTable:
     """Choices per (dtype, shape): for each row bucket, the name of the fastest kernel.
-    `busy`: some of them were measured while other processes took the cores."""
+    `busy`: the keys measured while other processes took the cores."""
 
-    def __init__(self, choices: dict[str, dict[str, str]] | None = None, busy: bool = False
-                 ) -> None:
+    def __init__(self, choices: dict[str, dict[str, str]] | None = None,
+                 busy: Iterable[str] = ()) -> None:
         self.choices: dict[str, dict[str, str]] = choices or {}
         self.timings: dict[str, dict[str, dict[str, float]]] = {}
-        self.busy = busy
+        self.busy: set[str] = set(busy) & set(self.choices)
 
     def kernels(self, key: str) -> tuple[Choice, ...] | None:
         """(max rows, kernel, plain kernel) for a shape, smallest bucket first; None if
@@ -488,9 +488,10 @@ def _own_running() -> int:
 
 
 def machine_busy(samples: Iterable[int | None], cpus: int | None = None,
-                 threads: int | None = None) -> bool:
+                 threads: int | None = None, every: bool = False) -> bool:
     """Whether other processes took cores this process's `threads` need, in most of the
-    `samples` of `others_running` (unknown samples count as idle)."""
+    `samples` of `others_running` (with `every`, in all of them; unknown samples count
+    as idle)."""
     known = sorted(n for n in samples if n is not None)
     if not known:
         return False
@@ -498,7 +499,8 @@ def machine_busy(samples: Iterable[int | None], cpus: int | None = None,
         affinity = getattr(os, "sched_getaffinity", None)
         cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
     threads = threads or torch.get_num_threads()
-    return known[len(known) // 2] > max(0, cpus - threads)
+    free = max(0, cpus - threads)
+    return known[0] > free if every else known[len(known) // 2] > free
 
 
 def _idle_now() -> bool:
@@ -529,7 +531,9 @@ def _read_cache(path: Path, key: str) -> KernelTable | None:
         logger.warning("ignoring a stale kernel cache entry in %s; measuring again", path)
         return None
     busy = data.get("busy")
-    return KernelTable(entry, busy=isinstance(busy, list) and key in busy)
+    busy = busy.get(key) if isinstance(busy, dict) else None
+    return KernelTable(entry, busy=[k for k in busy if isinstance(k, str)]
+                       if isinstance(busy, list) else ())
 
 
 def _valid_entry(key: str, buckets: object) -> bool:
@@ -570,9 +574,11 @@ def _write_cache(path: Path, key: str, table: KernelTable) -> None:
         data = {}
     machines = data.get("machines") if isinstance(data.get("machines"), dict) else {}
     machines[key] = table.choices
-    busy = {k for k in data.get("busy", []) if isinstance(k, str) and k in machines}
-    busy = busy | {key} if table.busy else busy - {key}
-    data = {"format": FORMAT, "machines": machines, "busy": sorted(busy)}
+    busy = data.get("busy") if isinstance(data.get("busy"), dict) else {}
+    busy = {k: v for k, v in busy.items() if k in machines and isinstance(v, list)}
+    busy[key] = sorted(table.busy)
+    data = {"format": FORMAT, "machines": machines,
+            "busy": {k: v for k, v in busy.items() if v}}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels-", suffix=".json")
@@ -649,6 +655,7 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         if (missing or refine or attend or encode or screen_missing or int8_missing
                 or rows_missing):
             start = time.perf_counter()
+            measured_before = set(table.choices)
             # The machine's load between measurements (in them, this process's threads).
             load = [others_running()]
             for name, (weight, bias, buckets, packed) in missing.items():
@@ -669,13 +676,18 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
             if rows_missing:
                 _measure_int8_rows(table, rows_missing)
             load.append(others_running())
-            if machine_busy(load):
-                table.busy = True
+            fresh = set(table.choices) - measured_before
+            # Every sample, not most: a short-lived process shows in one now and then, and
+            # a choice taken for busy is measured again at the next start.
+            if machine_busy(load, every=True):
+                table.busy |= fresh
                 logger.warning(
                     "other processes used the cores while susurrus measured its matrix "
                     "kernels: the choices may be slow; they are measured again at a start "
                     "that finds the machine idle"
                 )
+            else:
+                table.busy -= fresh
             logger.info(
                 "measured %d product shapes in %.2f s: %s",
                 len(missing),
@@ -694,8 +706,10 @@ def _known(path: Path, key: str) -> KernelTable:
         table = _read_cache(path, key) or KernelTable()
         if table.busy and _idle_now():
             logger.info("kernel choices in %s were measured on a busy machine; measuring "
-                        "again now that it is idle", path)
-            table = KernelTable()
+                        "them again now that it is idle", path)
+            for busy in table.busy:
+                del table.choices[busy]
+            table.busy = set()
         _tables[str(path), key] = table
     return table
 

@@ -301,6 +301,10 @@ def test_a_busy_machine_is_told_from_recorded_samples():
     assert kernels.machine_busy([1, 1, 2, 0, 1], cpus=2, threads=2)
     assert not kernels.machine_busy([1, 1, 2, 0, 1], cpus=8, threads=2)
     assert not kernels.machine_busy([None, None], cpus=2, threads=2)
+    # What a measurement needs to be taken for busy: every sample (a shell command now
+    # and then shows in one).
+    assert not kernels.machine_busy([1, 1, 0, 1, 1], cpus=2, threads=2, every=True)
+    assert kernels.machine_busy([1, 1, 2, 1, 1], cpus=2, threads=2, every=True)
 
 
 def test_choices_measured_on_a_busy_machine_are_measured_again_when_it_is_idle(
@@ -317,6 +321,9 @@ def test_choices_measured_on_a_busy_machine_are_measured_again_when_it_is_idle(
         pytest.skip("more cores than a few busy loops can take")
     _fresh(monkeypatch)
     path = tmp_path / "kernels.json"
+    # Choices measured idle before stay when the machine is busy later.
+    kernels.table_for(nn.Sequential(nn.Linear(128, 128)), path)
+    _fresh(monkeypatch)
     model = nn.Sequential(nn.Linear(256, 256))
     loops = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(free + 1)
@@ -330,15 +337,16 @@ def test_choices_measured_on_a_busy_machine_are_measured_again_when_it_is_idle(
             loop.kill()
             loop.wait()
     assert "other processes used the cores" in caplog.text
-    assert json.loads(path.read_text())["busy"] == [kernels.machine_key()]
+    assert json.loads(path.read_text())["busy"] == {kernels.machine_key(): ["float32:256x256"]}
     # The next process finds the machine idle: it measures again and trusts the result.
     _fresh(monkeypatch)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="susurrus.kernels"):
         table = kernels.table_for(model, path)
-    assert "measuring again now that it is idle" in caplog.text
-    assert not table.busy and json.loads(path.read_text())["busy"] == []
-    assert "float32:256x256" in table.choices
+    assert "measuring them again now that it is idle" in caplog.text
+    assert "measured 1 product shapes" in caplog.text  # the busy one only
+    assert not table.busy and json.loads(path.read_text())["busy"] == {}
+    assert {"float32:128x128", "float32:256x256"} <= set(table.choices)
 
 
 def test_a_packed_weight_is_made_once_and_follows_its_weight():
