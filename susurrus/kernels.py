@@ -487,28 +487,37 @@ def _own_running() -> int:
     return own
 
 
+def load_samples(count: int, gap: float) -> Iterator[int | None]:
+    """`count` samples of `others_running`, `gap` seconds apart, taken as they are read."""
+    for i in range(count):
+        if i:
+            time.sleep(gap)
+        yield others_running()
+
+
 def machine_busy(samples: Iterable[int | None], cpus: int | None = None,
                  threads: int | None = None, every: bool = False) -> bool:
     """Whether other processes took cores this process's `threads` need, in most of the
-    `samples` of `others_running` (with `every`, in all of them; unknown samples count
-    as idle)."""
-    known = sorted(n for n in samples if n is not None)
-    if not known:
-        return False
+    `samples` of `others_running` (with `every`, in all of them, read no further than
+    the first idle one; unknown samples are left out, and none known is idle)."""
     if cpus is None:
         affinity = getattr(os, "sched_getaffinity", None)
         cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
-    threads = threads or torch.get_num_threads()
-    free = max(0, cpus - threads)
-    return known[0] > free if every else known[len(known) // 2] > free
+    free = max(0, cpus - (threads or torch.get_num_threads()))
+    if every:
+        seen = False
+        for n in samples:
+            if n is not None:
+                if n <= free:
+                    return False
+                seen = True
+        return seen
+    known = sorted(n for n in samples if n is not None)
+    return bool(known) and known[len(known) // 2] > free
 
 
 def _idle_now() -> bool:
-    samples = []
-    for _ in range(LOAD_SAMPLES):
-        samples.append(others_running())
-        time.sleep(0.005)
-    return not machine_busy(samples)
+    return not machine_busy(load_samples(LOAD_SAMPLES, 0.005))
 
 
 def _read_cache(path: Path, key: str) -> KernelTable | None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,28 @@ os.environ.setdefault(
 )
 
 requires_shared = pytest.mark.skipif(not AUDIO.is_dir(), reason="../shared/audio is not present")
+
+
+@contextlib.contextmanager
+def busy_loops(threads: int) -> Iterator[None]:
+    """Enough busy-loop processes to take a core from `threads` threads of this process
+    while the block runs (the test is skipped where /proc does not tell the load, or where
+    that would take more than a few loops), stopped after."""
+    from susurrus import kernels
+
+    if kernels.others_running() is None:
+        pytest.skip("this system's /proc does not tell how many threads run")
+    count = len(os.sched_getaffinity(0)) - threads + 1
+    if count > 4:
+        pytest.skip("more cores than a few busy loops can take")
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.3)  # running before the block looks
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
 
 
 def manifest() -> list[dict]:

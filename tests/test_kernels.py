@@ -7,7 +7,6 @@ import copy
 import gc
 import json
 import logging
-import os
 import warnings
 
 import pytest
@@ -17,7 +16,7 @@ from torch import nn
 
 from susurrus import kernels, load_model, quantize
 
-from .conftest import AUDIO, requires_shared
+from .conftest import AUDIO, busy_loops, requires_shared
 from .test_transcribe import check_parity, english_wer, run_parity, tokens_of
 
 
@@ -310,32 +309,15 @@ def test_a_busy_machine_is_told_from_recorded_samples():
 def test_choices_measured_on_a_busy_machine_are_measured_again_when_it_is_idle(
     tmp_path, monkeypatch, caplog
 ):
-    if kernels.others_running() is None:
-        pytest.skip("this system's /proc does not tell how many threads run")
-    import subprocess
-    import sys
-    import time
-
-    free = len(os.sched_getaffinity(0)) - torch.get_num_threads()
-    if free + 1 > 4:
-        pytest.skip("more cores than a few busy loops can take")
     _fresh(monkeypatch)
     path = tmp_path / "kernels.json"
     # Choices measured idle before stay when the machine is busy later.
     kernels.table_for(nn.Sequential(nn.Linear(128, 128)), path)
     _fresh(monkeypatch)
     model = nn.Sequential(nn.Linear(256, 256))
-    loops = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(free + 1)
-    ]
-    try:
-        time.sleep(0.3)
+    with busy_loops(torch.get_num_threads()):
         with caplog.at_level(logging.INFO, logger="susurrus.kernels"):
             kernels.table_for(model, path)
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait()
     assert "other processes used the cores" in caplog.text
     assert json.loads(path.read_text())["busy"] == {kernels.machine_key(): ["float32:256x256"]}
     # The next process finds the machine idle: it measures again and trusts the result.

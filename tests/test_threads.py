@@ -8,16 +8,17 @@ import threading
 import pytest
 import torch
 
-from susurrus.engine import Engine, threads
+from susurrus import kernels
+from susurrus.engine import Engine
 from susurrus.engine.threads import ThreadPolicy
 
-from .conftest import AUDIO, requires_shared
+from .conftest import AUDIO, busy_loops, requires_shared
 
 
 @pytest.fixture
 def idle_start(monkeypatch):
     """Recorded step times only: the policy starts as on an idle machine."""
-    monkeypatch.setattr(threads, "others_running", lambda: 0)
+    monkeypatch.setattr(kernels, "others_running", lambda: 0)
 
 
 def _feed(policy: ThreadPolicy, seconds_for: dict[int, float], steps: int) -> list[int]:
@@ -63,32 +64,14 @@ def test_fixed_threads_are_never_measured(idle_start):
 
 
 def test_a_policy_started_beside_a_busy_process_starts_on_one_thread():
-    import os
-    import subprocess
-    import sys
-    import time
-
-    if threads.others_running() is None:
-        pytest.skip("this system's /proc does not tell how many threads run")
-    free = len(os.sched_getaffinity(0)) - 2
-    if free + 1 > 4:
-        pytest.skip("more cores than a few busy loops can take")
-    loops = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(free + 1)
-    ]
-    try:
-        time.sleep(0.3)
+    with busy_loops(2):
         policy = ThreadPolicy(max_threads=2)
         with policy.apply():
             assert torch.get_num_threads() == 1  # the first window's encoding too
-        assert policy.current == 1 and policy.busy
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait()
+        assert policy.current == 1
     idle = ThreadPolicy(max_threads=2)
     idle._start()
-    assert idle.current == 2 and not idle.busy
+    assert idle.current == 2
 
 
 @requires_shared

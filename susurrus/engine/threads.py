@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..kernels import machine_busy, others_running
+from ..kernels import load_samples, machine_busy
 
 logger = logging.getLogger(__name__)
 
@@ -60,29 +60,16 @@ class ThreadPolicy:
             self.current = self.max_threads
             # Another process running now: start on one thread (the first window is
             # encoded before any step could tell), and measure from there as always.
-            if self.adaptive and self._busy_now():
+            # Every one of a few samples 1 ms apart: a single one finds a short-lived
+            # process (a shell command, a kernel thread) 2-4% of the time on an idle
+            # 2-core VM, and a wrong guess costs the first window half its speed.
+            samples = load_samples(self.START_SAMPLES, 0.001)
+            if self.adaptive and machine_busy(samples, threads=self.max_threads, every=True):
                 self.current = 1
-
-    def _busy_now(self) -> bool:
-        # Every one of a few samples 1 ms apart: a single one finds a short-lived process
-        # (a shell command, a kernel thread) 2-4% of the time on an idle 2-core VM, and a
-        # wrong guess costs the first window half its speed.
-        for i in range(self.START_SAMPLES):
-            if i:
-                time.sleep(0.001)
-            if not machine_busy([others_running()], threads=self.max_threads):
-                return False
-        return True
 
     @property
     def adaptive(self) -> bool:
         return self.fixed is None and (self.max_threads or torch.get_num_threads()) > 1
-
-    @property
-    def busy(self) -> bool:
-        """Whether steps run on one thread because another process takes a core (found
-        at the start, or measured faster than all of them since)."""
-        return self.active and self.adaptive and self.current == 1 and (self.max_threads or 0) > 1
 
     @contextmanager
     def apply(self) -> Iterator[None]:
