@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import logging
 import os
@@ -487,6 +488,73 @@ def _own_running() -> int:
     return own
 
 
+@dataclasses.dataclass(frozen=True)
+class CpuMark:
+    """Clock ticks spent so far on this process's CPUs (by anyone, or stolen by the
+    hypervisor) and by this process, and when they were read."""
+
+    busy: int
+    own: int
+    at: float
+
+
+def cpu_mark() -> CpuMark | None:
+    """The CPU time counters now; None where /proc does not tell."""
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        busy = 0
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *ticks = line.split()
+                if name in cpus:
+                    # user nice system idle iowait irq softirq steal: all but idle, iowait
+                    t = [int(x) for x in ticks[:8]]
+                    busy += t[0] + t[1] + t[2] + t[5] + t[6] + t[7]
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+        own = int(fields[11]) + int(fields[12])  # utime, stime of every thread
+    except (OSError, AttributeError, ValueError, IndexError):
+        return None
+    return CpuMark(busy, own, time.monotonic())
+
+
+def others_cores(since: CpuMark | None, now: CpuMark | None = None) -> float | None:
+    """How many cores other processes (and the hypervisor) used on average from `since`
+    to `now` (default: read now); None where /proc does not tell or no time passed."""
+    now = now or cpu_mark()
+    if since is None or now is None or now.at <= since.at:
+        return None
+    ticks = (now.busy - since.busy) - (now.own - since.own)
+    return ticks / os.sysconf("SC_CLK_TCK") / (now.at - since.at)
+
+
+# Other processes' average use (in cores) above the cores this process's threads leave
+# free that counts as a busy machine. Measured on a 2-core EPYC VM over 0.3-1 s of
+# kernel measurements at 2 threads: idle -0.04..0.07, one busy loop 0.53..0.80.
+OTHERS_BUSY_CORES = 0.3
+# The ticks of /proc/stat are sampled and this process's own are not: they part by up to
+# two ticks (seen over 50 ms measurements: -2..+2), which a short measurement must not
+# take for another process.
+TICK_SLACK = 2
+
+
+def others_took_cores(since: CpuMark | None, now: CpuMark | None = None,
+                      cpus: int | None = None, threads: int | None = None) -> bool:
+    """Whether other processes used cores that this process's `threads` need, on average
+    from `since` to `now` (CPU time, not samples of who runs: this process's own threads
+    come and go between reads of procs_running, and hid a busy loop from a sample now
+    and then)."""
+    now = now or cpu_mark()
+    used = others_cores(since, now)
+    if used is None or since is None or now is None:
+        return False
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0))
+    free = max(0, cpus - (threads or torch.get_num_threads()))
+    slack = TICK_SLACK / os.sysconf("SC_CLK_TCK") / (now.at - since.at)
+    return used - slack > free + OTHERS_BUSY_CORES
+
+
 def load_samples(count: int, gap: float) -> Iterator[int | None]:
     """`count` samples of `others_running`, `gap` seconds apart, taken as they are read."""
     for i in range(count):
@@ -665,30 +733,23 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
                 or rows_missing):
             start = time.perf_counter()
             measured_before = set(table.choices)
-            # The machine's load between measurements (in them, this process's threads).
-            load = [others_running()]
+            mark = cpu_mark()
             for name, (weight, bias, buckets, packed) in missing.items():
                 table.measure(name, weight, bias, buckets, packed=packed)
-                load.append(others_running())
             if refine:
                 _measure_decoder(model, table, *layers)
             if attend:
                 _measure_attention(model, table, attention)
-            load.append(others_running())
             if encode:
                 _measure_encoder_attention(table, *encoder)
             if screen_missing:
                 _measure_screen(model, table, screen)
-            load.append(others_running())
             if int8_missing:
                 _measure_int8(model, table, *int8)
             if rows_missing:
                 _measure_int8_rows(table, rows_missing)
-            load.append(others_running())
             fresh = set(table.choices) - measured_before
-            # Every sample, not most: a short-lived process shows in one now and then, and
-            # a choice taken for busy is measured again at the next start.
-            if machine_busy(load, every=True):
+            if others_took_cores(mark):
                 table.busy |= fresh
                 logger.warning(
                     "other processes used the cores while susurrus measured its matrix "

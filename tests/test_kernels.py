@@ -306,6 +306,22 @@ def test_a_busy_machine_is_told_from_recorded_samples():
     assert kernels.machine_busy([1, 1, 2, 1, 1], cpus=2, threads=2, every=True)
 
 
+def test_a_busy_measurement_is_told_from_recorded_cpu_time():
+    # /proc/stat ticks (100 a second) over one second of measuring with 2 threads on a
+    # 2-core VM: idle, and with a busy loop that took 0.7 of a core.
+    start = kernels.CpuMark(busy=1000, own=500, at=10.0)
+    idle = kernels.CpuMark(busy=1203, own=700, at=11.0)
+    loaded = kernels.CpuMark(busy=1200, own=630, at=11.0)
+    assert kernels.others_cores(start, idle) == pytest.approx(0.03)
+    assert not kernels.others_took_cores(start, idle, cpus=2, threads=2)
+    assert kernels.others_took_cores(start, loaded, cpus=2, threads=2)
+    assert not kernels.others_took_cores(start, loaded, cpus=8, threads=2)  # cores to spare
+    assert not kernels.others_took_cores(None, loaded, cpus=2, threads=2)  # no /proc
+    # Over 50 ms, two ticks are the sampling's error, not a process.
+    short = kernels.CpuMark(busy=1012, own=510, at=10.05)
+    assert not kernels.others_took_cores(start, short, cpus=2, threads=2)
+
+
 def test_choices_measured_on_a_busy_machine_are_measured_again_when_it_is_idle(
     tmp_path, monkeypatch, caplog
 ):
@@ -314,12 +330,12 @@ def test_choices_measured_on_a_busy_machine_are_measured_again_when_it_is_idle(
     # Choices measured idle before stay when the machine is busy later.
     kernels.table_for(nn.Sequential(nn.Linear(128, 128)), path)
     _fresh(monkeypatch)
-    model = nn.Sequential(nn.Linear(256, 256))
+    model = nn.Sequential(nn.Linear(1024, 1024))  # 0.3 s of measuring: many ticks
     with busy_loops(torch.get_num_threads()):
         with caplog.at_level(logging.INFO, logger="susurrus.kernels"):
             kernels.table_for(model, path)
     assert "other processes used the cores" in caplog.text
-    assert json.loads(path.read_text())["busy"] == {kernels.machine_key(): ["float32:256x256"]}
+    assert json.loads(path.read_text())["busy"] == {kernels.machine_key(): ["float32:1024x1024"]}
     # The next process finds the machine idle: it measures again and trusts the result.
     _fresh(monkeypatch)
     caplog.clear()
@@ -328,7 +344,7 @@ def test_choices_measured_on_a_busy_machine_are_measured_again_when_it_is_idle(
     assert "measuring them again now that it is idle" in caplog.text
     assert "measured 1 product shapes" in caplog.text  # the busy one only
     assert not table.busy and json.loads(path.read_text())["busy"] == {}
-    assert {"float32:128x128", "float32:256x256"} <= set(table.choices)
+    assert {"float32:128x128", "float32:1024x1024"} <= set(table.choices)
 
 
 def test_a_packed_weight_is_made_once_and_follows_its_weight():
