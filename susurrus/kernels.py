@@ -548,11 +548,18 @@ def others_took_cores(since: CpuMark | None, now: CpuMark | None = None,
     used = others_cores(since, now)
     if used is None or since is None or now is None:
         return False
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0))
-    free = max(0, cpus - (threads or torch.get_num_threads()))
+    free = _free_cores(cpus, threads)
     slack = TICK_SLACK / os.sysconf("SC_CLK_TCK") / (now.at - since.at)
     return used - slack > free + OTHERS_BUSY_CORES
+
+
+def _free_cores(cpus: int | None, threads: int | None) -> int:
+    """The cores this process's `threads` (default: torch's count) leave free of its
+    `cpus` (default: those it may run on)."""
+    if cpus is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
+    return max(0, cpus - (threads or torch.get_num_threads()))
 
 
 def load_samples(count: int, gap: float) -> Iterator[int | None]:
@@ -568,10 +575,7 @@ def machine_busy(samples: Iterable[int | None], cpus: int | None = None,
     """Whether other processes took cores this process's `threads` need, in most of the
     `samples` of `others_running` (with `every`, in all of them, read no further than
     the first idle one; unknown samples are left out, and none known is idle)."""
-    if cpus is None:
-        affinity = getattr(os, "sched_getaffinity", None)
-        cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
-    free = max(0, cpus - (threads or torch.get_num_threads()))
+    free = _free_cores(cpus, threads)
     if every:
         seen = False
         for n in samples:

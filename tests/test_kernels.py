@@ -300,8 +300,8 @@ def test_a_busy_machine_is_told_from_recorded_samples():
     assert kernels.machine_busy([1, 1, 2, 0, 1], cpus=2, threads=2)
     assert not kernels.machine_busy([1, 1, 2, 0, 1], cpus=8, threads=2)
     assert not kernels.machine_busy([None, None], cpus=2, threads=2)
-    # What a measurement needs to be taken for busy: every sample (a shell command now
-    # and then shows in one).
+    # What the thread policy's start needs to take the machine for busy: every sample (a
+    # shell command now and then shows in one).
     assert not kernels.machine_busy([1, 1, 0, 1, 1], cpus=2, threads=2, every=True)
     assert kernels.machine_busy([1, 1, 2, 1, 1], cpus=2, threads=2, every=True)
 
