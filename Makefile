@@ -37,7 +37,7 @@ espeak:
 
 test: install browser espeak
 	$(BIN)/ruff check susurrus tests benchmarks
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 lint: install
 	$(BIN)/ruff check susurrus tests benchmarks

@@ -68,13 +68,15 @@ def test_reference_script_runs_with_changed_import(tmp_path):
     assert (tmp_path / "jfk.srt").read_text().startswith("1\n00:00:00,000 --> ")
 
 
-def test_cli_defaults_wer_no_worse_than_reference(base):
-    """Beam 5, best_of 5 and the temperature fallback: the reference command's defaults."""
-    refs = [r for r in parity("base", "beam5") if r["language"] == "en"]
+def test_cli_defaults_wer_no_worse_than_reference(tiny_en):
+    """Beam 5, best_of 5 and the temperature fallback: the reference command's defaults
+    (tiny.en: on these files no window of tiny.en or base falls back, so the smaller
+    model says as much in two thirds of the time)."""
+    refs = [r for r in parity("tiny.en", "beam5") if r["language"] == "en"]
     truth = {row["file"]: row["transcript"] for row in manifest()}
     norm = EnglishTextNormalizer()
     ours = [
-        base.transcribe(
+        tiny_en.transcribe(
             str(AUDIO / r["file"]),
             language="en",
             beam_size=5,
