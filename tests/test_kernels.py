@@ -439,7 +439,8 @@ def test_attention_type_follows_recorded_timings():
 
 # Forced paths are checked on part of the parity set: the long reading (four windows, each
 # after the first with its previous text as a prompt of many rows) and three single
-# windows. The measured choice is checked on all of it by test_transcribe.py.
+# windows, of which one may differ, as one of the whole set's fifteen English files may.
+# The measured choice is checked on all of it by test_transcribe.py.
 FORCED_FILES = frozenset({
     "en_lj_LJ001-0001-0016_concat.flac", "jfk.flac", "en_arctic_a0024.flac",
     "en_lj_LJ001-0005.flac",
@@ -453,7 +454,7 @@ def test_float32_parity_with_each_attention_forced(name, monkeypatch):
     monkeypatch.setenv(kernels.ENV_FORCE_ATTENTION, name)
     model = load_model("tiny.en", device="cpu")
     assert model.decoder.blocks[0].cross_attn.step_kernel is kernels.ATTENTION[name]
-    check_parity(*run_parity(model, "tiny.en", "greedy", FORCED_FILES))
+    check_parity(*run_parity(model, "tiny.en", "greedy", FORCED_FILES), most_differing=0.25)
 
 
 @requires_shared
@@ -467,7 +468,7 @@ def test_float32_parity_with_each_kernel_forced(name, monkeypatch):
     )
     # Greedy here (beam 5 with each forced kernel passed too, at 3 minutes more); the
     # measured choice is checked in both settings by test_transcribe.py.
-    check_parity(*run_parity(model, "tiny.en", "greedy", FORCED_FILES))
+    check_parity(*run_parity(model, "tiny.en", "greedy", FORCED_FILES), most_differing=0.25)
 
 
 def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, monkeypatch):

@@ -50,9 +50,12 @@ def english_wer(texts: list[str], files: list[str]) -> float:
     return jiwer.wer([norm(truth[f]) for f in files], [norm(t) for t in texts])
 
 
-def check_parity(ours: list[dict], refs: list[dict]) -> None:
+def check_parity(ours: list[dict], refs: list[dict], most_differing: float = 0.1) -> None:
+    """Token for token on all but `most_differing` of the files (a float32 sum rounded the
+    other way can change a word on another CPU); the rest of the numbers on those files,
+    and the English WER no worse than the reference's."""
     identical = [tokens_of(o) == tokens_of(r["result"]) for o, r in zip(ours, refs)]
-    assert sum(identical) / len(identical) >= 0.9, [
+    assert sum(identical) >= (1 - most_differing) * len(identical), [
         r["file"] for r, ok in zip(refs, identical) if not ok
     ]
     for o, r, same in zip(ours, refs, identical):
