@@ -45,6 +45,22 @@ def _best(run, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def _time_windows(audio: np.ndarray, repeats: int, prepare, encode, tokens) -> list:
+    """(start, encoder seconds, (seconds, tokens) up to LONG, the same up to SHORT) for each
+    window: `prepare(samples)` makes the encoder's input (untimed), `encode(input)` its
+    output, `tokens(output, most)` the tokens of a greedy decode of at most `most`."""
+    rows = []
+    for start in WINDOWS:
+        ready = prepare(audio[start * 16000 : (start + 30) * 16000])
+        encode_seconds, encoded = _best(lambda r=ready: encode(r), repeats)
+        found = {}
+        for most in (LONG, SHORT):
+            seconds, result = _best(lambda e=encoded, n=most: tokens(e, n), repeats)
+            found[most] = seconds, len(result)
+        rows.append((start, encode_seconds, found[LONG], found[SHORT]))
+    return rows
+
+
 def measure_ours(model_name: str, compute_type: str, audio: np.ndarray, repeats: int) -> list:
     import torch
 
@@ -52,19 +68,21 @@ def measure_ours(model_name: str, compute_type: str, audio: np.ndarray, repeats:
     from susurrus.decoding import DecodingOptions, decode
 
     model = susurrus.load_model(model_name, device="cpu", compute_type=compute_type)
-    rows = []
-    for start in WINDOWS:
-        clip = torch.from_numpy(audio[start * 16000 : (start + 30) * 16000].copy())
-        mel = susurrus.pad_or_trim(susurrus.log_mel_spectrogram(clip, model.dims.n_mels), 3000)
+
+    def prepare(samples: np.ndarray) -> torch.Tensor:
+        mel = susurrus.log_mel_spectrogram(torch.from_numpy(samples.copy()), model.dims.n_mels)
+        return susurrus.pad_or_trim(mel, 3000)
+
+    def encode(mel: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            encode = _best(lambda m=mel: model.embed_audio(m[None]), repeats)[0]
-        found = {}
-        for most in (LONG, SHORT):
-            options = DecodingOptions(language="en", temperature=0.0, sample_len=most, fp16=False)
-            seconds, result = _best(lambda m=mel, o=options: decode(model, m, o), repeats)
-            found[most] = seconds, len(result.tokens)
-        rows.append((start, encode, found[LONG], found[SHORT]))
-    return rows
+            model.embed_audio(mel[None])
+        return mel  # decode() encodes its window itself: the step cost is the difference
+
+    def tokens(mel: torch.Tensor, most: int) -> list[int]:
+        options = DecodingOptions(language="en", temperature=0.0, sample_len=most, fp16=False)
+        return decode(model, mel, options).tokens
+
+    return _time_windows(audio, repeats, prepare, encode, tokens)
 
 
 def measure_ct2(model_dir: str, compute_type: str, threads: int, audio: np.ndarray,
@@ -79,21 +97,19 @@ def measure_ct2(model_dir: str, compute_type: str, threads: int, audio: np.ndarr
     prompt = ["<|startoftranscript|>"]
     if model.is_multilingual:
         prompt += ["<|en|>", "<|transcribe|>"]
-    rows = []
-    for start in WINDOWS:
-        mel = features(audio[start * 16000 : (start + 30) * 16000])[:, :3000]
-        view = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None]))
-        encode = _best(lambda v=view: model.encode(v, to_cpu=False), repeats)[0]
-        encoded = model.encode(view, to_cpu=False)
-        found = {}
-        for most in (LONG, SHORT):
-            def run(e=encoded, n=most):
-                return model.generate(e, [prompt], max_length=n, beam_size=1)
 
-            seconds, result = _best(run, repeats)
-            found[most] = seconds, len(result[0].sequences_ids[0])
-        rows.append((start, encode, found[LONG], found[SHORT]))
-    return rows
+    def prepare(samples: np.ndarray) -> object:
+        mel = features(samples)[:, :3000]
+        return ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None]))
+
+    def encode(view: object) -> object:
+        return model.encode(view, to_cpu=False)
+
+    def tokens(encoded: object, most: int) -> list[int]:
+        result = model.generate(encoded, [prompt], max_length=most, beam_size=1)
+        return result[0].sequences_ids[0]
+
+    return _time_windows(audio, repeats, prepare, encode, tokens)
 
 
 def summarize(rows: list) -> dict:
