@@ -13,26 +13,30 @@ directory: measuring costs a few seconds the first time, nothing afterwards.
 
 On an AMD EPYC Zen 3 (AVX2 only) MKL runs a product of one row on one thread and reads the
 weight at 12 GB/s: `split` cuts the weight into a batch of parts the threads share
-(24 GB/s). Every candidate computes the same float sums in another order, so float32
-results change only by that reordering (the parity tests pass with each candidate forced
-in turn: `SUSURRUS_KERNEL=linear|onednn|weight_first|onednn_packed|split`), and none that
-a decoding step may take sums differently with another thread count (the engine changes
-it with the load). An int8 decoder's steps choose,
-in whole steps, between FBGEMM's dynamic kernel and the weight-only int8 kernel on
-bfloat16 activations (`SUSURRUS_INT8=fbgemm|int8pack` forces one; quantize.py), and its
-products of many rows between PyTorch's int8 product and the float product of the
-dequantized weight (`SUSURRUS_INT8_ROWS=int_mm|dequantized`): without VNNI the first is
-30 times slower.
+(24 GB/s). Where the hand-written kernels of native.py build (x86-64 with AVX2 and a C
+compiler), `native` joins the candidates of a few rows: each weight row read once for all
+rows, at 20-25 GB/s there. Every candidate computes the same float sums in another order,
+so float32 results change only by that reordering (the parity tests pass with each
+candidate forced in turn:
+`SUSURRUS_KERNEL=linear|onednn|weight_first|onednn_packed|split|native`), and none that a
+decoding step may take sums differently with another thread count (the engine changes it
+with the load). An int8 decoder's steps choose, in whole steps with the output
+projection, between FBGEMM's dynamic kernel, the weight-only int8 kernel on bfloat16
+activations and the native one on float32 activations (`SUSURRUS_INT8=fbgemm|int8pack|
+native` forces one; quantize.py), and its products of many rows between PyTorch's int8
+product and the float product of the dequantized weight
+(`SUSURRUS_INT8_ROWS=int_mm|dequantized`): without VNNI the first is 30 times slower.
 
-The attention of decoding steps runs as two plain products around a float32 softmax
-(`SUSURRUS_ATTENTION=sdpa|matmul` forces a kernel), and where the compute type asks for
-bfloat16 attention (`auto`), whole decoder steps for one window and for eight side by side
-are timed to find whether bfloat16 pays at all: on a Zen 4 without AMX,
+The attention of decoding steps runs as two plain products around a float32 softmax, or
+through the native kernel where it builds and whole steps measure it faster
+(`SUSURRUS_ATTENTION=sdpa|matmul|native` forces a kernel), and where the compute type
+asks for bfloat16 attention (`auto`), whole decoder steps for one window and for eight
+side by side are timed to find whether bfloat16 pays at all: on a Zen 4 without AMX,
 PyTorch's fused bfloat16 kernel takes 0.64 ms for one query over 1500 frames, float32's
-0.07 ms, two bfloat16 products 0.13 ms. Steps always take the two products (only their
-type is measured): SDPA's sums for one query change with the thread count, which the
-engine's thread policy changes with the machine's load. Only the audio's keys take the
-narrow type: the decoder's own keys stay in the model's.
+0.07 ms, two bfloat16 products 0.13 ms. Steps never take SDPA unless forced: its sums for
+one query change with the thread count, which the engine's thread policy changes with
+the machine's load. Only the audio's keys take the narrow type: the decoder's own keys
+stay in the model's.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import quantize
+from . import native, quantize
 from . import screen as screening
 from .download import default_cache_dir
 from .errors import SusurrusError
@@ -193,12 +197,24 @@ def _onednn_packed(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
 
 
+def _native(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # The hand-written kernel (native.py): each weight row read once for all rows, the
+    # outputs shared between threads, every sum in one order whatever the row and thread
+    # counts. Written for a step's few rows; more (a prompt, the encoder) go to F.linear.
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > SPLIT_ROWS or x.dtype != torch.float32 or not native.available():
+        return F.linear(x, weight, bias)
+    out = native.float_rows(rows, weight.contiguous(), bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 CANDIDATES: dict[str, Kernel] = {
     "linear": _linear,
     "onednn": _onednn,
     "weight_first": _weight_first,
     "onednn_packed": _onednn_packed,
     "split": _split,
+    "native": _native,
 }
 PACKED = frozenset({"onednn_packed"})  # candidates that keep a second copy of the weight
 
@@ -220,6 +236,19 @@ def _attention_matmul(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
         scores.masked_fill_(~mask, float("-inf"))
     weights = scores.softmax(-1)
     return (weights if v.dtype == torch.float32 else weights.to(v.dtype)) @ v
+
+
+def _attention_native(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    # The hand-written kernel (native.py): each head's keys and values read once, the
+    # scores and softmax in float32 in between, a head per thread. For base's 1500
+    # frames, one row, keys and values out of cache (Zen 3): 272 against the two
+    # products' 421 us a layer. Other types, and a mask of several queries a row (a
+    # prompt continued), take the two products.
+    plain = q.dtype == k.dtype == v.dtype == torch.float32 and q.shape[-1] % 8 == 0
+    masked_ok = mask is None or (q.shape[2] == 1 and mask.shape == (q.shape[0], 1, 1, k.shape[2]))
+    if plain and masked_ok and native.available():
+        return native.attention(q, k, v, mask)
+    return _attention_matmul(q, k, v, mask)
 
 
 def _attention_blocks(q: Tensor, k: Tensor, v: Tensor, block: int = 128) -> Tensor:
@@ -258,15 +287,22 @@ LONG_ATTENTION: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 ATTENTION: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]] = {
     "sdpa": _attention_sdpa,
     "matmul": _attention_matmul,
+    "native": _attention_native,
 }
 # Audios per step the attention is timed for: one window, and windows side by side.
 ATTENTION_BUCKETS = (1, 8)
-# The attention kernel of CPU decoding steps, whatever the timings: PyTorch's SDPA splits
-# one query's keys between threads, so its sums, and a transcript's last digits, change
-# with the thread count, which the engine's thread policy changes as the machine's load
-# does (engine/threads.py); the two products' sums do not. On a Zen 4 they are within 4%
-# of SDPA in float32 and 5x faster in bfloat16. SDPA stays forcible for comparisons.
+# The attention kernel of CPU decoding steps, unless the native one (where it builds) is
+# measured faster: PyTorch's SDPA splits one query's keys between threads, so its sums,
+# and a transcript's last digits, change with the thread count, which the engine's
+# thread policy changes as the machine's load does (engine/threads.py); the two
+# products' sums do not, nor the native kernel's. On a Zen 4 the two products are within
+# 4% of SDPA in float32 and 5x faster in bfloat16. SDPA stays forcible for comparisons.
 STEP_ATTENTION = "matmul"
+
+
+def _step_attention_kernels() -> list[str]:
+    """The step attention kernels timed on this machine."""
+    return [STEP_ATTENTION, *(["native"] if native.available() else [])]
 ATTENTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV_FORCE_ATTENTION = "SUSURRUS_ATTENTION"
 
@@ -280,6 +316,8 @@ def _usable(name: str, dtype: torch.dtype, rows: int = 1, packed: Iterable[int] 
         return torch.backends.mkldnn.is_available() and (dtype == torch.float32 or bf16)
     if name == "onednn_packed":
         return torch.backends.mkldnn.is_available() and dtype == torch.float32 and rows in packed
+    if name == "native":
+        return dtype == torch.float32 and rows <= SPLIT_ROWS and native.available()
     if name == "linear":
         # MKL's sums for a few rows change with the thread count (AMD EPYC Zen 3: 5 to 7
         # and 9 to 11 rows), which the engine's thread policy changes with the machine's
@@ -812,9 +850,11 @@ def _time_steps(
     candidates: Callable[[int], list[str]],
     install: Callable[[str], None],
     buckets: Iterable[int] = STEP_BUCKETS,
+    logits: bool = False,
 ) -> dict[int, dict[str, float]]:
     """Best time of a whole decoder step for each row bucket and each of its candidates
-    (`install(name)` routes the products through one), with packed weights allowed.
+    (`install(name)` routes the products through one), with packed weights allowed, and
+    with the output projection if `logits`.
 
     Timed alone, one small product keeps the threads spinning and its weight in cache;
     inside a step, between attention and layer norms, it costs several times more, and
@@ -848,7 +888,9 @@ def _time_steps(
                     step_cache.length = position
                     start = time.perf_counter()
                     with packed_weights():
-                        decoder(tokens, step_cache)
+                        hidden = decoder(tokens, step_cache)
+                        if logits:  # with the output projection
+                            decoder.logits(hidden)
                     if turn:
                         found[name] = min(found[name], time.perf_counter() - start)
     return found_by_rows
@@ -916,9 +958,19 @@ def _int8_layers(model: nn.Module) -> tuple[str, list[quantize.Int8Linear]] | No
     ]
     if not layers:
         return None
-    # The audio's attention in its own type makes a different step (int8 against auto).
+    # The audio's attention in its own type makes a different step (int8 against auto);
+    # the candidates are in the key, so that a cache measured without one (an older
+    # version, a machine without a compiler then) is measured again once it can run.
     attention = _dtype_name(decoder.blocks[0].cross_attn.attention_dtype or torch.float32)
-    return f"int8-decoder:{attention}:{layers[0].in_features}x{len(layers)}", layers
+    names = "+".join(_int8_candidates())
+    return f"int8-decoder:{attention}:{layers[0].in_features}x{len(layers)}:{names}", layers
+
+
+def _int8_candidates() -> list[str]:
+    """The step kernels this machine can run (quantize.STEP_KERNELS)."""
+    usable = {"fbgemm": True, "int8pack": quantize.weight_only_supported(),
+              "native": native.available()}
+    return [name for name in quantize.STEP_KERNELS if usable[name]]
 
 
 def _measure_int8(model: nn.Module, table: KernelTable, key: str, layers: list) -> None:
@@ -934,15 +986,17 @@ def _measure_int8(model: nn.Module, table: KernelTable, key: str, layers: list) 
     FBGEMM (what int8 had) stays unless the other is more than INT8_TIE faster. On the EPYC:
     tiny.en's totals 9-12% faster through the weight-only kernel (its long-form greedy run
     4-9%), base's 3-5% (FBGEMM stays)."""
+    layers = [*layers, model.decoder.token_embedding.projection]  # it follows them
     saved = [m.step_kernel for m in layers]
 
     def install(name: str) -> None:
         for m in layers:
             m.step_kernel = name
 
-    names = list(quantize.STEP_KERNELS if quantize.weight_only_supported() else ("fbgemm",))
+    names = _int8_candidates()
     try:
-        found = _time_steps(model, torch.float32, lambda rows: names, install, INT8_BUCKETS)
+        found = _time_steps(model, torch.float32, lambda rows: names, install, INT8_BUCKETS,
+                            logits=True)
     finally:
         for m, name in zip(layers, saved):
             m.step_kernel = name
@@ -958,8 +1012,17 @@ def _apply_int8(model: nn.Module, table: KernelTable | None) -> None:
     name = forced(ENV_FORCE_INT8, quantize.STEP_KERNELS)
     if name is None and table is not None:
         name = table.choices.get(key, {}).get("all")
+    if name not in _int8_candidates():
+        if name is not None:
+            logger.warning("the %s int8 step kernel cannot run here; using FBGEMM's", name)
+        name = "fbgemm"
     for m in layers:
-        m.step_kernel = name or "fbgemm"
+        m.step_kernel = name
+    # The output projection takes the layers' kernel only if it is the native one: the
+    # two others round the state to 8 bits, which FBGEMM's two-row product avoids.
+    model.decoder.token_embedding.projection.step_kernel = (
+        "native" if name == "native" else "fbgemm"
+    )
 
 
 ENV_FORCE_INT8_ROWS = "SUSURRUS_INT8_ROWS"
@@ -1055,9 +1118,10 @@ def _attention_key(model: nn.Module) -> str | None:
         return None
     attn = decoder.blocks[0].cross_attn
     asked = attn.attention_dtype or pe.dtype
+    # With the kernels timed: a cache measured without one is measured again once it runs.
     return (
         f"attention:{_dtype_name(asked)}:{pe.shape[1]}x{attn.n_head}x{len(decoder.blocks)}"
-        f":{model.dims.n_audio_ctx}"
+        f":{model.dims.n_audio_ctx}:{'+'.join(_step_attention_kernels())}"
     )
 
 
@@ -1124,10 +1188,11 @@ def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, kernel) -> Non
 
 
 def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
-    """Choose the type of the decoder's attention of the audio by timing whole decoder
-    steps through STEP_ATTENTION: the type the compute plan asks for (bfloat16 keys and
-    values under `auto`) against the model's own, for one window and for windows side by
-    side (see choose_attention)."""
+    """Choose the type of the decoder's attention of the audio and the kernel of its
+    steps by timing whole decoder steps through each kernel (_step_attention_kernels):
+    the type the compute plan asks for (bfloat16 keys and values under `auto`) against
+    the model's own, for one window and for windows side by side (see
+    choose_attention)."""
     from .engine.step import Run, decoder_step  # the engine's step is what is timed
 
     decoder = model.decoder
@@ -1159,17 +1224,19 @@ def _measure_attention(model: nn.Module, table: KernelTable, key: str) -> None:
                         [same]
                     )
                     run = (Run(0, rows, 0, rows, 1),)
-                    _set_attention(decoder, dtype, ATTENTION[STEP_ATTENTION])
-                    label = f"{_dtype_name(dtype)}/{STEP_ATTENTION}"
+                    # Kernels take turns (a burst of other work slows them alike).
                     for turn in range(DECODER_ROUNDS + 1):
-                        start = time.perf_counter()
-                        decoder_step(
-                            decoder, tokens, positions, cache.self_k, cache.self_v,
-                            cache.cross_k, cache.cross_v, run, same,
-                        )
-                        took = time.perf_counter() - start
-                        if turn:
-                            found[label] = min(found.get(label, float("inf")), took)
+                        for name in _step_attention_kernels():
+                            _set_attention(decoder, dtype, ATTENTION[name])
+                            label = f"{_dtype_name(dtype)}/{name}"
+                            start = time.perf_counter()
+                            decoder_step(
+                                decoder, tokens, positions, cache.self_k, cache.self_v,
+                                cache.cross_k, cache.cross_v, run, same,
+                            )
+                            took = time.perf_counter() - start
+                            if turn:
+                                found[label] = min(found.get(label, float("inf")), took)
     finally:
         for m, dtype, kernel in saved:
             m.attention_dtype, m.step_kernel = dtype, kernel
@@ -1191,16 +1258,22 @@ def choose_attention(
     timings: dict[str, dict[str, float]], asked: torch.dtype, own: torch.dtype
 ) -> dict[str, str]:
     """From step times per bucket ({rows: {"dtype/kernel": time}}): the type whose steps
-    through the two products take the least total time, the asked one on a near tie
-    (ATTENTION_TIE: it halves the memory of the audio's keys); the kernel of every bucket
-    is the two products (see STEP_ATTENTION)."""
+    through its fastest kernel take the least total time, the asked one on a near tie
+    (ATTENTION_TIE: it halves the memory of the audio's keys); then that type's fastest
+    kernel over all buckets (the two products, STEP_ATTENTION, on a near tie), the
+    kernel of every bucket: a window's numbers never depend on how many step beside it."""
 
-    def took(dtype: torch.dtype, rows: str) -> float:
-        return timings[rows][f"{_dtype_name(dtype)}/{STEP_ATTENTION}"]
+    def totals(dtype: torch.dtype) -> dict[str, float]:
+        prefix = f"{_dtype_name(dtype)}/"
+        names = {label[len(prefix):] for found in timings.values() for label in found
+                 if label.startswith(prefix)}
+        return {name: sum(found[prefix + name] for found in timings.values())
+                for name in names if all(prefix + name in found for found in timings.values())}
 
-    totals = {d: sum(took(d, r) for r in timings) for d in dict.fromkeys((asked, own))}
-    chosen = asked if totals[asked] <= totals[own] * ATTENTION_TIE else own
-    return {"dtype": _dtype_name(chosen), **{rows: STEP_ATTENTION for rows in timings}}
+    best = {d: min(totals(d).values()) for d in dict.fromkeys((asked, own))}
+    chosen = asked if best[asked] <= best[own] * ATTENTION_TIE else own
+    kernel = choose(totals(chosen), preferred=STEP_ATTENTION)
+    return {"dtype": _dtype_name(chosen), **{rows: kernel for rows in timings}}
 
 
 def _apply_attention(
@@ -1209,8 +1282,9 @@ def _apply_attention(
     if forced_name is not None:
         _set_attention(model.decoder, None, ATTENTION[forced_name])
     elif entry is not None:
-        # The entry's buckets name the kernel its timings were taken with: STEP_ATTENTION.
-        _set_attention(model.decoder, ATTENTION_DTYPES[entry["dtype"]], ATTENTION[STEP_ATTENTION])
+        # Every bucket names the same kernel (choose_attention).
+        name = next((v for k, v in entry.items() if k != "dtype"), STEP_ATTENTION)
+        _set_attention(model.decoder, ATTENTION_DTYPES[entry["dtype"]], ATTENTION[name])
 
 
 # Greedy float32 steps: the whole projection, or its int8 screen (see screen.py).

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .errors import SusurrusError
 
 COMPUTE_TYPES = (
@@ -40,8 +41,11 @@ FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 # weight-only int8 kernel on bfloat16 activations. The second costs far less per call
 # where the CPU computes bfloat16 natively (one row of tiny's 1152x384, Zen 4: 10 against
 # 25 us), but falls behind FBGEMM for several rows of the larger layers (five rows of
-# base's 2048x512: 62 against 33 us).
-STEP_KERNELS = ("fbgemm", "int8pack")
+# base's 2048x512: 62 against 33 us). Or the hand-written kernel (native.py) on float32
+# activations, the weight alone rounded, where it builds: on an AMD EPYC Zen 3 it streams
+# the weights at 17-25 GB/s against the weight-only kernel's 10-19 (base's 2048x512, one
+# row: 49 against 64 us; five rows: 127 against 222).
+STEP_KERNELS = ("fbgemm", "int8pack", "native")
 # The kernels of an int8 layer's products of many rows (the encoder's 1500 frames, prompt
 # passes), chosen per shape by measurement (kernels.py): PyTorch's int8 matrix product on
 # activations rounded to 8 bits per row, or the float32 product of the weight dequantized
@@ -366,7 +370,9 @@ class Int8Linear(nn.Module):
                 return self._many_rows(x)
             # A decoding step's rows come 2-D (engine/step.py): no reshapes there.
             rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            if self.step_kernel == "int8pack":
+            if self.step_kernel == "native":
+                out = native.int8_rows(rows, self.weight_int8, self.scale, self.bias)
+            elif self.step_kernel == "int8pack":
                 out = self._weight_only(rows)
             else:
                 out = self._per_row_fused(rows)

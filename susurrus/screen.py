@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import quantize
+from . import native, quantize
 
 # Every Whisper vocabulary starts with its ordinary BPE tokens, at least this many; the
 # tokens from here on (end of text, the other special tokens, the timestamps) are few and
@@ -48,9 +48,11 @@ FEW_CANDIDATES = 64
 
 
 def supported_kernels() -> list[str]:
-    """The int8 kernels this PyTorch has for the screen: FBGEMM's (x86), the int8-weight
-    kernel with bfloat16 activations."""
-    found = ["fbgemm"] if quantize.fbgemm_built() else []
+    """The int8 kernels this machine has for the screen, the default first: the native
+    one (native.py) where it builds, FBGEMM's (x86), the int8-weight kernel with bfloat16
+    activations."""
+    found = ["native"] if native.available() else []
+    found += ["fbgemm"] if quantize.fbgemm_built() else []
     return found + (["int8pack"] if hasattr(torch, "_weight_int8pack_mm") else [])
 
 
@@ -62,11 +64,13 @@ def supported() -> bool:
 class LogitScreen:
     """The output projection's int8 screen for one float32 weight (vocabulary, features).
 
-    Two int8 kernels can screen: FBGEMM's (x86; 8-bit activations, 32-bit integer sums),
-    fed each hidden state as two rows already on its 8-bit grid, the state and what that
-    rounding left, so that the two rows together stand for it to about 16 bits (on a Zen
-    4 about twice as fast as the other); or PyTorch's int8-weight kernel with the
-    activations in bfloat16.
+    Three int8 kernels can screen: the native one (native.py: the hidden state in float32,
+    unrounded, float32 sums; on a Zen 3 as fast as FBGEMM's for one row, with a bound
+    that only the weights' rounding widens); FBGEMM's (x86; 8-bit activations, 32-bit
+    integer sums), fed each hidden state as two rows already on its 8-bit grid, the state
+    and what that rounding left, so that the two rows together stand for it to about 16
+    bits (on a Zen 4 about twice as fast as the next); or PyTorch's int8-weight kernel
+    with the activations in bfloat16.
     """
 
     def __init__(
@@ -78,8 +82,8 @@ class LogitScreen:
     ) -> None:
         """`product(hidden, weight)`: the float32 projection's kernel, for the deferred
         normalisers (many rows at once: a measured kernel does them 3x faster than MKL's
-        default on a Zen 4). `kernel`: "fbgemm" or "int8pack" (default: FBGEMM where
-        PyTorch has it)."""
+        default on a Zen 4). `kernel`: "native", "fbgemm" or "int8pack" (default: the
+        first of supported_kernels())."""
         weight = weight.detach()
         self.weight = weight
         self.product = product or (lambda hidden, w: hidden @ w.T)
@@ -89,6 +93,11 @@ class LogitScreen:
             # 32-bit integer sums are exact; the float products that undo the scales
             # round by a few 2^-24 of the value.
             self.output_rounding = self.accumulation = 2.0**-20
+        elif self.kernel == "native":
+            # float32 sums of int8 times float32 terms (features * 2^-24 of the magnitudes,
+            # doubled), then one product by the scale (2^-24 of the value, doubled).
+            self.output_rounding = 2.0**-23
+            self.accumulation = weight.shape[1] * 2.0**-23
         else:
             # The kernel sums in float32 (features * 2^-24 of the magnitudes, doubled)
             # and rounds its output to bfloat16 (2^-9 of the value, doubled).
@@ -104,7 +113,7 @@ class LogitScreen:
                 return
             ordinary = self.weight[: self.split]
             top = ordinary.abs().amax(dim=1).clamp_min(1e-30)
-            if self.kernel == "fbgemm":
+            if self.kernel in ("fbgemm", "native"):
                 scale = top / 127
             else:
                 # Exactly representable in bfloat16 (the kernel takes bfloat16 scales)
@@ -154,7 +163,10 @@ class LogitScreen:
         if not self._built:
             self._build()
         logits = torch.empty(hidden.shape[0], self.weight.shape[0], dtype=hidden.dtype)
-        if self.kernel == "fbgemm":
+        if self.kernel == "native":
+            logits[:, : self.split] = native.int8_rows(hidden, self.q, self.scale, None)
+            used = hidden  # unrounded: no error from the activations
+        elif self.kernel == "fbgemm":
             logits[:, : self.split], used = quantize.two_row_product(hidden, self._packed)
         else:
             used = hidden.to(torch.bfloat16)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from susurrus import kernels, load_model, quantize
+from susurrus import kernels, load_model, native, quantize
 
 from .conftest import AUDIO, busy_loops, requires_shared
 from .test_transcribe import check_parity, english_wer, run_parity, tokens_of
@@ -207,7 +207,7 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
         "float32:384x1536",
         "projection:float32:51864x384",
         f"decoder:float32:384x{len(kernels._decoder_layers(tiny_en)[1])}",
-        "attention:float32:384x6x4:1500",
+        kernels._attention_key(tiny_en),  # with the step kernels timed
         "encoder-attention:float32:6x1500x64",
         "screen:float32:51864x384",
     }
@@ -246,11 +246,18 @@ def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
                     unpacked = {n: t for n, t in found.items() if n not in kernels.PACKED}
                     assert plain == kernels.choose(unpacked)
     # The attention of steps: its type (tiny.en's own float32, nothing else asked) and
-    # the two products for every bucket of audios, timed.
-    attention = entry["attention:float32:384x6x4:1500"]
-    assert attention == {"dtype": "float32", "1": "matmul", "8": "matmul"}
-    for rows in ("1", "8"):
-        assert table.timings["attention:float32:384x6x4:1500"][rows]["float32/matmul"] > 0
+    # one kernel for every bucket of audios, the fastest of those timed (the two products
+    # on a near tie).
+    key = kernels._attention_key(tiny_en)
+    assert key == "attention:float32:384x6x4:1500:" + "+".join(
+        ["matmul"] + (["native"] if native.available() else []))
+    timed = table.timings[key]
+    totals = {name: timed["1"][f"float32/{name}"] + timed["8"][f"float32/{name}"]
+              for name in kernels._step_attention_kernels()}
+    assert all(t > 0 for t in totals.values())
+    chosen = kernels.choose(totals, preferred="matmul")
+    assert entry[key] == {"dtype": "float32", "1": chosen, "8": chosen}
+    assert tiny_en.decoder.blocks[0].cross_attn.step_kernel is kernels.ATTENTION[chosen]
 
     # The next process reads the file and measures nothing.
     _fresh(monkeypatch)
@@ -472,15 +479,19 @@ def test_float32_parity_with_each_kernel_forced(name, monkeypatch):
 
 
 def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, monkeypatch):
-    """int8 decoders choose their steps' kernel from whole steps of one row and of five
-    (FBGEMM within 7.5%), cache it with the rest and give the same one to every layer but
-    the output projection (where FBGEMM stays), whatever the row count."""
+    """int8 decoders choose their steps' kernel from whole steps (with the output
+    projection) of one row and of five (FBGEMM within 7.5%), cache it with the rest under
+    a key naming the kernels timed, and give the same one to every layer whatever the row
+    count; the output projection takes it if native, else FBGEMM's two-row product."""
     _fresh(monkeypatch)
     monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     model = load_model("tiny.en", compute_type="int8")
     key, layers = kernels._int8_layers(model)
     # 4 blocks of 8 products (qkv fused, the audio's keys and values), attention in float32.
-    assert key == "int8-decoder:float32:384x32"
+    assert key == "int8-decoder:float32:384x32:" + "+".join(kernels._int8_candidates())
+    assert kernels._int8_candidates()[:2] == ["fbgemm", "int8pack"] or (
+        not quantize.weight_only_supported())
+    assert ("native" in key) == native.available()
     table = kernels.table_for(model)
     entry = table.choices[key]
     timings = table.timings[key]
@@ -488,8 +499,10 @@ def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, m
     for found in timings.values():
         assert set(found) <= set(quantize.STEP_KERNELS) and all(t > 0 for t in found.values())
     assert entry == {"all": kernels.choose(timings["all"], "fbgemm", tie=kernels.INT8_TIE)}
+    assert set(timings["all"]) == set(kernels._int8_candidates())
     assert all(layer.step_kernel == entry["all"] for layer in layers)
-    assert model.decoder.token_embedding.projection.step_kernel == "fbgemm"
+    projection = model.decoder.token_embedding.projection.step_kernel
+    assert projection == ("native" if entry["all"] == "native" else "fbgemm")
     saved = json.loads((tmp_path / "kernels.json").read_text())
     assert saved["machines"][kernels.machine_key()][key] == entry
     # A kernel this version does not know makes the entry stale.

@@ -40,7 +40,7 @@ def _jfk_text() -> str:
     return next(row["transcript"] for row in manifest() if row["file"] == "jfk.flac")
 
 
-KERNELS = [k for k in ("fbgemm", "int8pack") if k in supported_kernels()]
+KERNELS = [k for k in ("native", "fbgemm", "int8pack") if k in supported_kernels()]
 
 
 def _screened_jfk(model, kernel: str) -> tuple[LogitScreen, torch.Tensor, ...]:

@@ -1,0 +1,197 @@
+"""Hand-written CPU kernels for the products of a decoding step (csrc/rows.c).
+
+A decoding step multiplies one row per window (five with beam search) by every weight of
+the decoder: its time is reading the weights. PyTorch's kernels for so few rows stream
+them at about half the memory speed of a 2-core AMD EPYC (Zen 3, AVX2 only): base's int8
+layers through the weight-only kernel at 10-15 GB/s, its output projection through
+FBGEMM's at 15, where CTranslate2's steps reach 23-24. The kernels here read each weight
+row once for all input rows, with the activations kept in float32 (int8 weights: only
+the weight is rounded, closer to float32 than either PyTorch kernel).
+
+They are compiled on first use with the system's C compiler (AVX2 + FMA, OpenMP) into the
+cache directory, and are one more candidate that kernels.py measures against PyTorch's:
+never used unless faster here. Where they cannot be built (no compiler, another CPU
+family, $SUSURRUS_NATIVE=0) the PyTorch kernels serve, after one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "step.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+LIBRARIES = ("-lmvec", "-lm")  # glibc's vector expf
+ENV_SWITCH = "SUSURRUS_NATIVE"  # 0: never build or use them
+BUILD_SECONDS = 120
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def _why_not() -> str | None:
+    """Why the kernels cannot run on this machine, or None."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"${ENV_SWITCH}=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"a {platform.machine()} CPU (they are written for x86-64)"
+    if not {"avx2", "fma"} <= _cpu_flags():
+        return "a CPU without AVX2 and FMA"
+    return None
+
+
+def build_dir() -> Path:
+    from .download import default_cache_dir  # the models' cache root
+
+    return default_cache_dir() / "native"
+
+
+def _compiler() -> str | None:
+    found = os.environ.get("CC") or "cc"
+    return shutil.which(found)
+
+
+def _build(compiler: str, directory: Path) -> Path:
+    """The compiled library, built once per source, flags and compiler (its path and
+    size): a changed file or another compiler gets a new name, never a stale build."""
+    stamp = os.stat(compiler)
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join((compiler, str(stamp.st_size), *FLAGS, *LIBRARIES)).encode())
+    target = directory / f"step-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes building at once (a batch's
+    # workers) each get a whole library or none.
+    fd, temporary = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", temporary, *LIBRARIES],
+            capture_output=True, text=True, timeout=BUILD_SECONDS,
+        )
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise OSError(lines[0] if lines else f"exit status {done.returncode}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None (after one warning) where they
+    cannot be built or loaded here."""
+    if (reason := _why_not()) is not None:
+        logger.info("native step kernels off: %s", reason)
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning(
+            "no C compiler (cc or $CC) to build the native step kernels; PyTorch's serve "
+            "instead (decoding may be slower on this CPU)"
+        )
+        return None
+    try:
+        # torch is imported first: its OpenMP runtime is the one the library links to,
+        # so both share one pool of threads.
+        lib = ctypes.CDLL(str(_build(compiler, build_dir())))
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("could not build the native step kernels (%s); PyTorch's serve instead",
+                       error)
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for name in ("susurrus_int8_rows", "susurrus_float_rows"):
+        function = getattr(lib, name)
+        function.restype = None
+        function.argtypes = [pointer] * 5 + [size] * 3 + [ctypes.c_int]
+    lib.susurrus_attention.restype = None
+    lib.susurrus_attention.argtypes = [pointer] * 6 + [size] * 10 + [ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _rows(function, weight: Tensor, scale: Tensor | None, bias: Tensor | None,
+          x: Tensor) -> Tensor:
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError("native kernels take 2-D float32 rows")
+    x = x.contiguous()
+    out_features, in_features = weight.shape
+    if x.shape[1] != in_features:
+        raise ValueError(f"rows of {x.shape[1]} features against a weight of {in_features}")
+    y = torch.empty(x.shape[0], out_features)
+    function(
+        weight.data_ptr(),
+        None if scale is None else scale.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        x.data_ptr(), y.data_ptr(),
+        out_features, in_features, x.shape[0], torch.get_num_threads(),
+    )
+    return y
+
+
+def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x (rows, in) float32 times the int8 `weight` (out, in) with float32 per-row
+    `scale`, plus `bias`: (rows, out) float32. Call only where `available()`."""
+    if weight.dtype != torch.int8 or not weight.is_contiguous():
+        raise ValueError("the int8 kernel takes a contiguous int8 weight")
+    return _rows(library().susurrus_int8_rows, weight, scale, bias, x)
+
+
+def float_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (rows, in) float32 times the float32 `weight` (out, in), plus `bias`."""
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError("the float kernel takes a contiguous float32 weight")
+    return _rows(library().susurrus_float_rows, weight, None, bias, x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(dim)) v for float32 q (batch, heads, queries, dim) and k, v
+    (batch, heads, keys, dim); `mask` (batch, 1, 1, keys) bool, one query per row, True
+    where a key is attended. Each (batch, head) on one thread, the same sums whatever
+    the thread count."""
+    batch, heads, queries, dim = q.shape
+    keys = k.shape[2]
+    if dim % 8 or not (q.dtype == k.dtype == v.dtype == torch.float32):
+        raise ValueError("native attention takes float32 heads of a multiple of 8")
+    q = q.contiguous()
+    # Keys and values may be a slice of a cache (strided heads and batch), not of a key.
+    k = k if k.stride(3) == 1 and k.stride(2) == dim else k.contiguous()
+    v = v if v.stride(3) == 1 and v.stride(2) == dim else v.contiguous()
+    if mask is not None:
+        if queries != 1:
+            raise ValueError("a mask takes one query per row")
+        mask = mask.reshape(batch, keys).to(torch.uint8)
+    out = torch.empty(batch, heads, queries, dim)
+    scores = torch.empty(batch * heads * queries * ((keys + 7) // 8 * 8))
+    library().susurrus_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        None if mask is None else mask.data_ptr(), out.data_ptr(), scores.data_ptr(),
+        batch, heads, queries, keys, dim,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), keys, torch.get_num_threads(),
+    )
+    return out
