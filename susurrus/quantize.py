@@ -412,12 +412,17 @@ class Int8Embedding(nn.Module):
         benchmark); each state goes in as two rows instead, to about 16 bits
         (`two_row_product`): weight rounding only, for every token. (This took the place
         of recomputing the 64 largest logits from the float state: a top-k and a gather
-        a step, 0.2 ms of tiny.en's 2.8; the long-form text came out the same.)"""
+        a step, 0.2 ms of tiny.en's 2.8; the long-form text came out the same.) With the
+        decoder's layers on the native kernel the projection takes it too (its
+        `step_kernel`, kernels.py): the state is not rounded at all."""
         p = self.projection
         rows = hidden.reshape(-1, hidden.shape[-1])
         if not (_fbgemm_available(rows.device) and rows.dtype == torch.float32):
             return p(hidden)  # the float product of the dequantized weight
-        out = two_row_product(rows, p.packed())[0]
+        if p.step_kernel == "native":
+            out = native.int8_rows(rows, p.weight_int8, p.scale, None)
+        else:
+            out = two_row_product(rows, p.packed())[0]
         return out.reshape(*hidden.shape[:-1], p.out_features)
 
 

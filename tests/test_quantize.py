@@ -129,6 +129,26 @@ def test_int8_step_kernels_agree_and_keep_each_row_to_itself():
     assert layer._scale_bf16 is None  # made again after a move
 
 
+@pytest.mark.skipif(not native.available(), reason="no native kernels here")
+def test_the_output_projection_follows_a_native_decoder():
+    """With the native step kernel the int8 output projection takes it too: the hidden
+    state unrounded, so the logits are the dequantized weight's to float32 rounding;
+    otherwise FBGEMM's two-row product (the state to about 16 bits)."""
+    torch.manual_seed(0)
+    embedding = quantize.Int8Embedding(torch.randn(1000, 64) * 0.1)
+    hidden = torch.randn(3, 64)
+    exact = hidden @ embedding.projection.dequantized_weight().T
+    embedding.projection.step_kernel = "native"
+    unrounded = embedding.logits(hidden)
+    assert torch.equal(unrounded, native.int8_rows(hidden, embedding.projection.weight_int8,
+                                                   embedding.projection.scale, None))
+    assert ((unrounded - exact).norm() / exact.norm()) < 1e-6
+    embedding.projection.step_kernel = "fbgemm"
+    two_rows = embedding.logits(hidden)
+    assert not torch.equal(two_rows, unrounded)
+    assert ((two_rows - exact).norm() / exact.norm()) < 1e-3
+
+
 @requires_shared
 @pytest.mark.parametrize("name", quantize.STEP_KERNELS)
 def test_auto_transcribes_jfk_with_either_step_kernel(name, monkeypatch):
