@@ -245,8 +245,11 @@ def _attention_native(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
     # products' 421 us a layer. Other types, and a mask of several queries a row (a
     # prompt continued), take the two products.
     plain = q.dtype == k.dtype == v.dtype == torch.float32 and q.shape[-1] % 8 == 0
-    masked_ok = mask is None or (q.shape[2] == 1 and mask.shape == (q.shape[0], 1, 1, k.shape[2]))
-    if plain and masked_ok and native.available():
+    batch, heads, queries, dim = q.shape
+    keys = k.shape[2]
+    shaped = k.shape == v.shape == (batch, heads, keys, dim)  # no broadcast batch or heads
+    masked_ok = mask is None or (queries == 1 and mask.shape == (batch, 1, 1, keys))
+    if plain and shaped and masked_ok and native.available():
         return native.attention(q, k, v, mask)
     return _attention_matmul(q, k, v, mask)
 

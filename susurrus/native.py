@@ -135,6 +135,13 @@ def available() -> bool:
     return library() is not None
 
 
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available here (native.available())")
+    return lib
+
+
 def _rows(function, weight: Tensor, scale: Tensor | None, bias: Tensor | None,
           x: Tensor) -> Tensor:
     if x.dtype != torch.float32 or x.dim() != 2:
@@ -143,7 +150,12 @@ def _rows(function, weight: Tensor, scale: Tensor | None, bias: Tensor | None,
     out_features, in_features = weight.shape
     if x.shape[1] != in_features:
         raise ValueError(f"rows of {x.shape[1]} features against a weight of {in_features}")
-    y = torch.empty(x.shape[0], out_features)
+    # The kernels read float32 vectors as laid out: anything else is converted here.
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+        scale = scale.float().contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     function(
         weight.data_ptr(),
         None if scale is None else scale.data_ptr(),
@@ -159,14 +171,14 @@ def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> 
     `scale`, plus `bias`: (rows, out) float32. Call only where `available()`."""
     if weight.dtype != torch.int8 or not weight.is_contiguous():
         raise ValueError("the int8 kernel takes a contiguous int8 weight")
-    return _rows(library().susurrus_int8_rows, weight, scale, bias, x)
+    return _rows(_lib().susurrus_int8_rows, weight, scale, bias, x)
 
 
 def float_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x (rows, in) float32 times the float32 `weight` (out, in), plus `bias`."""
     if weight.dtype != torch.float32 or not weight.is_contiguous():
         raise ValueError("the float kernel takes a contiguous float32 weight")
-    return _rows(library().susurrus_float_rows, weight, None, bias, x)
+    return _rows(_lib().susurrus_float_rows, weight, None, bias, x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -178,6 +190,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     keys = k.shape[2]
     if dim % 8 or not (q.dtype == k.dtype == v.dtype == torch.float32):
         raise ValueError("native attention takes float32 heads of a multiple of 8")
+    if k.shape != (batch, heads, keys, dim) or v.shape != k.shape:
+        raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} do not match "
+                         f"queries {tuple(q.shape)}")
     q = q.contiguous()
     # Keys and values may be a slice of a cache (strided heads and batch), not of a key.
     k = k if k.stride(3) == 1 and k.stride(2) == dim else k.contiguous()
@@ -185,10 +200,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     if mask is not None:
         if queries != 1:
             raise ValueError("a mask takes one query per row")
-        mask = mask.reshape(batch, keys).to(torch.uint8)
-    out = torch.empty(batch, heads, queries, dim)
-    scores = torch.empty(batch * heads * queries * ((keys + 7) // 8 * 8))
-    library().susurrus_attention(
+        # Rows of `keys` bytes side by side, as the kernel reads them.
+        mask = mask.reshape(batch, keys).to(torch.uint8).contiguous()
+    out = torch.empty(batch, heads, queries, dim, dtype=torch.float32)
+    scores = torch.empty(batch * heads * queries * ((keys + 7) // 8 * 8), dtype=torch.float32)
+    _lib().susurrus_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(),
         None if mask is None else mask.data_ptr(), out.data_ptr(), scores.data_ptr(),
         batch, heads, queries, keys, dim,

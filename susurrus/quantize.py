@@ -370,7 +370,9 @@ class Int8Linear(nn.Module):
                 return self._many_rows(x)
             # A decoding step's rows come 2-D (engine/step.py): no reshapes there.
             rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            if self.step_kernel == "native":
+            # (A layer unpickled on a machine where the native kernels cannot build may
+            # still name them: FBGEMM's path then.)
+            if self.step_kernel == "native" and native.available():
                 out = native.int8_rows(rows, self.weight_int8, self.scale, self.bias)
             elif self.step_kernel == "int8pack":
                 out = self._weight_only(rows)
@@ -419,7 +421,7 @@ class Int8Embedding(nn.Module):
         rows = hidden.reshape(-1, hidden.shape[-1])
         if not (_fbgemm_available(rows.device) and rows.dtype == torch.float32):
             return p(hidden)  # the float product of the dequantized weight
-        if p.step_kernel == "native":
+        if p.step_kernel == "native" and native.available():
             out = native.int8_rows(rows, p.weight_int8, p.scale, None)
         else:
             out = two_row_product(rows, p.packed())[0]

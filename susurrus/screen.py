@@ -89,6 +89,8 @@ class LogitScreen:
         self.product = product or (lambda hidden, w: hidden @ w.T)
         self.split = split
         self.kernel = kernel or supported_kernels()[0]
+        if self.kernel not in supported_kernels():
+            raise ValueError(f"no {self.kernel} kernel for the logit screen here")
         if self.kernel == "fbgemm":
             # 32-bit integer sums are exact; the float products that undo the scales
             # round by a few 2^-24 of the value.

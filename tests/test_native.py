@@ -90,6 +90,18 @@ def test_the_kernels_refuse_what_they_cannot_take():
         native.float_rows(torch.randn(1, 9), torch.randn(4, 8), None)
     with pytest.raises(ValueError, match="float32"):
         native.attention(*(torch.randn(1, 2, 1, 64, dtype=torch.bfloat16),) * 3)
+    q, k = torch.randn(2, 2, 1, 64), torch.randn(1, 2, 9, 64)  # batch to broadcast: refused
+    with pytest.raises(ValueError, match="do not match"):
+        native.attention(q, k, k)
+    # ...and the kernel the steps call takes the two products for it instead.
+    torch.testing.assert_close(kernels._attention_native(q, k, k, None),
+                               kernels._attention_matmul(q, k, k, None))
+    # A mask of any layout (a uint8 row expanded to every row) reads as its values.
+    k = torch.randn(2, 2, 9, 64)
+    row = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    expanded = row.expand(2, 9).reshape(2, 1, 1, 9)
+    assert torch.equal(native.attention(q, k, k, expanded),
+                       native.attention(q, k, k, expanded.bool().contiguous()))
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
