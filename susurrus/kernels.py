@@ -306,6 +306,8 @@ STEP_ATTENTION = "matmul"
 def _step_attention_kernels() -> list[str]:
     """The step attention kernels timed on this machine."""
     return [STEP_ATTENTION, *(["native"] if native.available() else [])]
+
+
 ATTENTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV_FORCE_ATTENTION = "SUSURRUS_ATTENTION"
 
@@ -1273,9 +1275,10 @@ def choose_attention(
         return {name: sum(found[prefix + name] for found in timings.values())
                 for name in names if all(prefix + name in found for found in timings.values())}
 
-    best = {d: min(totals(d).values()) for d in dict.fromkeys((asked, own))}
+    by_type = {d: totals(d) for d in dict.fromkeys((asked, own))}
+    best = {d: min(found.values()) for d, found in by_type.items()}
     chosen = asked if best[asked] <= best[own] * ATTENTION_TIE else own
-    kernel = choose(totals(chosen), preferred=STEP_ATTENTION)
+    kernel = choose(by_type[chosen], preferred=STEP_ATTENTION)
     return {"dtype": _dtype_name(chosen), **{rows: kernel for rows in timings}}
 
 

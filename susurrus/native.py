@@ -1,4 +1,4 @@
-"""Hand-written CPU kernels for the products of a decoding step (csrc/rows.c).
+"""Hand-written CPU kernels for the products and attention of a decoding step (csrc/step.c).
 
 A decoding step multiplies one row per window (five with beam search) by every weight of
 the decoder: its time is reading the weights. PyTorch's kernels for so few rows stream
@@ -39,12 +39,14 @@ ENV_SWITCH = "SUSURRUS_NATIVE"  # 0: never build or use them
 BUILD_SECONDS = 120
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def _why_not() -> str | None:
@@ -53,7 +55,7 @@ def _why_not() -> str | None:
         return f"${ENV_SWITCH}=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"a {platform.machine()} CPU (they are written for x86-64)"
-    if not {"avx2", "fma"} <= _cpu_flags():
+    if not {"avx2", "fma"} <= cpu_flags():
         return "a CPU without AVX2 and FMA"
     return None
 

@@ -43,8 +43,8 @@ FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 # 25 us), but falls behind FBGEMM for several rows of the larger layers (five rows of
 # base's 2048x512: 62 against 33 us). Or the hand-written kernel (native.py) on float32
 # activations, the weight alone rounded, where it builds: on an AMD EPYC Zen 3 it streams
-# the weights at 17-25 GB/s against the weight-only kernel's 10-19 (base's 2048x512, one
-# row: 49 against 64 us; five rows: 127 against 222).
+# the weights at 17-25 GB/s against the weight-only kernel's 10-19 (base's 2048x512, hot
+# cache, one row: 31 against 61 us; five rows: 90 against 217).
 STEP_KERNELS = ("fbgemm", "int8pack", "native")
 # The kernels of an int8 layer's products of many rows (the encoder's 1500 frames, prompt
 # passes), chosen per shape by measurement (kernels.py): PyTorch's int8 matrix product on
@@ -159,12 +159,7 @@ def _fbgemm_available(device: torch.device) -> bool:
 @functools.cache
 def has_vnni() -> bool:
     """Whether the CPU multiplies u8 x s8 into 32-bit sums without saturating (VNNI)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return any(flag in native.cpu_flags() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 @functools.cache

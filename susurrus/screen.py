@@ -165,15 +165,17 @@ class LogitScreen:
         if not self._built:
             self._build()
         logits = torch.empty(hidden.shape[0], self.weight.shape[0], dtype=hidden.dtype)
+        used = None  # the activations as the kernel took them, where it rounded them
         if self.kernel == "native":
             logits[:, : self.split] = native.int8_rows(hidden, self.q, self.scale, None)
-            used = hidden  # unrounded: no error from the activations
         elif self.kernel == "fbgemm":
             logits[:, : self.split], used = quantize.two_row_product(hidden, self._packed)
         else:
             used = hidden.to(torch.bfloat16)
             logits[:, : self.split] = torch._weight_int8pack_mm(used, self.q, self.scale)
         logits[:, self.split :] = self.product(hidden, self.weight[self.split :])
+        if used is None:
+            return logits, hidden.new_zeros(hidden.shape[0], 1)
         return logits, torch.linalg.vector_norm(hidden - used.float(), dim=1, keepdim=True)
 
     def refine(self, logits: Tensor, hidden: Tensor, error: Tensor) -> None:
