@@ -73,8 +73,10 @@ Choice = tuple[int, Kernel, Kernel]
 # always through the two products (choices of format 1 are stale). 3: a bucket of 5 rows.
 # 4: oneDNN with a packed weight (caches without it would never try it). 5: the split
 # products, and F.linear no longer a candidate for a few rows (its sums change with the
-# thread count there).
-FORMAT = 5
+# thread count there). 6: the native kernels, and the float decoder's choice that decides
+# whether a step runs as one native call (the float decoder's key did not name its
+# candidates, so a cache from before kept choices that never tried them).
+FORMAT = 6
 # Row counts that decoding steps produce: one row, a beam or a few windows, a batch of
 # beams. A product uses the smallest bucket that holds its rows, else the largest. Five is
 # the default beam size and best_of, where the fastest product can differ from 4 or 8 rows

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "step.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
-LIBRARIES = ("-lmvec", "-lm")  # glibc's vector expf
+LIBRARIES = ("-lmvec", "-lm")  # glibc's vector expf and erff
 ENV_SWITCH = "SUSURRUS_NATIVE"  # 0: never build or use them
 BUILD_SECONDS = 120
 
@@ -130,7 +130,42 @@ def library() -> ctypes.CDLL | None:
         function.argtypes = [pointer] * 5 + [size] * 3 + [ctypes.c_int]
     lib.susurrus_attention.restype = None
     lib.susurrus_attention.argtypes = [pointer] * 6 + [size] * 10 + [ctypes.c_int]
+    lib.susurrus_decoder_step.restype = None
+    lib.susurrus_decoder_step.argtypes = [ctypes.POINTER(Step)]
     return lib
+
+
+# The decoder step's arguments (susurrus_step and its parts in csrc/step.c), field for field.
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("weight", _P), ("scale", _P), ("bias", _P), ("out", _I), ("in_", _I)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, _P) for name in ("attn_ln_w", "attn_ln_b", "cross_ln_w", "cross_ln_b",
+                                  "mlp_ln_w", "mlp_ln_b")),
+        *((name, Linear) for name in ("qkv", "out", "cross_query", "cross_out", "fc1", "fc2")),
+        *((name, _P) for name in ("self_k", "self_v", "cross_k", "cross_v")),
+    ]
+
+
+class Step(ctypes.Structure):
+    _fields_ = [
+        *((name, _I) for name in ("rows", "state", "heads", "layers", "frames", "self_row",
+                                  "self_head", "cross_audio", "cross_head")),
+        ("positions", _P), ("tasks", _P), ("n_tasks", _I), ("ln_w", _P), ("ln_b", _P),
+        ("eps", ctypes.c_float), ("x", _P), ("work", _P), ("scratch", _I),
+        ("layer", ctypes.POINTER(Layer)), ("threads", ctypes.c_int),
+    ]
+
+
+def decoder_step(step: Step) -> None:
+    """Run a whole decoder step as `step` describes it (engine/native_step.py builds it).
+    Call only where `available()`."""
+    _lib().susurrus_decoder_step(ctypes.byref(step))
 
 
 def available() -> bool:

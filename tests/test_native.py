@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
-from susurrus import kernels, native
+from susurrus import kernels, load_model, native
+from susurrus.engine import native_step
+from susurrus.engine.step import Run, decoder_step
 from susurrus.quantize import Int8Linear
 
 from .conftest import AUDIO, requires_shared
@@ -151,3 +153,144 @@ print(json.dumps({{"available": native.available(),
     assert done.stderr.count(warning) == 1, done.stderr
     assert "cannot run here" in done.stderr
     assert not (tmp_path / "native").exists() or not any((tmp_path / "native").iterdir())
+
+
+# -- the whole decoder step in one native call (engine/native_step.py) --------------------
+
+
+def _native_model(name: str, compute_type: str, monkeypatch, tmp_path):
+    """A model whose every step product and attention is forced onto the native kernels."""
+    monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setenv(kernels.ENV_FORCE_ATTENTION, "native")
+    monkeypatch.setenv(kernels.ENV_FORCE, "native")
+    monkeypatch.setenv(kernels.ENV_FORCE_INT8, "native")
+    return load_model(name, device="cpu", compute_type=compute_type)
+
+
+# (rows, positions, runs, audios): one row; a beam at one position; rows of three windows
+# at three positions; a beam beside two single rows (continuous batching).
+STEP_CASES = [
+    (1, [5], (Run(0, 1, 0, 1, 1),), 1),
+    (5, [7] * 5, (Run(0, 5, 0, 1, 5),), 1),
+    (3, [3, 9, 20], (Run(0, 3, 0, 3, 1),), 3),
+    (7, [4] * 5 + [9, 30], (Run(0, 5, 0, 1, 5), Run(5, 7, 1, 3, 1)), 3),
+]
+
+
+def _steps(model, rows, positions, runs, audios, fused: bool, steps: int = 3):
+    """Hidden states of `steps` steps from seeded caches and audio, and the caches after."""
+    decoder = model.decoder
+    n_state = decoder.positional_embedding.shape[1]
+    saved = native_step.ENABLED
+    native_step.ENABLED = fused
+    try:
+        torch.manual_seed(1)
+        with torch.inference_mode():
+            audio = decoder.new_cache(audios)
+            decoder.fill_cross_cache(audio, torch.randn(audios, model.dims.n_audio_ctx, n_state))
+            cache = decoder.new_cache(rows, n_ctx=64)
+            for t in cache.self_k + cache.self_v:
+                t.normal_()
+            tokens = torch.randint(0, 50000, (rows, 1))
+            at = torch.tensor(positions)
+            same = positions[0] if len(set(positions)) == 1 else None
+            assert (native_step.plan(decoder, rows) is not None) == fused
+            hidden = []
+            for _ in range(steps):
+                hidden.append(decoder_step(decoder, tokens, at, cache.self_k, cache.self_v,
+                                           audio.cross_k, audio.cross_v, runs, same,
+                                           hidden_only=True))
+                at = at + 1
+                same = None if same is None else same + 1
+            return torch.stack(hidden), cache.self_k + cache.self_v
+    finally:
+        native_step.ENABLED = saved
+
+
+@needs_native
+@pytest.mark.parametrize("compute_type", ["float32", "auto"])
+def test_the_native_step_computes_what_the_loop_does(compute_type, monkeypatch, tmp_path):
+    """Hidden states and written keys of whole steps (one row, beams, windows at other
+    positions, both side by side) as the PyTorch loop over the same kernels gives them,
+    up to the layer norms' and GELU's last bits."""
+    model = _native_model("tiny.en", compute_type, monkeypatch, tmp_path)
+    for rows, positions, runs, audios in STEP_CASES:
+        fused, fused_cache = _steps(model, rows, positions, runs, audios, fused=True)
+        loop, loop_cache = _steps(model, rows, positions, runs, audios, fused=False)
+        error = (fused - loop).norm(dim=-1) / loop.norm(dim=-1)
+        assert error.max() < 1e-5, (rows, positions, error.max())
+        for a, b in zip(fused_cache, loop_cache):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_the_native_step_gives_a_row_the_same_numbers_beside_any_others(monkeypatch, tmp_path):
+    """A window's numbers depend neither on the rows decoded beside it nor on the thread
+    count: bit for bit (continuous batching on a server, a machine under load)."""
+    model = _native_model("tiny.en", "auto", monkeypatch, tmp_path)
+    decoder = model.decoder
+    n_state = decoder.positional_embedding.shape[1]
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        audio = decoder.new_cache(3)
+        decoder.fill_cross_cache(audio, torch.randn(3, model.dims.n_audio_ctx, n_state))
+        self_k = [torch.randn(7, *t.shape[1:]) for t in decoder.new_cache(7, n_ctx=64).self_k]
+        self_v = [torch.randn_like(t) for t in self_k]
+        tokens = torch.randint(0, 50000, (7, 1))
+        positions = torch.tensor([4] * 5 + [9, 30])
+
+        def step(rows: int, audios: int, runs: tuple) -> torch.Tensor:
+            assert native_step.plan(decoder, rows) is not None
+            return decoder_step(decoder, tokens[:rows], positions[:rows],
+                                [k[:rows].clone() for k in self_k],
+                                [v[:rows].clone() for v in self_v],
+                                [k[:audios] for k in audio.cross_k],
+                                [v[:audios] for v in audio.cross_v], runs, None,
+                                hidden_only=True)
+
+        runs = (Run(0, 5, 0, 1, 5), Run(5, 7, 1, 3, 1))
+        together = step(7, 3, runs)
+        assert torch.equal(_with_threads(1, lambda: step(7, 3, runs)), together)
+        # Window 0's beam alone: the same numbers as beside the two other windows.
+        assert torch.equal(step(5, 1, (Run(0, 5, 0, 1, 5),)), together[:5])
+
+
+@needs_native
+def test_the_native_step_serves_only_where_every_part_is_native(monkeypatch, tmp_path):
+    """The loop keeps steps with any part measured or forced elsewhere: another attention,
+    more rows than the float kernel takes, the switch off."""
+    model = _native_model("tiny.en", "float32", monkeypatch, tmp_path)
+    decoder = model.decoder
+    assert native_step.plan(decoder, 1) is not None
+    assert native_step.plan(decoder, kernels.SPLIT_ROWS + 1) is None
+    monkeypatch.setattr(native_step, "ENABLED", False)
+    assert native_step.plan(decoder, 1) is None
+    monkeypatch.setattr(native_step, "ENABLED", True)
+    block = decoder.blocks[-1]
+    saved = block.cross_attn.step_kernel
+    block.cross_attn.step_kernel = kernels.ATTENTION["matmul"]
+    assert native_step.plan(decoder, 1) is None
+    block.cross_attn.step_kernel = saved
+    assert native_step.plan(decoder, 1) is not None
+
+
+@requires_shared
+@needs_native
+def test_float32_parity_through_the_native_step(monkeypatch, tmp_path):
+    """Token for token with the reference on the forced-path files, every step through
+    the native step."""
+    from .test_kernels import FORCED_FILES
+    from .test_transcribe import check_parity, run_parity
+
+    model = _native_model("tiny.en", "float32", monkeypatch, tmp_path)
+    calls = []
+    call = native_step.NativeStep.__call__
+
+    def counted(self, *args):
+        hidden = call(self, *args)
+        calls.append(hidden is not None)
+        return hidden
+
+    monkeypatch.setattr(native_step.NativeStep, "__call__", counted)
+    check_parity(*run_parity(model, "tiny.en", "greedy", FORCED_FILES), most_differing=0.25)
+    assert len(calls) > 100 and all(calls)

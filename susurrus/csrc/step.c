@@ -17,6 +17,7 @@
    numbers never depend on its neighbours or on the load of the machine. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 #define BLOCK 8 /* weight rows per block: 8 x 2048 int8 or float rows fit the L1 cache */
@@ -39,7 +40,7 @@ static inline __m256 load_float(const float *p) { return _mm256_loadu_ps(p); }
 #define GROUP(TYPE)                                                                       \
     static inline __attribute__((always_inline)) void group_##TYPE(                       \
         const TYPE *wo, const float *x, int64_t in, int g, float s, float b, float *y,    \
-        int64_t out) {                                                                    \
+        int64_t out, int add) {                                                           \
         int64_t body = in & ~(int64_t)31, i;                                              \
         __m256 acc[3][4];                                                                 \
         _Pragma("GCC unroll 3") for (int r = 0; r < g; r++)                               \
@@ -57,38 +58,48 @@ static inline __m256 load_float(const float *p) { return _mm256_loadu_ps(p); }
             float t = sum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),             \
                                          _mm256_add_ps(acc[r][2], acc[r][3])));           \
             for (int64_t j = body; j < in; j++) t += (float)wo[j] * x[r * in + j];        \
-            y[r * out] = t * s + b;                                                       \
+            float v = t * s + b;                                                          \
+            y[r * out] = add ? y[r * out] + v : v;                                        \
         }                                                                                 \
     }
 
 GROUP(int8_t)
 GROUP(float)
 
-/* Rows go three at a time, then two (four as two and two: no group of one until the
-   last row), each group against a block of weight rows. */
+/* One block of weight rows against every input row: rows go three at a time, then two
+   (four as two and two: no group of one until the last row). */
+#define BLOCK_ROWS(TYPE)                                                                  \
+    static inline void block_##TYPE(const TYPE *w, const float *scale, const float *bias, \
+                                    const float *x, float *y, int64_t out, int64_t in,    \
+                                    int64_t rows, int64_t block, int add) {               \
+        int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out;  \
+        int64_t r = 0;                                                                    \
+        while (r < rows) {                                                                \
+            int64_t left = rows - r;                                                      \
+            int g = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;                      \
+            for (int64_t o = first; o < last; o++) {                                      \
+                const TYPE *wo = w + o * in;                                              \
+                float s = scale ? scale[o] : 1.0f, b = bias ? bias[o] : 0.0f;             \
+                const float *xr = x + r * in;                                             \
+                float *yr = y + r * out + o;                                              \
+                if (g == 3) group_##TYPE(wo, xr, in, 3, s, b, yr, out, add);              \
+                else if (g == 2) group_##TYPE(wo, xr, in, 2, s, b, yr, out, add);         \
+                else group_##TYPE(wo, xr, in, 1, s, b, yr, out, add);                     \
+            }                                                                             \
+            r += g;                                                                       \
+        }                                                                                 \
+    }
+
+BLOCK_ROWS(int8_t)
+BLOCK_ROWS(float)
+
 #define ROWS(NAME, TYPE)                                                                  \
     void NAME(const TYPE *w, const float *scale, const float *bias, const float *x,      \
               float *y, int64_t out, int64_t in, int64_t rows, int threads) {             \
         int64_t blocks = (out + BLOCK - 1) / BLOCK;                                       \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                 \
-        for (int64_t block = 0; block < blocks; block++) {                                \
-            int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out; \
-            int64_t r = 0;                                                                \
-            while (r < rows) {                                                            \
-                int64_t left = rows - r;                                                  \
-                int g = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;                  \
-                for (int64_t o = first; o < last; o++) {                                  \
-                    const TYPE *wo = w + o * in;                                          \
-                    float s = scale ? scale[o] : 1.0f, b = bias ? bias[o] : 0.0f;         \
-                    const float *xr = x + r * in;                                         \
-                    float *yr = y + r * out + o;                                          \
-                    if (g == 3) group_##TYPE(wo, xr, in, 3, s, b, yr, out);               \
-                    else if (g == 2) group_##TYPE(wo, xr, in, 2, s, b, yr, out);          \
-                    else group_##TYPE(wo, xr, in, 1, s, b, yr, out);                      \
-                }                                                                         \
-                r += g;                                                                   \
-            }                                                                             \
-        }                                                                                 \
+        for (int64_t block = 0; block < blocks; block++)                                  \
+            block_##TYPE(w, scale, bias, x, y, out, in, rows, block, 0);                  \
     }
 
 ROWS(susurrus_int8_rows, int8_t)
@@ -96,6 +107,63 @@ ROWS(susurrus_float_rows, float)
 
 /* glibc's vector expf (libmvec), within 4 ulp as its scalar one. */
 extern __m256 _ZGVdN8v_expf(__m256 x);
+
+/* One query qi over `keys` keys at kb and values at vb (each key's dim floats adjacent),
+   leaving out keys whose mask byte is 0 (m may be NULL); s: scratch of the keys padded to
+   eight; the result to o. */
+static void attend_query(const float *qi, const float *kb, const float *vb, const uint8_t *m,
+                         int64_t keys, int64_t dim, float scale, float *s, float *o) {
+    int64_t padded = (keys + 7) & ~(int64_t)7;
+    for (int64_t t = 0; t < keys; t++) {
+        if (m && !m[t]) {
+            s[t] = -INFINITY;
+            continue;
+        }
+        const float *kt = kb + t * dim;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        int64_t d = 0;
+        for (; d + 16 <= dim; d += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(kt + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d + 8), _mm256_loadu_ps(kt + d + 8), a1);
+        }
+        for (; d < dim; d += 8)
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(kt + d), a0);
+        s[t] = sum8(_mm256_add_ps(a0, a1)) * scale;
+    }
+    for (int64_t t = keys; t < padded; t++) s[t] = -INFINITY;
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < padded; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + t));
+    __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
+    t4 = _mm_max_ss(t4, _mm_movehdup_ps(t4));
+    __m256 most = _mm256_set1_ps(_mm_cvtss_f32(t4)), total = _mm256_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 8) {
+        __m256 e = _ZGVdN8v_expf(_mm256_sub_ps(_mm256_loadu_ps(s + t), most));
+        _mm256_storeu_ps(s + t, e);
+        total = _mm256_add_ps(total, e);
+    }
+    __m256 sum = _mm256_set1_ps(sum8(total));
+    for (int64_t t = 0; t < padded; t += 8)
+        _mm256_storeu_ps(s + t, _mm256_div_ps(_mm256_loadu_ps(s + t), sum));
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+        int64_t width = dim - d0 < 64 ? dim - d0 : 64, lanes = width / 8;
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < keys; t++) {
+            if (m && !m[t]) continue;
+            __m256 p = _mm256_set1_ps(s[t]);
+            const float *vt = vb + t * dim + d0;
+            if (lanes == 8) {
+                _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++)
+                    acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+            } else {
+                for (int64_t j = 0; j < lanes; j++)
+                    acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+            }
+        }
+        for (int64_t j = 0; j < lanes; j++) _mm256_storeu_ps(o + d0 + 8 * j, acc[j]);
+    }
+}
 
 /* Attention of a step's queries over keys and values read once:
    out[b][h][i] = softmax_t(q[b][h][i] . k[b][h][t] / sqrt(dim)) v[b][h][t], float32.
@@ -119,60 +187,160 @@ void susurrus_attention(const float *q, const float *k, const float *v, const ui
         int64_t b = bh / heads, h = bh % heads;
         const float *kb = k + b * k_batch + h * k_head, *vb = v + b * v_batch + h * v_head;
         const uint8_t *m = mask ? mask + b * mask_stride : 0;
-        for (int64_t i = 0; i < queries; i++) {
-            const float *qi = q + (bh * queries + i) * dim;
-            float *s = scores + (bh * queries + i) * padded;
-            float *o = out + (bh * queries + i) * dim;
-            for (int64_t t = 0; t < keys; t++) {
-                if (m && !m[t]) {
-                    s[t] = -INFINITY;
-                    continue;
-                }
-                const float *kt = kb + t * dim;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-                int64_t d = 0;
-                for (; d + 16 <= dim; d += 16) {
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(kt + d), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d + 8),
-                                         _mm256_loadu_ps(kt + d + 8), a1);
-                }
-                for (; d < dim; d += 8)
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(kt + d), a0);
-                s[t] = sum8(_mm256_add_ps(a0, a1)) * scale;
-            }
-            for (int64_t t = keys; t < padded; t++) s[t] = -INFINITY;
-            __m256 top = _mm256_set1_ps(-INFINITY);
-            for (int64_t t = 0; t < padded; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + t));
-            __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-            t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
-            t4 = _mm_max_ss(t4, _mm_movehdup_ps(t4));
-            __m256 most = _mm256_set1_ps(_mm_cvtss_f32(t4)), total = _mm256_setzero_ps();
-            for (int64_t t = 0; t < padded; t += 8) {
-                __m256 e = _ZGVdN8v_expf(_mm256_sub_ps(_mm256_loadu_ps(s + t), most));
-                _mm256_storeu_ps(s + t, e);
-                total = _mm256_add_ps(total, e);
-            }
-            __m256 sum = _mm256_set1_ps(sum8(total));
-            for (int64_t t = 0; t < padded; t += 8)
-                _mm256_storeu_ps(s + t, _mm256_div_ps(_mm256_loadu_ps(s + t), sum));
-            for (int64_t d0 = 0; d0 < dim; d0 += 64) {
-                int64_t width = dim - d0 < 64 ? dim - d0 : 64, lanes = width / 8;
-                __m256 acc[8];
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-                for (int64_t t = 0; t < keys; t++) {
-                    if (m && !m[t]) continue;
-                    __m256 p = _mm256_set1_ps(s[t]);
-                    const float *vt = vb + t * dim + d0;
-                    if (lanes == 8) {
-                        _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++)
-                            acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * j), acc[j]);
-                    } else {
-                        for (int64_t j = 0; j < lanes; j++)
-                            acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * j), acc[j]);
-                    }
-                }
-                for (int64_t j = 0; j < lanes; j++) _mm256_storeu_ps(o + d0 + 8 * j, acc[j]);
-            }
+        for (int64_t i = 0; i < queries; i++)
+            attend_query(q + (bh * queries + i) * dim, kb, vb, m, keys, dim, scale,
+                         scores + (bh * queries + i) * padded, out + (bh * queries + i) * dim);
+    }
+}
+
+/* ---- A whole decoding step of the decoder in one call ----
+
+   Every layer of every row, one position per row, in one parallel region: each phase
+   (layer norm, product, attention) is shared between the threads and ends at a barrier.
+   A step through PyTorch makes about twelve operator calls a layer, each of which costs
+   more than its arithmetic on a small model (and wakes the threads again); here they are
+   loops. The arithmetic is the kernels' above, in the same order: a product's sums as
+   susurrus_int8_rows' / susurrus_float_rows', an attention's as susurrus_attention's. */
+
+typedef struct {
+    const void *weight; /* (out, in): int8 where `scale` is set, else float32 */
+    const float *scale, *bias; /* per output; either may be NULL */
+    int64_t out, in;
+} susurrus_linear;
+
+typedef struct {
+    const float *attn_ln_w, *attn_ln_b, *cross_ln_w, *cross_ln_b, *mlp_ln_w, *mlp_ln_b;
+    susurrus_linear qkv, out, cross_query, cross_out, fc1, fc2;
+    float *self_k, *self_v; /* (rows, heads, length, dim): this step's keys are written */
+    const float *cross_k, *cross_v; /* (audios, heads, frames, dim) */
+} susurrus_layer;
+
+typedef struct {
+    int64_t rows, state, heads, layers, frames;
+    int64_t self_row, self_head; /* strides (floats) of every self_k / self_v */
+    int64_t cross_audio, cross_head; /* strides of every cross_k / cross_v */
+    const int64_t *positions; /* per row: where its key goes, and the last it attends */
+    const int64_t *tasks; /* n_tasks x (audio, first row, rows): rows that read one audio */
+    int64_t n_tasks;
+    const float *ln_w, *ln_b; /* the decoder's final layer norm */
+    float eps;
+    float *x; /* (rows, state): the embedded tokens in, the final normed states out */
+    float *work; /* scratch: rows * 10 * state + threads * scratch floats */
+    int64_t scratch; /* a thread's scores: the most keys (frames or positions), padded */
+    const susurrus_layer *layer;
+    int threads;
+} susurrus_step;
+
+/* y = LayerNorm(x) over n features: mean, then the variance of the centred values. */
+static void layer_norm_row(const float *x, const float *w, const float *b, float eps, int64_t n,
+                           float *y) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + i));
+    float total = sum8(acc);
+    for (; i < n; i++) total += x[i];
+    float mean = total / (float)n;
+    __m256 m = _mm256_set1_ps(mean);
+    acc = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), m);
+        acc = _mm256_fmadd_ps(d, d, acc);
+    }
+    float squares = sum8(acc);
+    for (; i < n; i++) squares += (x[i] - mean) * (x[i] - mean);
+    float rstd = 1.0f / sqrtf(squares / (float)n + eps);
+    for (i = 0; i < n; i++) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+static void layer_norm_rows(const float *x, const float *w, const float *b, float eps,
+                            int64_t rows, int64_t n, float *y) {
+    _Pragma("omp for schedule(static)")
+    for (int64_t r = 0; r < rows; r++) layer_norm_row(x + r * n, w, b, eps, n, y + r * n);
+}
+
+/* glibc's vector erff (libmvec). */
+extern __m256 _ZGVdN8v_erff(__m256 x);
+
+/* The exact GELU, x (1 + erf(x / sqrt 2)) / 2, on n floats. */
+static void gelu(float *y, int64_t n) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f),
+                 root = _mm256_set1_ps((float)M_SQRT1_2);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(y + i);
+        __m256 e = _ZGVdN8v_erff(_mm256_mul_ps(v, root));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, e)));
+    }
+    for (; i < n; i++) y[i] = 0.5f * y[i] * (1.0f + erff(y[i] * (float)M_SQRT1_2));
+}
+
+enum { STORE, ADD, GELU };
+
+/* y (rows, out) = x (rows, in) l, stored, added to y, or through the GELU; the blocks of
+   weight rows shared between the threads. */
+static void linear(const susurrus_linear *l, const float *x, float *y, int64_t rows, int mode) {
+    int64_t blocks = (l->out + BLOCK - 1) / BLOCK;
+    _Pragma("omp for schedule(static)")
+    for (int64_t block = 0; block < blocks; block++) {
+        if (l->scale)
+            block_int8_t(l->weight, l->scale, l->bias, x, y, l->out, l->in, rows, block, mode == ADD);
+        else
+            block_float(l->weight, NULL, l->bias, x, y, l->out, l->in, rows, block, mode == ADD);
+        if (mode == GELU) {
+            int64_t first = block * BLOCK, width = (first + BLOCK < l->out ? BLOCK : l->out - first);
+            for (int64_t r = 0; r < rows; r++) gelu(y + r * l->out + first, width);
         }
+    }
+}
+
+void susurrus_decoder_step(const susurrus_step *a) {
+    const int64_t rows = a->rows, n = a->state, heads = a->heads, dim = n / heads;
+    const float scale = 1.0f / sqrtf((float)dim);
+    float *h = a->work, *qkv = h + rows * n, *att = qkv + rows * 3 * n, *mlp = att + rows * n,
+          *scores = mlp + rows * 4 * n;
+    _Pragma("omp parallel num_threads(a->threads)")
+    {
+        float *s = scores + (int64_t)omp_get_thread_num() * a->scratch;
+        for (int64_t i = 0; i < a->layers; i++) {
+            const susurrus_layer *l = a->layer + i;
+            layer_norm_rows(a->x, l->attn_ln_w, l->attn_ln_b, a->eps, rows, n, h);
+            linear(&l->qkv, h, qkv, rows, STORE);
+            /* Each (row, head) writes its key and value, then attends to its positions up
+               to its own: nobody else reads that row's cache in this phase. */
+            _Pragma("omp for schedule(static)")
+            for (int64_t rh = 0; rh < rows * heads; rh++) {
+                int64_t r = rh / heads, hd = rh % heads, p = a->positions[r];
+                const float *qr = qkv + r * 3 * n + hd * dim;
+                float *kc = l->self_k + r * a->self_row + hd * a->self_head;
+                float *vc = l->self_v + r * a->self_row + hd * a->self_head;
+                for (int64_t d = 0; d < dim; d++) {
+                    kc[p * dim + d] = qr[n + d];
+                    vc[p * dim + d] = qr[2 * n + d];
+                }
+                attend_query(qr, kc, vc, NULL, p + 1, dim, scale, s, att + r * n + hd * dim);
+            }
+            linear(&l->out, att, a->x, rows, ADD);
+            layer_norm_rows(a->x, l->cross_ln_w, l->cross_ln_b, a->eps, rows, n, h);
+            linear(&l->cross_query, h, qkv, rows, STORE);
+            /* A task's rows (a window's beams) are its audio's queries: its keys and values
+               are read from memory once for them all. */
+            _Pragma("omp for schedule(static)")
+            for (int64_t th = 0; th < a->n_tasks * heads; th++) {
+                const int64_t *task = a->tasks + 3 * (th / heads);
+                int64_t hd = th % heads;
+                const float *kb = l->cross_k + task[0] * a->cross_audio + hd * a->cross_head;
+                const float *vb = l->cross_v + task[0] * a->cross_audio + hd * a->cross_head;
+                for (int64_t r = task[1]; r < task[1] + task[2]; r++)
+                    attend_query(qkv + r * n + hd * dim, kb, vb, NULL, a->frames, dim, scale, s,
+                                 att + r * n + hd * dim);
+            }
+            linear(&l->cross_out, att, a->x, rows, ADD);
+            layer_norm_rows(a->x, l->mlp_ln_w, l->mlp_ln_b, a->eps, rows, n, h);
+            linear(&l->fc1, h, mlp, rows, GELU);
+            linear(&l->fc2, mlp, a->x, rows, ADD);
+        }
+        layer_norm_rows(a->x, a->ln_w, a->ln_b, a->eps, rows, n, h);
+        _Pragma("omp single")
+        for (int64_t i = 0; i < rows * n; i++) a->x[i] = h[i];
     }
 }

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..model import KVCache, TextDecoder
+from . import native_step
 
 # The self-attention cache grows in steps of this many positions (a reallocation each time).
 LENGTH_STEP = 64
@@ -57,10 +58,17 @@ def decoder_step(
     `same_position` (every row at that position, known by the caller) the step writes a
     slice and attends without a mask: the arithmetic of the plain cached decoder.
     """
+    n_rows = tokens.shape[0]
+    # Where every part of this loop would run through the native kernels, one call does
+    # the whole step (native_step.py).
+    fused = native_step.plan(decoder, n_rows)
+    if fused is not None:
+        hidden = fused(tokens, positions, same_position, self_k, self_v, cross_k, cross_v, runs)
+        if hidden is not None:
+            return hidden if hidden_only else decoder.logits(hidden)
     # The rows stay (rows, n_state) through the step, one position each: the layers
     # then need no reshapes, and a head split or merge is one view (a few operator calls
     # fewer per layer, and a step of a small model is mostly such calls).
-    n_rows = tokens.shape[0]
     if same_position is not None:
         pe = decoder.positional_embedding[same_position : same_position + 1]
         mask = None
