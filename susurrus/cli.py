@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights and arithmetic: default (float16 on a GPU, float32 on the CPU, as "
         "whisper), int8 (4x smaller weights, faster on the CPU, WER within a few tenths), "
         "int8_bfloat16 (int8, attention in bfloat16), auto (the fastest for the device: on "
-        "a CPU with bfloat16, an int8 decoder and a bfloat16 encoder; elsewhere an int8 "
+        "a CPU with AMX, an int8 decoder and a bfloat16 encoder; elsewhere an int8 "
         "decoder, and an int8 encoder only where measured faster), "
         "float32, float16, bfloat16",
     )

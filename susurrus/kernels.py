@@ -674,6 +674,8 @@ def _valid_entry(key: str, buckets: object) -> bool:
         names = quantize.STEP_KERNELS
     elif key.startswith("int8-rows:"):
         names = quantize.ROWS_KERNELS
+    elif key.startswith("fused:"):
+        names = FUSED
     elif key.startswith("attention:"):
         names = ATTENTION
         if buckets.get("dtype") not in ATTENTION_DTYPES:
@@ -682,7 +684,7 @@ def _valid_entry(key: str, buckets: object) -> bool:
     def valid(rows: str, name: object) -> bool:
         if rows == "dtype":
             return names is ATTENTION
-        if names is quantize.STEP_KERNELS:  # one kernel for every row count
+        if names is quantize.STEP_KERNELS or names is FUSED:  # one for every row count
             return rows == "all" and name in names
         if names is CANDIDATES and rows.endswith(":plain"):
             return rows[:-6].isdigit() and name in names and name not in PACKED
@@ -1295,6 +1297,140 @@ def _apply_attention(
         _set_attention(model.decoder, ATTENTION_DTYPES[entry["dtype"]], ATTENTION[name])
 
 
+# Whole decoding steps: as chosen part by part above, or every part through the native
+# kernels and the step in one native call (engine/native_step.py). Each part is timed in
+# PyTorch's loop, where a call costs its thread wake-ups; the native step saves those, so
+# a part a little slower alone can make the faster step (AMD EPYC Zen 4, base under
+# `auto`: the audio's attention measured faster in bfloat16 through PyTorch, yet the
+# step through the loop took 12.6 s of en-long greedy against 8.7 s all native).
+FUSED = ("chosen", "fused")
+# The native step is the more exact too (no activation rounded to 8 bits, the audio's
+# attention in float32), so it keeps a near tie.
+FUSED_TIE = 1.05
+FUSED_BUCKETS = (1, 5)  # greedy and beam search's rows
+
+
+def _fused_key(model: nn.Module) -> str | None:
+    """The key the choice between the chosen parts and the native step is cached under:
+    the attention's and the layers' keys; None where no native step can run."""
+    from .engine import native_step
+
+    decoder = getattr(model, "decoder", None)
+    if (decoder is None or not hasattr(decoder, "new_cache") or not native_step.ENABLED
+            or not native_step.shaped(decoder) or (attention := _attention_key(model)) is None):
+        return None
+    layers = _int8_layers(model) or _decoder_layers(model)
+    return None if layers is None else f"fused:{attention}|{layers[0]}"
+
+
+def _native_parts(decoder: nn.Module) -> Callable[[], None]:
+    """Route every part of `decoder`'s steps through the native kernels (the audio's
+    attention in float32); returns what puts the previous choices back."""
+    saved_attention = [(m, m.attention_dtype, m.step_kernel)
+                       for block in decoder.blocks for m in (block.attn, block.cross_attn)]
+    int8 = [m for m in decoder.modules() if isinstance(m, quantize.Int8Linear)]
+    saved_int8 = [(m, m.step_kernel) for m in int8]
+    floats = [m for m in decoder.modules() if isinstance(m, TunedLinear)]
+    saved_float = [(m, dict(m.kernel_choices)) for m in floats]
+    _set_attention(decoder, decoder.positional_embedding.dtype, ATTENTION["native"])
+    for m in int8:
+        m.step_kernel = "native"
+    native_kernel = CANDIDATES["native"]
+    for m in floats:
+        pairs = m.kernel_choices.get(torch.float32)
+        if pairs is not None:
+            m.kernel_choices[torch.float32] = tuple(
+                (rows, native_kernel, native_kernel) if rows <= SPLIT_ROWS else (rows, k, p)
+                for rows, k, p in pairs
+            )
+
+    def restore() -> None:
+        for m, dtype, kernel in saved_attention:
+            m.attention_dtype, m.step_kernel = dtype, kernel
+        for m, name in saved_int8:
+            m.step_kernel = name
+        for m, choices in saved_float:
+            m.kernel_choices = choices
+
+    return restore
+
+
+def _measure_fused(model: nn.Module) -> dict[str, float]:
+    """Total time of decoding steps (with the output projection) over FUSED_BUCKETS rows,
+    as chosen and all native, taking turns."""
+    from .engine.step import Run, decoder_step
+
+    decoder = model.decoder
+    n_state = decoder.positional_embedding.shape[1]
+    n_ctx = min(48, decoder.positional_embedding.shape[0])
+    totals = dict.fromkeys(FUSED, 0.0)
+    with torch.inference_mode():
+        for rows in FUSED_BUCKETS:
+            cache = decoder.new_cache(rows, n_ctx=n_ctx)
+            features = torch.randn(1, model.dims.n_audio_ctx, n_state)
+            cross = decoder.new_cache(1, n_ctx=n_ctx)
+            decoder.fill_cross_cache(cross, features)
+            tokens = torch.zeros(rows, 1, dtype=torch.long)
+            positions = torch.full((rows,), n_ctx - 8)
+            run = (Run(0, rows, 0, 1, rows),)  # one window's rows (its beams)
+            best = dict.fromkeys(FUSED, float("inf"))
+            for turn in range(DECODER_ROUNDS + 1):
+                for name in FUSED:
+                    restore = _native_parts(decoder) if name == "fused" else None
+                    try:
+                        # The audio's keys in the type the attention asks for.
+                        dtype = (decoder.blocks[0].cross_attn.attention_dtype
+                                 or decoder.positional_embedding.dtype)
+                        ck = [k.to(dtype) for k in cross.cross_k]
+                        cv = [v.to(dtype) for v in cross.cross_v]
+                        start = time.perf_counter()
+                        with packed_weights():
+                            decoder_step(decoder, tokens, positions, cache.self_k,
+                                         cache.self_v, ck, cv, run, n_ctx - 8)
+                        took = time.perf_counter() - start
+                    finally:
+                        if restore is not None:
+                            restore()
+                    if turn:
+                        best[name] = min(best[name], took)
+            for name in FUSED:
+                totals[name] += best[name]
+    return totals
+
+
+def _apply_fused(model: nn.Module, table: KernelTable | None) -> None:
+    """Measure (once per machine, cached) whether `model`'s decoding steps run faster all
+    native than as their parts were chosen, and route them so if they do."""
+    if table is None or any(forced(v, n) for v, n in (
+        (ENV_FORCE, CANDIDATES), (ENV_FORCE_ATTENTION, ATTENTION),
+        (ENV_FORCE_INT8, quantize.STEP_KERNELS),
+    )):
+        return
+    from .engine import native_step
+
+    if (key := _fused_key(model)) is None:
+        return
+    decoder = model.decoder
+    if all(native_step.plan(decoder, rows) is not None for rows in FUSED_BUCKETS):
+        return  # the parts chosen are the native ones already
+    with _lock:
+        if key not in table.choices:
+            mark = cpu_mark()
+            totals = _measure_fused(model)
+            chosen = "fused" if totals["fused"] <= totals["chosen"] * FUSED_TIE else "chosen"
+            table.choices[key] = {"all": chosen}
+            table.timings[key] = _rounded({"all": totals})
+            if others_took_cores(mark):
+                table.busy.add(key)
+            else:
+                table.busy.discard(key)
+            logger.info("decoding steps %s: %s", key, "; ".join(
+                f"{name} {1e3 * t:.2f} ms" for name, t in totals.items()))
+            _write_cache(cache_path(), machine_key(), table)
+    if table.choices[key].get("all") == "fused":
+        _native_parts(decoder)  # the int8 output projection among them
+
+
 # Greedy float32 steps: the whole projection, or its int8 screen (see screen.py).
 SCREEN = ("full", "screen")
 ENV_FORCE_SCREEN = "SUSURRUS_SCREEN"
@@ -1454,4 +1590,5 @@ def tune(model: nn.Module) -> KernelTable | None:
     _apply_screen(model, table)
     _apply_int8(model, table)
     _apply_int8_rows(model, table)
+    _apply_fused(model, table)
     return table

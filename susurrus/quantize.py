@@ -73,20 +73,22 @@ def resolve_compute_type(compute_type: str, device: torch.device) -> ComputePlan
     """The plan for a compute type on a device.
 
     `default` keeps the reference behaviour (float16 on CUDA, float32 elsewhere); `auto` picks
-    the fastest for the device: float16 on CUDA; on a CPU with native bfloat16 an int8
-    decoder with attention in bfloat16 and the encoder's layers in bfloat16, elsewhere plain
-    int8. The float part of an int8 type is float32 on the CPU, since the int8 kernels take
-    float32; there `int8_bfloat16` runs the attention in bfloat16 instead (on CPUs that have
-    it natively: about 10% faster, slightly less accurate).
+    the fastest for the device: float16 on CUDA; on a CPU with bfloat16 matrix units (AMX)
+    an int8 decoder with attention in bfloat16 and the encoder's layers in bfloat16,
+    elsewhere plain int8. The float part of an int8 type is float32 on the CPU, since the
+    int8 kernels take float32; there `int8_bfloat16` runs the attention in bfloat16 instead
+    (on CPUs that have it natively: about 10% faster, slightly less accurate).
 
     Why the encoder leaves int8 under `auto`: its products have 1500 rows, where the CPU's
     bfloat16 matrix units (AMX) beat quantizing the activations per call by far: the base
     encoder takes about 0.11 s a window instead of 0.2 s, and its output is four times
     closer to float32's (the weights are bfloat16, not rounded to 8 bits). The decoder's
     one-token steps are bound by reading weights, where int8's quarter size wins. Without
-    native bfloat16 the encoder takes int8 only where its int8 products measure faster than
-    float32's: without VNNI they are many times slower (AMD EPYC Zen 3, tiny.en: 3.6 s a
-    window against 0.26 s in float32).
+    AMX the encoder takes int8 only where its int8 products measure faster than float32's:
+    without VNNI they are many times slower (AMD EPYC Zen 3, tiny.en: 3.6 s a window
+    against 0.26 s in float32). With AVX512-BF16 but no AMX (AMD EPYC Zen 4) the bfloat16
+    encoder was no faster than the int8 one (base, en-long with beam 5: 15.9 s against
+    16.1) and cost words (WER 2.72% against 2.33, float32 2.14).
     """
     if compute_type not in COMPUTE_TYPES:
         raise SusurrusError(
@@ -98,7 +100,7 @@ def resolve_compute_type(compute_type: str, device: torch.device) -> ComputePlan
     if compute_type == "auto":
         if cuda:
             return ComputePlan(torch.float16, False, None)
-        if device.type == "cpu" and native_bfloat16():
+        if device.type == "cpu" and bfloat16_tiles():
             return ComputePlan(torch.float32, True, torch.bfloat16, torch.bfloat16)
         return ComputePlan(torch.float32, True, None, None, int8_encoder_if_faster=True)
     if compute_type in FLOAT_TYPES:
@@ -130,6 +132,12 @@ def quantize_rows(weight: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
 def native_bfloat16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bfloat16_tiles() -> bool:
+    """Whether this CPU has bfloat16 matrix units (AMX): where products of many rows in
+    bfloat16 beat int8 ones by far."""
+    return "amx_bf16" in native.cpu_flags() and native_bfloat16()
 
 
 @functools.cache
@@ -390,37 +398,71 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """The token embedding in int8, serving both lookups and the tied output projection."""
+    """The token embedding in int8, serving both lookups and the tied output projection.
 
-    def __init__(self, weight: Tensor) -> None:
+    A second int8 byte per weight holds the first one's rounding error (per-row scales
+    again), about 16 bits in all: the lookups read both, and so do the few logits that
+    decide the next token (`logits`). Half the memory of a float16 copy."""
+
+    # Logits recomputed from both bytes per row: 4 already gave float32's text on base's
+    # long-form benchmark input (greedy and beam 5); 16 leaves room for suppressed tokens.
+    EXACT_TOP = 16
+
+    def __init__(self, weight: Tensor, chunk: int = 4096) -> None:
         super().__init__()
         self.projection = Int8Linear(weight, None)
         self.num_embeddings, self.embedding_dim = weight.shape
+        p = self.projection
+        error = torch.empty_like(p.weight_int8)
+        error_scale = torch.empty_like(p.scale)
+        for start in range(0, weight.shape[0], chunk):  # no float32 copy of it all
+            part = slice(start, start + chunk)
+            left = weight[part].detach().float() - p.weight_int8[part] * p.scale[part, None]
+            error[part], error_scale[part] = quantize_rows(left)
+        self.register_buffer("error_int8", error)
+        self.register_buffer("error_scale", error_scale)
+
+    def rows(self, tokens: Tensor) -> Tensor:
+        """The embedding rows of `tokens` to about 16 bits, in float32."""
+        p = self.projection
+        return (p.weight_int8[tokens] * p.scale[tokens].unsqueeze(-1)).add_(
+            self.error_int8[tokens] * self.error_scale[tokens].unsqueeze(-1)
+        )
 
     def forward(self, tokens: Tensor) -> Tensor:
-        rows = self.projection.weight_int8[tokens].float()
-        return rows * self.projection.scale[tokens].unsqueeze(-1)
+        return self.rows(tokens)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Logits of every token, from the int8 weights and the hidden state unrounded.
+        """Logits of every token: from the int8 weights, then the largest `EXACT_TOP` of
+        each row again from the float weights.
 
-        FBGEMM's kernel rounds the hidden state to 8 bits per call, which on its own turns
-        a near-silent window into a repetition loop (base, end of the long-form
-        benchmark); each state goes in as two rows instead, to about 16 bits
-        (`two_row_product`): weight rounding only, for every token. (This took the place
-        of recomputing the 64 largest logits from the float state: a top-k and a gather
-        a step, 0.2 ms of tiny.en's 2.8; the long-form text came out the same.) With the
-        decoder's layers on the native kernel the projection takes it too (its
-        `step_kernel`, kernels.py): the state is not rounded at all."""
+        The int8 weights alone cost base 0.6 WER points greedy and 0.4 beam 5 on the
+        long-form benchmark input (3.11/2.52 against float32's 2.52/2.14, layers in int8 or
+        not): rounding the output projection flips close calls between the leading tokens.
+        Recomputing the leading 4, 16 or 64 from the float weights gave float32's text
+        exactly, for a top-k and a small gather a step; from the two bytes here, the same.
+        FBGEMM's kernel also rounds the hidden state to 8 bits per call, which on its own
+        turns a near-silent window into a repetition loop; each state goes in as two rows
+        instead, to about 16 bits (`two_row_product`). With the decoder's layers on the
+        native kernel the projection takes it too (its `step_kernel`, kernels.py): the
+        state is not rounded at all."""
         p = self.projection
         rows = hidden.reshape(-1, hidden.shape[-1])
         if not (_fbgemm_available(rows.device) and rows.dtype == torch.float32):
-            return p(hidden)  # the float product of the dequantized weight
-        if p.step_kernel == "native" and native.available():
+            out = p(rows)  # the float product of the dequantized weight
+        elif p.step_kernel == "native" and native.available():
             out = native.int8_rows(rows, p.weight_int8, p.scale, None)
         else:
             out = two_row_product(rows, p.packed())[0]
+        out = self._exact_top(rows, out)
         return out.reshape(*hidden.shape[:-1], p.out_features)
+
+    def _exact_top(self, rows: Tensor, out: Tensor) -> Tensor:
+        top = out.topk(min(self.EXACT_TOP, out.shape[-1]), dim=-1).indices
+        # A product and a sum per row rather than one batched product: each row's numbers
+        # then do not depend on the rows beside it.
+        exact = (self.rows(top) * rows.float().unsqueeze(1)).sum(-1)
+        return out.scatter_(-1, top, exact.to(out.dtype))
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from susurrus import kernels, load_model, native, quantize
+from susurrus.engine import native_step
 
 from .conftest import AUDIO, busy_loops, requires_shared
 from .test_transcribe import check_parity, english_wer, run_parity, tokens_of
@@ -485,6 +486,7 @@ def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, m
     count; the output projection takes it if native, else FBGEMM's two-row product."""
     _fresh(monkeypatch)
     monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(native_step, "ENABLED", False)  # whole native steps: next test
     model = load_model("tiny.en", compute_type="int8")
     key, layers = kernels._int8_layers(model)
     # 4 blocks of 8 products (qkv fused, the audio's keys and values), attention in float32.
@@ -509,6 +511,65 @@ def test_an_int8_decoders_step_kernel_is_measured_cached_and_applied(tmp_path, m
     assert not kernels._valid_entry(key, {"all": "turbo"})
     assert not kernels._valid_entry(key, {"1": "int8pack"})  # one kernel, not per bucket
     assert kernels._valid_entry(key, entry)
+
+
+@requires_shared
+@pytest.mark.skipif(not native.available(), reason="no native kernels here")
+def test_whole_steps_choose_between_the_chosen_parts_and_the_native_step(
+    tmp_path, monkeypatch
+):
+    """Where a part of the step was measured faster through PyTorch (here: recorded so),
+    whole steps decide between the parts as chosen and every part native in one call
+    (which saves the loop's calls): measured once, cached, applied, and a recorded choice
+    followed either way."""
+    _fresh(monkeypatch)
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(path))
+    model = load_model("tiny.en", compute_type="int8")
+    fused = kernels._fused_key(model)
+    attention, (int8, layers) = kernels._attention_key(model), kernels._int8_layers(model)
+    assert fused == f"fused:{attention}|{int8}"
+
+    def record(entries: dict) -> dict:
+        data = json.loads(path.read_text())
+        machine = data["machines"][kernels.machine_key()]
+        machine.pop(fused, None)
+        machine.update(entries)
+        path.write_text(json.dumps(data))
+        _fresh(monkeypatch)
+        return machine
+
+    # The parts recorded as faster through PyTorch: the step is timed both ways.
+    parts = {attention: {"dtype": "float32", "1": "matmul", "8": "matmul"},
+             int8: {"all": "fbgemm"}}
+    record(parts)
+    model = load_model("tiny.en", compute_type="int8")
+    table = kernels.table_for(model)
+    totals = table.timings[fused]["all"]
+    assert set(totals) == set(kernels.FUSED) and all(t > 0 for t in totals.values())
+    choice = "fused" if totals["fused"] <= totals["chosen"] * kernels.FUSED_TIE else "chosen"
+    assert table.choices[fused] == {"all": choice}
+    saved = json.loads(path.read_text())["machines"][kernels.machine_key()]
+    assert saved[fused] == {"all": choice}
+    assert kernels._valid_entry(fused, {"all": choice})
+    assert not kernels._valid_entry(fused, {"all": "turbo"})
+    for recorded in ("fused", "chosen"):
+        record({**parts, fused: {"all": recorded}})
+        model = load_model("tiny.en", compute_type="int8")
+        decoder = model.decoder
+        steps = [native_step.plan(decoder, rows) for rows in kernels.FUSED_BUCKETS]
+        layers = kernels._int8_layers(model)[1] + [decoder.token_embedding.projection]
+        cross = decoder.blocks[0].cross_attn
+        if recorded == "fused":
+            assert all(step is not None for step in steps)
+            assert all(m.step_kernel == "native" for m in layers)
+            assert cross.step_kernel is kernels.ATTENTION["native"]
+        else:
+            assert steps == [None, None]
+            assert all(m.step_kernel == "fbgemm" for m in layers)
+            assert cross.step_kernel is kernels.ATTENTION["matmul"]
+        text = model.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)["text"]
+        assert "ask not what your country can do for you" in text.lower(), text
 
 
 def test_an_int8_layers_many_row_kernel_is_measured_cached_and_applied(tmp_path, monkeypatch):
@@ -559,11 +620,11 @@ def test_an_int8_layers_many_row_kernel_is_measured_cached_and_applied(tmp_path,
 def test_auto_quantizes_the_encoder_only_where_int8_measured_faster(
     tmp_path, monkeypatch, int8_faster
 ):
-    """On a CPU without native bfloat16, `auto` puts the encoder in int8 only where each of
-    its shapes' int8 products of 1500 rows measured faster than the float ones: recorded
+    """On a CPU without bfloat16 tiles (AMX), `auto` puts the encoder in int8 only where
+    each of its shapes' int8 products of 1500 rows measured faster than the float ones: recorded
     choices of a CPU where int8 wins (VNNI) and of one where it loses (AVX2 only)."""
     _fresh(monkeypatch)
-    monkeypatch.setattr(quantize, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(quantize, "bfloat16_tiles", lambda: False)
     name = "int_mm" if int8_faster else "dequantized"
     # tiny.en's encoder: q, k, v and out 384x384; the MLP's 1536x384 and 384x1536.
     recorded = {f"int8-rows:{shape}": {"1500": name} for shape in ("384x384", "1536x384",

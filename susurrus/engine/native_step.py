@@ -187,13 +187,13 @@ def plan(decoder: TextDecoder, n_rows: int) -> NativeStep | None:
         return None
     found = _plans.get(decoder, False)
     if found is False or (found is not None and not found.current()):
-        found = _plans[decoder] = NativeStep(decoder) if _shaped(decoder) else None
+        found = _plans[decoder] = NativeStep(decoder) if shaped(decoder) else None
     if found is None or not found.all_native(n_rows):
         return None
     return found
 
 
-def _shaped(decoder: TextDecoder) -> bool:
+def shaped(decoder: TextDecoder) -> bool:
     """Whether the decoder's layers are the ones the kernel knows: float32, a stacked
     self-attention projection, the exact GELU, one layer-norm epsilon."""
     if not native.available() or decoder.positional_embedding.dtype != torch.float32:
