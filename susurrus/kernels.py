@@ -1411,8 +1411,9 @@ def _apply_fused(model: nn.Module, table: KernelTable | None) -> None:
     if (key := _fused_key(model)) is None:
         return
     decoder = model.decoder
-    if all(native_step.plan(decoder, rows) is not None for rows in FUSED_BUCKETS):
-        return  # the parts chosen are the native ones already
+    with packed_weights():  # as beam search's steps run (greedy ones never pack)
+        if all(native_step.plan(decoder, rows) is not None for rows in FUSED_BUCKETS):
+            return  # the parts chosen are the native ones already
     with _lock:
         if key not in table.choices:
             mark = cpu_mark()

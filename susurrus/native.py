@@ -130,6 +130,8 @@ def library() -> ctypes.CDLL | None:
         function.argtypes = [pointer] * 5 + [size] * 3 + [ctypes.c_int]
     lib.susurrus_attention.restype = None
     lib.susurrus_attention.argtypes = [pointer] * 6 + [size] * 10 + [ctypes.c_int]
+    lib.susurrus_exact_top.restype = None
+    lib.susurrus_exact_top.argtypes = [pointer] * 6 + [size] * 3 + [size, pointer, ctypes.c_int]
     lib.susurrus_decoder_step.restype = None
     lib.susurrus_decoder_step.argtypes = [ctypes.POINTER(Step)]
     return lib
@@ -166,6 +168,31 @@ def decoder_step(step: Step) -> None:
     """Run a whole decoder step as `step` describes it (engine/native_step.py builds it).
     Call only where `available()`."""
     _lib().susurrus_decoder_step(ctypes.byref(step))
+
+
+EXACT_TOP_MOST = 64  # the kernel holds at most this many leading logits per row
+
+
+def exact_top(hidden: Tensor, logits: Tensor, weight: Tensor, scale: Tensor, error: Tensor,
+              error_scale: Tensor, k: int) -> Tensor:
+    """In place, the `k` largest of each row of `logits` (rows, n) recomputed as `hidden`
+    (rows, width) times weight * scale + error * error_scale (int8 rows with float32
+    per-row scales: a weight and its rounding error); returns their indices (rows, k).
+    Call only where `available()`."""
+    rows, n = logits.shape
+    width = hidden.shape[1]
+    if not (0 < k <= EXACT_TOP_MOST and width % 8 == 0 and logits.is_contiguous()
+            and logits.dtype == hidden.dtype == torch.float32):
+        raise ValueError("the exact-top kernel takes float32 rows, widths of a multiple of 8 "
+                         f"and at most {EXACT_TOP_MOST} logits")
+    hidden = hidden.contiguous()
+    found = torch.empty(rows, k, dtype=torch.int64)
+    _lib().susurrus_exact_top(
+        hidden.data_ptr(), logits.data_ptr(), weight.data_ptr(), scale.data_ptr(),
+        error.data_ptr(), error_scale.data_ptr(), rows, n, width, k, found.data_ptr(),
+        min(torch.get_num_threads(), rows),
+    )
+    return found
 
 
 def available() -> bool:

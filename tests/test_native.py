@@ -14,7 +14,7 @@ import torch
 from susurrus import kernels, load_model, native
 from susurrus.engine import native_step
 from susurrus.engine.step import Run, decoder_step
-from susurrus.quantize import Int8Linear
+from susurrus.quantize import Int8Embedding, Int8Linear
 
 from .conftest import AUDIO, requires_shared
 
@@ -82,6 +82,36 @@ def test_attention_matches_the_two_products_and_a_mask_equals_a_cut(queries, key
         for r, p in enumerate(positions.tolist()):
             cut = native.attention(q[r : r + 1], k[r : r + 1, :, : p + 1], v[r : r + 1, :, : p + 1])
             assert torch.equal(masked[r : r + 1], cut), r
+
+
+@needs_native
+@pytest.mark.parametrize("n", [51865, 1003, 20])
+def test_exact_top_recomputes_the_largest_logits_of_each_row(n):
+    """The native exact-top kernel finds each row's k largest logits as torch.topk does
+    and recomputes them from both int8 bytes as the PyTorch path does; a row's numbers
+    are the same alone and beside others, with one thread or two."""
+    torch.manual_seed(n)
+    embedding = Int8Embedding(torch.randn(n, 64) * 0.1)
+    p, k = embedding.projection, min(Int8Embedding.EXACT_TOP, n)
+    hidden = torch.randn(5, 64)
+    logits = hidden @ p.dequantized_weight().T
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie
+    top = logits.topk(k, dim=-1).indices
+    out = logits.clone()
+    found = native.exact_top(hidden, out, p.weight_int8, p.scale, embedding.error_int8,
+                             embedding.error_scale, k)
+    assert torch.equal(found.sort(-1).values, top.sort(-1).values)
+    assert found[2, 0] == 7 and found[2, 1] == 9  # the lower index first on a tie
+    expected = (embedding.rows(top) * hidden.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(out.gather(-1, top), expected, rtol=1e-5, atol=1e-5)
+    rest = torch.ones_like(out, dtype=torch.bool).scatter_(-1, top, False)
+    assert torch.equal(out[rest], logits[rest])
+    for threads in (1, 2):
+        alone = logits[3:4].clone()
+        _with_threads(threads, lambda alone=alone: native.exact_top(
+            hidden[3:4], alone, p.weight_int8, p.scale, embedding.error_int8,
+            embedding.error_scale, k))
+        assert torch.equal(alone[0], out[3])
 
 
 @needs_native

@@ -193,6 +193,64 @@ void susurrus_attention(const float *q, const float *k, const float *v, const ui
     }
 }
 
+/* ---- The leading logits again, from a finer copy of the weights ----
+
+   For each row of `logits` (rows x n, from int8 weights), the k largest are computed again
+   as hidden . (w1 * s1 + w2 * s2): the int8 weight row and a second int8 row holding its
+   rounding error. A top-k scan of 8 lanes at a time against the k-th value found so far
+   (few lanes ever pass it), then k dot products. Ties keep the lower index. Each row on
+   its own (one thread each), in the same order whatever the rows beside it. */
+void susurrus_exact_top(const float *hidden, float *logits, const int8_t *w1, const float *s1,
+                        const int8_t *w2, const float *s2, int64_t rows, int64_t n,
+                        int64_t width, int64_t k, int64_t *found, int threads) {
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = logits + r * n;
+        int64_t *top = found + r * k;
+        float value[64];
+        int64_t have = 0;
+        float least = -INFINITY; /* the k-th largest so far, once k are held */
+        for (int64_t j = 0; j < n; j += 8) {
+            int lanes;
+            if (j + 8 <= n) {
+                __m256 v = _mm256_loadu_ps(x + j);
+                lanes = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(least), _CMP_GT_OQ));
+                if (have < k) lanes = 0xff;
+            } else {
+                lanes = (1 << (n - j)) - 1;
+            }
+            while (lanes) {
+                int lane = __builtin_ctz(lanes);
+                lanes &= lanes - 1;
+                float y = x[j + lane];
+                if (!(y > least) && have == k) continue;
+                if (y != y) continue; /* NaN */
+                int64_t at = have < k ? have++ : k - 1; /* insert, dropping the k-th */
+                while (at > 0 && value[at - 1] < y) {
+                    value[at] = value[at - 1];
+                    top[at] = top[at - 1];
+                    at--;
+                }
+                value[at] = y;
+                top[at] = j + lane;
+                if (have == k) least = value[k - 1];
+            }
+        }
+        for (int64_t i = 0; i < have; i++) {
+            const int8_t *a = w1 + top[i] * width, *b = w2 + top[i] * width;
+            const float *h = hidden + r * width;
+            __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+            for (int64_t c = 0; c < width; c += 8) {
+                __m256 hv = _mm256_loadu_ps(h + c);
+                sa = _mm256_fmadd_ps(load_int8_t(a + c), hv, sa);
+                sb = _mm256_fmadd_ps(load_int8_t(b + c), hv, sb);
+            }
+            logits[r * n + top[i]] = sum8(sa) * s1[top[i]] + sum8(sb) * s2[top[i]];
+        }
+        for (int64_t i = have; i < k; i++) top[i] = -1;
+    }
+}
+
 /* ---- A whole decoding step of the decoder in one call ----
 
    Every layer of every row, one position per row, in one parallel region: each phase
