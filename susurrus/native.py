@@ -190,7 +190,7 @@ def exact_top(hidden: Tensor, logits: Tensor, weight: Tensor, scale: Tensor, err
     _lib().susurrus_exact_top(
         hidden.data_ptr(), logits.data_ptr(), weight.data_ptr(), scale.data_ptr(),
         error.data_ptr(), error_scale.data_ptr(), rows, n, width, k, found.data_ptr(),
-        min(torch.get_num_threads(), rows),
+        max(1, min(torch.get_num_threads(), rows)),
     )
     return found
 

@@ -461,7 +461,7 @@ class Int8Embedding(nn.Module):
         k = min(self.EXACT_TOP, out.shape[-1])
         p = self.projection
         if (native.available() and out.device.type == "cpu" and rows.dtype == torch.float32
-                and out.dtype == torch.float32 and rows.shape[-1] % 8 == 0
+                and out.dtype == torch.float32 and out.is_contiguous() and rows.shape[-1] % 8 == 0
                 and p.scale.dtype == self.error_scale.dtype == torch.float32):
             # One call: a scan of each row and k short dot products (torch's top-k alone
             # takes 110 us of a row of 51865 on a 2-core EPYC; this all, 15).

@@ -160,6 +160,7 @@ def test_the_output_projection_follows_a_native_decoder():
     two_rows = embedding.logits(hidden)
     assert not torch.equal(two_rows[rest], unrounded[rest])
     assert ((two_rows - exact).norm() / exact.norm()) < 1e-2
+    assert embedding.logits(torch.randn(0, 64)).shape == (0, 1000)  # no rows at all
     # Lookups read both bytes: the weights to about 16 bits.
     looked_up = embedding(torch.tensor([3, 7]))
     error = (looked_up - weight[[3, 7]]).abs().max() / weight[[3, 7]].abs().max()
