@@ -1365,11 +1365,22 @@ def _measure_fused(model: nn.Module) -> dict[str, float]:
     n_ctx = min(48, decoder.positional_embedding.shape[0])
     totals = dict.fromkeys(FUSED, 0.0)
     with torch.inference_mode():
+        # One window's audio for every bucket, its keys and values in each type the
+        # attention asks for (made once per type).
+        cross = decoder.new_cache(1, n_ctx=n_ctx)
+        decoder.fill_cross_cache(cross, torch.randn(1, model.dims.n_audio_ctx, n_state))
+        audio: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+
+        def keys_values() -> tuple[list[Tensor], list[Tensor]]:
+            dtype = (decoder.blocks[0].cross_attn.attention_dtype
+                     or decoder.positional_embedding.dtype)
+            if dtype not in audio:
+                audio[dtype] = ([k.to(dtype) for k in cross.cross_k],
+                                [v.to(dtype) for v in cross.cross_v])
+            return audio[dtype]
+
         for rows in FUSED_BUCKETS:
             cache = decoder.new_cache(rows, n_ctx=n_ctx)
-            features = torch.randn(1, model.dims.n_audio_ctx, n_state)
-            cross = decoder.new_cache(1, n_ctx=n_ctx)
-            decoder.fill_cross_cache(cross, features)
             tokens = torch.zeros(rows, 1, dtype=torch.long)
             positions = torch.full((rows,), n_ctx - 8)
             run = (Run(0, rows, 0, 1, rows),)  # one window's rows (its beams)
@@ -1378,11 +1389,7 @@ def _measure_fused(model: nn.Module) -> dict[str, float]:
                 for name in FUSED:
                     restore = _native_parts(decoder) if name == "fused" else None
                     try:
-                        # The audio's keys in the type the attention asks for.
-                        dtype = (decoder.blocks[0].cross_attn.attention_dtype
-                                 or decoder.positional_embedding.dtype)
-                        ck = [k.to(dtype) for k in cross.cross_k]
-                        cv = [v.to(dtype) for v in cross.cross_v]
+                        ck, cv = keys_values()
                         start = time.perf_counter()
                         with packed_weights():
                             decoder_step(decoder, tokens, positions, cache.self_k,
