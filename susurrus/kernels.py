@@ -35,8 +35,11 @@ side by side are timed to find whether bfloat16 pays at all: on a Zen 4 without 
 PyTorch's fused bfloat16 kernel takes 0.64 ms for one query over 1500 frames, float32's
 0.07 ms, two bfloat16 products 0.13 ms. Steps never take SDPA unless forced: its sums for
 one query change with the thread count, which the engine's thread policy changes with
-the machine's load. Only the audio's keys take the narrow type: the decoder's own keys
-stay in the model's.
+the machine's load. Only the audio's keys take bfloat16: the decoder's own keys stay in
+the model's. Elsewhere `auto` asks for float16 keys and values (its own and the audio's)
+as a type of storage only: the native kernel widens them as it reads them, the
+arithmetic float32, half the memory of each window (base: 18 MB of audio keys instead of
+37); whole steps are timed the same way to find whether they cost any speed.
 """
 
 from __future__ import annotations
@@ -246,14 +249,21 @@ def _attention_native(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
     # frames, one row, keys and values out of cache (Zen 3): 272 against the two
     # products' 421 us a layer. Other types, and a mask of several queries a row (a
     # prompt continued), take the two products.
-    plain = q.dtype == k.dtype == v.dtype == torch.float32 and q.shape[-1] % 8 == 0
+    plain = (q.dtype == torch.float32 and k.dtype == v.dtype
+             and k.dtype in (torch.float32, torch.float16) and q.shape[-1] % 8 == 0)
     batch, heads, queries, dim = q.shape
     keys = k.shape[2]
     shaped = k.shape == v.shape == (batch, heads, keys, dim)  # no broadcast batch or heads
     masked_ok = mask is None or (queries == 1 and mask.shape == (batch, 1, 1, keys))
     if plain and shaped and masked_ok and native.available():
         return native.attention(q, k, v, mask)
+    if k.dtype == torch.float16 and q.dtype == torch.float32:
+        k, v = k.float(), v.float()  # the products' arithmetic in float32 too
     return _attention_matmul(q, k, v, mask)
+
+
+# The native kernel reads float16 keys and values (the audio's, stored narrow) itself.
+_attention_native.reads_half = True  # type: ignore[attr-defined]
 
 
 def _attention_blocks(q: Tensor, k: Tensor, v: Tensor, block: int = 128) -> Tensor:
@@ -1014,8 +1024,11 @@ def _measure_int8(model: nn.Module, table: KernelTable, key: str, layers: list) 
     table.timings[key] = _rounded({**found, "all": totals})
 
 
-def _apply_int8(model: nn.Module, table: KernelTable | None) -> None:
-    if (found := _int8_layers(model)) is None:
+def _apply_int8(model: nn.Module, table: KernelTable | None,
+                found: tuple[str, list[quantize.Int8Linear]] | None) -> None:
+    """The int8 decoder's step kernel: `found` is `_int8_layers(model)` as the model was
+    measured (before the attention's type was chosen, which is in its key)."""
+    if found is None:
         return
     key, layers = found
     name = forced(ENV_FORCE_INT8, quantize.STEP_KERNELS)
@@ -1185,13 +1198,16 @@ def _set_attention(decoder: nn.Module, dtype: torch.dtype | None, kernel) -> Non
     """The decoder's attention of the audio in `dtype` (None: as it is), every decoder
     step's attention through `kernel` (None: SDPA).
 
-    Its own keys (self-attention) stay in the model's type: at most 448 positions, a
-    narrow type saves little there, and each new key length would make oneDNN build and
-    keep a bfloat16 product of its own (a long file with beam 5: 500 MB more)."""
+    Its own keys (self-attention) stay in the model's type under bfloat16: at most 448
+    positions, a narrow type saves little there, and each new key length would make
+    oneDNN build and keep a bfloat16 product of its own (a long file with beam 5: 500 MB
+    more). float16 beside float32 is a type of storage only (the arithmetic stays
+    float32, the native kernel widening as it reads): both kinds of keys take it."""
     own = decoder.positional_embedding.dtype
+    storage = dtype == torch.float16 and own == torch.float32
     for block in decoder.blocks:
         if dtype is not None:
-            block.attn.attention_dtype = None
+            block.attn.attention_dtype = dtype if storage else None
             block.cross_attn.attention_dtype = None if dtype == own else dtype
         block.attn.step_kernel = block.cross_attn.step_kernel = kernel
 
@@ -1323,16 +1339,18 @@ def _fused_key(model: nn.Module) -> str | None:
     return None if layers is None else f"fused:{attention}|{layers[0]}"
 
 
-def _native_parts(decoder: nn.Module) -> Callable[[], None]:
+def _native_parts(decoder: nn.Module, asked: torch.dtype | None) -> Callable[[], None]:
     """Route every part of `decoder`'s steps through the native kernels (the audio's
-    attention in float32); returns what puts the previous choices back."""
+    keys in float16 where the plan `asked` for it, which the kernel reads, else in
+    float32); returns what puts the previous choices back."""
     saved_attention = [(m, m.attention_dtype, m.step_kernel)
                        for block in decoder.blocks for m in (block.attn, block.cross_attn)]
     int8 = [m for m in decoder.modules() if isinstance(m, quantize.Int8Linear)]
     saved_int8 = [(m, m.step_kernel) for m in int8]
     floats = [m for m in decoder.modules() if isinstance(m, TunedLinear)]
     saved_float = [(m, dict(m.kernel_choices)) for m in floats]
-    _set_attention(decoder, decoder.positional_embedding.dtype, ATTENTION["native"])
+    own = decoder.positional_embedding.dtype
+    _set_attention(decoder, torch.float16 if asked == torch.float16 else own, ATTENTION["native"])
     for m in int8:
         m.step_kernel = "native"
     native_kernel = CANDIDATES["native"]
@@ -1355,9 +1373,9 @@ def _native_parts(decoder: nn.Module) -> Callable[[], None]:
     return restore
 
 
-def _measure_fused(model: nn.Module) -> dict[str, float]:
+def _measure_fused(model: nn.Module, asked: torch.dtype | None) -> dict[str, float]:
     """Total time of decoding steps (with the output projection) over FUSED_BUCKETS rows,
-    as chosen and all native, taking turns."""
+    as chosen and all native (`_native_parts`), taking turns."""
     from .engine.step import Run, decoder_step
 
     decoder = model.decoder
@@ -1387,7 +1405,7 @@ def _measure_fused(model: nn.Module) -> dict[str, float]:
             best = dict.fromkeys(FUSED, float("inf"))
             for turn in range(DECODER_ROUNDS + 1):
                 for name in FUSED:
-                    restore = _native_parts(decoder) if name == "fused" else None
+                    restore = _native_parts(decoder, asked) if name == "fused" else None
                     try:
                         ck, cv = keys_values()
                         start = time.perf_counter()
@@ -1405,9 +1423,12 @@ def _measure_fused(model: nn.Module) -> dict[str, float]:
     return totals
 
 
-def _apply_fused(model: nn.Module, table: KernelTable | None) -> None:
+def _apply_fused(model: nn.Module, table: KernelTable | None, key: str | None,
+                 asked: torch.dtype | None) -> None:
     """Measure (once per machine, cached) whether `model`'s decoding steps run faster all
-    native than as their parts were chosen, and route them so if they do."""
+    native than as their parts were chosen, and route them so if they do. `key`:
+    `_fused_key(model)`, and `asked` the type the plan asked for the audio's keys, both
+    as before the attention's type was chosen."""
     if table is None or any(forced(v, n) for v, n in (
         (ENV_FORCE, CANDIDATES), (ENV_FORCE_ATTENTION, ATTENTION),
         (ENV_FORCE_INT8, quantize.STEP_KERNELS),
@@ -1415,7 +1436,7 @@ def _apply_fused(model: nn.Module, table: KernelTable | None) -> None:
         return
     from .engine import native_step
 
-    if (key := _fused_key(model)) is None:
+    if key is None:
         return
     decoder = model.decoder
     with packed_weights():  # as beam search's steps run (greedy ones never pack)
@@ -1424,7 +1445,7 @@ def _apply_fused(model: nn.Module, table: KernelTable | None) -> None:
     with _lock:
         if key not in table.choices:
             mark = cpu_mark()
-            totals = _measure_fused(model)
+            totals = _measure_fused(model, asked)
             chosen = "fused" if totals["fused"] <= totals["chosen"] * FUSED_TIE else "chosen"
             table.choices[key] = {"all": chosen}
             table.timings[key] = _rounded({"all": totals})
@@ -1436,7 +1457,7 @@ def _apply_fused(model: nn.Module, table: KernelTable | None) -> None:
                 f"{name} {1e3 * t:.2f} ms" for name, t in totals.items()))
             _write_cache(cache_path(), machine_key(), table)
     if table.choices[key].get("all") == "fused":
-        _native_parts(decoder)  # the int8 output projection among them
+        _native_parts(decoder, asked)  # the int8 output projection among them
 
 
 # Greedy float32 steps: the whole projection, or its int8 screen (see screen.py).
@@ -1592,11 +1613,16 @@ def tune(model: nn.Module) -> KernelTable | None:
             merged = dict(old.pairs) if isinstance(old, TunedProjection) else {}
             merged[w.dtype] = pairs
             decoder.project = TunedProjection(merged)
+    # The keys that name the attention's type, as measured: what the plan asked for, which
+    # choosing the type changes.
+    int8, fused = _int8_layers(model), _fused_key(model)
+    decoder = getattr(model, "decoder", None)
+    asked = decoder.blocks[0].cross_attn.attention_dtype if fused is not None else None
     if (key := _attention_key(model)) is not None:
         _apply_attention(model, table.choices.get(key) if table else None, attention)
     _apply_encoder_attention(model, table)
     _apply_screen(model, table)
-    _apply_int8(model, table)
+    _apply_int8(model, table, int8)
     _apply_int8_rows(model, table)
-    _apply_fused(model, table)
+    _apply_fused(model, table, fused, asked)
     return table

@@ -214,6 +214,8 @@ def _prepare(
     if plan.int8:
         quantize_int8(model.decoder if encoder_dtype else model)
     model.set_attention_dtype(plan.attention_dtype)
+    if plan.cache_dtype is not None:
+        model.decoder.set_cache_dtype(plan.cache_dtype)
     model = model.to(device=device, dtype=dtype or plan.dtype).eval()
     if encoder_dtype is not None:
         model.encoder.set_layer_dtype(encoder_dtype)

@@ -96,7 +96,9 @@ class MultiHeadAttention(nn.Module):
         # weights are int8, and half-width keys halve it.
         self.attention_dtype: torch.dtype | None = None
         # The attention of decoding steps (a few queries per row) through a kernel of
-        # kernels.py instead of SDPA on the CPU, (q, k, v, mask) -> out. None: SDPA.
+        # kernels.py instead of SDPA on the CPU, (q, k, v, mask) -> out. None: SDPA. One
+        # with a true `reads_half` attribute takes float16 keys and values beside float32
+        # queries (computing in float32).
         self.step_kernel: Callable[..., Tensor] | None = None
         # The attention of many queries without a mask (the encoder's) through a kernel
         # measured faster than SDPA on the CPU (see kernels.py); None: SDPA.
@@ -106,15 +108,27 @@ class MultiHeadAttention(nn.Module):
         dtype = self.attention_dtype or q.dtype
         if q.dtype == k.dtype == v.dtype == dtype:
             return self._attention(q, k, v, **kwargs)
+        if k.dtype == v.dtype == torch.float16 and q.dtype == torch.float32:
+            # Keys and values stored in float16 for their memory alone (a float32 model's
+            # audio keys under `auto` on the CPU): the arithmetic stays float32. A step
+            # kernel that reads float16 itself (`reads_half`) takes them as they are.
+            if self._steps(q, kwargs) and getattr(self.step_kernel, "reads_half", False):
+                return self.step_kernel(q, k, v, kwargs.get("attn_mask"))
+            return self._attention(q, k.float(), v.float(), **kwargs)
         # Only what differs is cast (a decoding step's audio keys are kept in `dtype`):
         # a cast to the same type is still an operator call, a few per layer and step.
         k = k if k.dtype == dtype else k.to(dtype)
         v = v if v.dtype == dtype else v.to(dtype)
         return self._attention(q.to(dtype), k, v, **kwargs).to(q.dtype)
 
+    def _steps(self, q: Tensor, kwargs: dict) -> bool:
+        """Whether this attention is a decoding step's (a few queries), for step_kernel."""
+        return (self.step_kernel is not None and q.shape[-2] <= STEP_QUERIES
+                and not kwargs.get("is_causal"))
+
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
         kernel = self.step_kernel
-        if kernel is None or q.shape[-2] > STEP_QUERIES or kwargs.get("is_causal"):
+        if not self._steps(q, kwargs):
             plain = not kwargs.get("is_causal") and kwargs.get("attn_mask") is None
             if self.long_kernel is not None and plain:
                 return self.long_kernel(q, k, v)
@@ -324,6 +338,13 @@ class TextDecoder(nn.Module):
             return [weight.new_zeros(shape, dtype=dtype) for _ in self.blocks]
 
         return KVCache(zeros(), zeros())
+
+    def set_cache_dtype(self, dtype: torch.dtype | None) -> None:
+        """Keep the keys and values of every attention (its own, the audio's) in `dtype`
+        (None: the model's type). float16 beside a float32 model stores them narrow for
+        their memory; the attention still computes in float32 (MultiHeadAttention.sdpa)."""
+        for block in self.blocks:
+            block.attn.attention_dtype = block.cross_attn.attention_dtype = dtype
 
     def fill_cross_cache(self, cache: KVCache, audio_features: Tensor) -> None:
         """Project the audio once per window into every layer's cross-attention keys/values.

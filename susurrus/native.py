@@ -8,7 +8,7 @@ FBGEMM's at 15, where CTranslate2's steps reach 23-24. The kernels here read eac
 row once for all input rows, with the activations kept in float32 (int8 weights: only
 the weight is rounded, closer to float32 than either PyTorch kernel).
 
-They are compiled on first use with the system's C compiler (AVX2 + FMA, OpenMP) into the
+They are compiled on first use with the system's C compiler (AVX2, FMA and F16C, OpenMP) into the
 cache directory, and are one more candidate that kernels.py measures against PyTorch's:
 never used unless faster here. Where they cannot be built (no compiler, another CPU
 family, $SUSURRUS_NATIVE=0) the PyTorch kernels serve, after one warning.
@@ -33,7 +33,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "step.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
 LIBRARIES = ("-lmvec", "-lm")  # glibc's vector expf and erff
 ENV_SWITCH = "SUSURRUS_NATIVE"  # 0: never build or use them
 BUILD_SECONDS = 120
@@ -55,8 +55,8 @@ def _why_not() -> str | None:
         return f"${ENV_SWITCH}=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"a {platform.machine()} CPU (they are written for x86-64)"
-    if not {"avx2", "fma"} <= cpu_flags():
-        return "a CPU without AVX2 and FMA"
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        return "a CPU without AVX2, FMA and F16C"
     return None
 
 
@@ -129,7 +129,7 @@ def library() -> ctypes.CDLL | None:
         function.restype = None
         function.argtypes = [pointer] * 5 + [size] * 3 + [ctypes.c_int]
     lib.susurrus_attention.restype = None
-    lib.susurrus_attention.argtypes = [pointer] * 6 + [size] * 10 + [ctypes.c_int]
+    lib.susurrus_attention.argtypes = [pointer] * 6 + [size] * 10 + [ctypes.c_int] * 2
     lib.susurrus_exact_top.restype = None
     lib.susurrus_exact_top.argtypes = [pointer] * 6 + [size] * 3 + [size, pointer, ctypes.c_int]
     lib.susurrus_decoder_step.restype = None
@@ -157,7 +157,8 @@ class Layer(ctypes.Structure):
 class Step(ctypes.Structure):
     _fields_ = [
         *((name, _I) for name in ("rows", "state", "heads", "layers", "frames", "self_row",
-                                  "self_head", "cross_audio", "cross_head")),
+                                  "self_head", "self_half", "cross_audio", "cross_head",
+                                  "cross_half")),
         ("positions", _P), ("tasks", _P), ("n_tasks", _I), ("ln_w", _P), ("ln_b", _P),
         ("eps", ctypes.c_float), ("x", _P), ("work", _P), ("scratch", _I),
         ("layer", ctypes.POINTER(Layer)), ("threads", ctypes.c_int),
@@ -247,13 +248,16 @@ def float_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(dim)) v for float32 q (batch, heads, queries, dim) and k, v
-    (batch, heads, keys, dim); `mask` (batch, 1, 1, keys) bool, one query per row, True
-    where a key is attended. Each (batch, head) on one thread, the same sums whatever
-    the thread count."""
+    (batch, heads, keys, dim), both float32 or both float16 (widened as they are read: the
+    arithmetic is float32); `mask` (batch, 1, 1, keys) bool, one query per row, True where
+    a key is attended. Each (batch, head) on one thread, the same sums whatever the thread
+    count."""
     batch, heads, queries, dim = q.shape
     keys = k.shape[2]
-    if dim % 8 or not (q.dtype == k.dtype == v.dtype == torch.float32):
-        raise ValueError("native attention takes float32 heads of a multiple of 8")
+    if (dim % 8 or q.dtype != torch.float32 or k.dtype != v.dtype
+            or k.dtype not in (torch.float32, torch.float16)):
+        raise ValueError("native attention takes float32 queries over float32 or float16 keys "
+                         "and values, heads of a multiple of 8")
     if k.shape != (batch, heads, keys, dim) or v.shape != k.shape:
         raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} do not match "
                          f"queries {tuple(q.shape)}")
@@ -272,6 +276,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
         q.data_ptr(), k.data_ptr(), v.data_ptr(),
         None if mask is None else mask.data_ptr(), out.data_ptr(), scores.data_ptr(),
         batch, heads, queries, keys, dim,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), keys, torch.get_num_threads(),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), keys, int(k.dtype == torch.float16),
+        torch.get_num_threads(),
     )
     return out

@@ -572,6 +572,45 @@ def test_whole_steps_choose_between_the_chosen_parts_and_the_native_step(
         assert "ask not what your country can do for you" in text.lower(), text
 
 
+@requires_shared
+@pytest.mark.skipif(not native.available(), reason="no native kernels here")
+def test_auto_keeps_the_audio_keys_in_float16_unless_measured_slower(tmp_path, monkeypatch):
+    """`auto` asks for the audio's keys and values in float16 where the native attention
+    reads them (half a window's memory). Whole steps decide between them and float32 as
+    for any attention type; the int8 kernel measured beside them applies whichever type
+    won (its key names the type asked for, not the one chosen)."""
+    _fresh(monkeypatch)
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(path))
+    assert quantize.resolve_compute_type("auto", torch.device("cpu")).cache_dtype == (
+        None if quantize.bfloat16_tiles() else torch.float16)
+    monkeypatch.setattr(quantize, "bfloat16_tiles", lambda: False)
+    load_model("tiny.en", compute_type="auto")
+    machine = json.loads(path.read_text())["machines"][kernels.machine_key()]
+    attention = next(k for k in machine if k.startswith("attention:float16:"))
+    int8 = next(k for k in machine if k.startswith("int8-decoder:float16:"))
+    assert machine[attention]["dtype"] in ("float16", "float32")
+    for dtype, kernel in (("float32", "native"), ("float16", "fbgemm")):
+        data = json.loads(path.read_text())
+        data["machines"][kernels.machine_key()].update(
+            {attention: {"dtype": dtype, "1": "native", "8": "native"}, int8: {"all": kernel},
+             # (FBGEMM's parts kept as chosen rather than the whole native step)
+             f"fused:{attention}|{int8}": {"all": "chosen"}})
+        path.write_text(json.dumps(data))
+        _fresh(monkeypatch)
+        model = load_model("tiny.en", compute_type="auto")
+        decoder = model.decoder
+        assert decoder.blocks[0].cross_attn.attention_dtype == (
+            torch.float16 if dtype == "float16" else None)
+        assert all(m.step_kernel == kernel for m in kernels._int8_layers(model)[1])
+        with torch.inference_mode():
+            cache = decoder.new_cache(1)
+            decoder.fill_cross_cache(cache, torch.randn(1, 1500, 384))
+        assert cache.cross_k[0].dtype == getattr(torch, dtype)
+        text = model.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)["text"]
+        assert "ask not what your country can do for you" in text.lower(), (dtype, text)
+
+
 def test_an_int8_layers_many_row_kernel_is_measured_cached_and_applied(tmp_path, monkeypatch):
     """Each int8 shape's products of many rows (the encoder, prompt passes) take the kernel
     timed faster for 1500 rows (the dequantized float product on a near tie: its

@@ -1,4 +1,4 @@
-/* A decoding step's products and attention, for the CPU (AVX2 + FMA).
+/* A decoding step's products and attention, for the CPU (AVX2, FMA, F16C).
 
    Products of a few rows with a weight read once:
 
@@ -108,26 +108,38 @@ ROWS(susurrus_float_rows, float)
 /* glibc's vector expf (libmvec), within 4 ulp as its scalar one. */
 extern __m256 _ZGVdN8v_expf(__m256 x);
 
-/* One query qi over `keys` keys at kb and values at vb (each key's dim floats adjacent),
-   leaving out keys whose mask byte is 0 (m may be NULL); s: scratch of the keys padded to
-   eight; the result to o. */
-static void attend_query(const float *qi, const float *kb, const float *vb, const uint8_t *m,
-                         int64_t keys, int64_t dim, float scale, float *s, float *o) {
+/* Eight keys' or values' numbers from p + i: float32, or float16 (`half`) widened
+   exactly to float32 (F16C). */
+static inline __attribute__((always_inline)) __m256 load8(const void *p, int64_t i, int half) {
+    if (half)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* One query qi over `keys` keys at kb and values at vb (each key's dim numbers adjacent,
+   float32 or float16 as `half` says: the arithmetic is float32 either way), leaving out
+   keys whose mask byte is 0 (m may be NULL); s: scratch of the keys padded to eight; the
+   result to o. Inlined into one function per type below, `half` a constant in each. */
+static inline __attribute__((always_inline)) void attend(const float *qi, const void *kb,
+                                                         const void *vb, int half,
+                                                         const uint8_t *m, int64_t keys,
+                                                         int64_t dim, float scale, float *s,
+                                                         float *o) {
     int64_t padded = (keys + 7) & ~(int64_t)7;
     for (int64_t t = 0; t < keys; t++) {
         if (m && !m[t]) {
             s[t] = -INFINITY;
             continue;
         }
-        const float *kt = kb + t * dim;
+        int64_t kt = t * dim;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0;
         int64_t d = 0;
         for (; d + 16 <= dim; d += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(kt + d), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d + 8), _mm256_loadu_ps(kt + d + 8), a1);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8(kb, kt + d, half), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d + 8), load8(kb, kt + d + 8, half), a1);
         }
         for (; d < dim; d += 8)
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(kt + d), a0);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8(kb, kt + d, half), a0);
         s[t] = sum8(_mm256_add_ps(a0, a1)) * scale;
     }
     for (int64_t t = keys; t < padded; t++) s[t] = -INFINITY;
@@ -152,44 +164,67 @@ static void attend_query(const float *qi, const float *kb, const float *vb, cons
         for (int64_t t = 0; t < keys; t++) {
             if (m && !m[t]) continue;
             __m256 p = _mm256_set1_ps(s[t]);
-            const float *vt = vb + t * dim + d0;
+            int64_t vt = t * dim + d0;
             if (lanes == 8) {
                 _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++)
-                    acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(p, load8(vb, vt + 8 * j, half), acc[j]);
             } else {
                 for (int64_t j = 0; j < lanes; j++)
-                    acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(p, load8(vb, vt + 8 * j, half), acc[j]);
             }
         }
         for (int64_t j = 0; j < lanes; j++) _mm256_storeu_ps(o + d0 + 8 * j, acc[j]);
     }
 }
 
+static void attend_query(const float *qi, const float *kb, const float *vb, const uint8_t *m,
+                         int64_t keys, int64_t dim, float scale, float *s, float *o) {
+    attend(qi, kb, vb, 0, m, keys, dim, scale, s, o);
+}
+
+static void attend_query_half(const float *qi, const uint16_t *kb, const uint16_t *vb,
+                              const uint8_t *m, int64_t keys, int64_t dim, float scale,
+                              float *s, float *o) {
+    attend(qi, kb, vb, 1, m, keys, dim, scale, s, o);
+}
+
+/* Either of the two, as `half` says. */
+static void attend_any(const float *qi, const void *kb, const void *vb, int half,
+                       const uint8_t *m, int64_t keys, int64_t dim, float scale, float *s,
+                       float *o) {
+    if (half)
+        attend_query_half(qi, kb, vb, m, keys, dim, scale, s, o);
+    else
+        attend_query(qi, kb, vb, m, keys, dim, scale, s, o);
+}
+
 /* Attention of a step's queries over keys and values read once:
    out[b][h][i] = softmax_t(q[b][h][i] . k[b][h][t] / sqrt(dim)) v[b][h][t], float32.
 
-   q and out (batch, heads, queries, dim) contiguous; k and v (batch, heads, keys, dim)
-   with each key's dim contiguous and keys adjacent, batch and head strides as given (a
+   q and out (batch, heads, queries, dim) contiguous; k and v (batch, heads, keys, dim),
+   float32 or float16 (`half`: kept narrow for their memory, widened as read), with each
+   key's dim contiguous and keys adjacent, batch and head strides (in numbers) as given (a
    slice of a cache); `scores` scratch of batch * heads * queries * padded keys floats.
    `mask` (batch rows of `mask_stride` bytes, one query per row) leaves out the keys
    whose byte is 0. Each (batch, head) is one thread's. The sums over keys run in blocks
    of eight with the tail padded, and a left-out key is skipped, so a row's result is the
    same with keys masked beyond its position as with the keys cut there. */
-void susurrus_attention(const float *q, const float *k, const float *v, const uint8_t *mask,
+void susurrus_attention(const float *q, const void *k, const void *v, const uint8_t *mask,
                         float *out, float *scores, int64_t batch, int64_t heads,
                         int64_t queries, int64_t keys, int64_t dim, int64_t k_batch,
                         int64_t k_head, int64_t v_batch, int64_t v_head, int64_t mask_stride,
-                        int threads) {
-    int64_t padded = (keys + 7) & ~(int64_t)7;
+                        int half, int threads) {
+    int64_t padded = (keys + 7) & ~(int64_t)7, size = half ? 2 : 4;
     float scale = 1.0f / sqrtf((float)dim);
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t bh = 0; bh < batch * heads; bh++) {
         int64_t b = bh / heads, h = bh % heads;
-        const float *kb = k + b * k_batch + h * k_head, *vb = v + b * v_batch + h * v_head;
+        const char *kb = (const char *)k + (b * k_batch + h * k_head) * size;
+        const char *vb = (const char *)v + (b * v_batch + h * v_head) * size;
         const uint8_t *m = mask ? mask + b * mask_stride : 0;
         for (int64_t i = 0; i < queries; i++)
-            attend_query(q + (bh * queries + i) * dim, kb, vb, m, keys, dim, scale,
-                         scores + (bh * queries + i) * padded, out + (bh * queries + i) * dim);
+            attend_any(q + (bh * queries + i) * dim, kb, vb, half, m, keys, dim, scale,
+                       scores + (bh * queries + i) * padded, out + (bh * queries + i) * dim);
     }
 }
 
@@ -269,14 +304,17 @@ typedef struct {
 typedef struct {
     const float *attn_ln_w, *attn_ln_b, *cross_ln_w, *cross_ln_b, *mlp_ln_w, *mlp_ln_b;
     susurrus_linear qkv, out, cross_query, cross_out, fc1, fc2;
-    float *self_k, *self_v; /* (rows, heads, length, dim): this step's keys are written */
-    const float *cross_k, *cross_v; /* (audios, heads, frames, dim) */
+    void *self_k, *self_v; /* (rows, heads, length, dim), float32 or float16: this step's
+                              keys are written */
+    const void *cross_k, *cross_v; /* (audios, heads, frames, dim), float32 or float16 */
 } susurrus_layer;
 
 typedef struct {
     int64_t rows, state, heads, layers, frames;
-    int64_t self_row, self_head; /* strides (floats) of every self_k / self_v */
-    int64_t cross_audio, cross_head; /* strides of every cross_k / cross_v */
+    int64_t self_row, self_head; /* strides (numbers) of every self_k / self_v */
+    int64_t self_half; /* 1: self_k / self_v hold float16 */
+    int64_t cross_audio, cross_head; /* strides (numbers) of every cross_k / cross_v */
+    int64_t cross_half; /* 1: cross_k / cross_v hold float16 */
     const int64_t *positions; /* per row: where its key goes, and the last it attends */
     const int64_t *tasks; /* n_tasks x (audio, first row, rows): rows that read one audio */
     int64_t n_tasks;
@@ -369,13 +407,28 @@ void susurrus_decoder_step(const susurrus_step *a) {
             for (int64_t rh = 0; rh < rows * heads; rh++) {
                 int64_t r = rh / heads, hd = rh % heads, p = a->positions[r];
                 const float *qr = qkv + r * 3 * n + hd * dim;
-                float *kc = l->self_k + r * a->self_row + hd * a->self_head;
-                float *vc = l->self_v + r * a->self_row + hd * a->self_head;
-                for (int64_t d = 0; d < dim; d++) {
-                    kc[p * dim + d] = qr[n + d];
-                    vc[p * dim + d] = qr[2 * n + d];
+                int64_t at = r * a->self_row + hd * a->self_head;
+                if (a->self_half) {
+                    /* Rounded to the nearest float16 (ties to even), as PyTorch's cast. */
+                    uint16_t *kc = (uint16_t *)l->self_k + at, *vc = (uint16_t *)l->self_v + at;
+                    for (int64_t d = 0; d < dim; d += 8) {
+                        _mm_storeu_si128((__m128i *)(kc + p * dim + d),
+                                         _mm256_cvtps_ph(_mm256_loadu_ps(qr + n + d),
+                                                         _MM_FROUND_TO_NEAREST_INT));
+                        _mm_storeu_si128((__m128i *)(vc + p * dim + d),
+                                         _mm256_cvtps_ph(_mm256_loadu_ps(qr + 2 * n + d),
+                                                         _MM_FROUND_TO_NEAREST_INT));
+                    }
+                    attend_query_half(qr, kc, vc, NULL, p + 1, dim, scale, s,
+                                      att + r * n + hd * dim);
+                } else {
+                    float *kc = (float *)l->self_k + at, *vc = (float *)l->self_v + at;
+                    for (int64_t d = 0; d < dim; d++) {
+                        kc[p * dim + d] = qr[n + d];
+                        vc[p * dim + d] = qr[2 * n + d];
+                    }
+                    attend_query(qr, kc, vc, NULL, p + 1, dim, scale, s, att + r * n + hd * dim);
                 }
-                attend_query(qr, kc, vc, NULL, p + 1, dim, scale, s, att + r * n + hd * dim);
             }
             linear(&l->out, att, a->x, rows, ADD);
             layer_norm_rows(a->x, l->cross_ln_w, l->cross_ln_b, a->eps, rows, n, h);
@@ -386,11 +439,12 @@ void susurrus_decoder_step(const susurrus_step *a) {
             for (int64_t th = 0; th < a->n_tasks * heads; th++) {
                 const int64_t *task = a->tasks + 3 * (th / heads);
                 int64_t hd = th % heads;
-                const float *kb = l->cross_k + task[0] * a->cross_audio + hd * a->cross_head;
-                const float *vb = l->cross_v + task[0] * a->cross_audio + hd * a->cross_head;
+                int64_t at = (task[0] * a->cross_audio + hd * a->cross_head) *
+                             (a->cross_half ? 2 : 4);
+                const char *kb = (const char *)l->cross_k + at, *vb = (const char *)l->cross_v + at;
                 for (int64_t r = task[1]; r < task[1] + task[2]; r++)
-                    attend_query(qkv + r * n + hd * dim, kb, vb, NULL, a->frames, dim, scale, s,
-                                 att + r * n + hd * dim);
+                    attend_any(qkv + r * n + hd * dim, kb, vb, (int)a->cross_half, NULL,
+                               a->frames, dim, scale, s, att + r * n + hd * dim);
             }
             linear(&l->cross_out, att, a->x, rows, ADD);
             layer_norm_rows(a->x, l->mlp_ln_w, l->mlp_ln_b, a->eps, rows, n, h);

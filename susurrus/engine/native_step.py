@@ -13,7 +13,9 @@ and the GELU (glibc's vector erff) differ from PyTorch's in the last bits only.
 It takes the place of `decoder_step`'s loop only where that loop would have used the
 native kernels for every part (`plan`): the kernel choice stays kernels.py's, made by
 measurement, and anything else (a GPU, bfloat16 keys, another kernel forced or measured
-faster, too many rows) keeps PyTorch's path.
+faster, too many rows) keeps PyTorch's path. The keys and values may be stored in float16
+(`auto`: half a window's memory), widened to float32 as the kernel reads them; this
+step's own are rounded to float16 as it writes them, as PyTorch's cast rounds.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 
 ENV_SWITCH = "SUSURRUS_NATIVE_STEP"  # 0: decoder steps through PyTorch's loop
 ENABLED = os.environ.get(ENV_SWITCH, "1") != "0"
+# The attention types the step reads (None: the model's float32).
+NATIVE_KEYS = (None, torch.float32, torch.float16)
 
 
 class NativeStep:
@@ -102,7 +106,8 @@ class NativeStep:
         """Whether each product and attention of a step of `n_rows` rows would take the
         native kernel in the loop (the choices kernels.py measured, or forced)."""
         attention = kernels.ATTENTION["native"]
-        if not all(a.step_kernel is attention and a.attention_dtype in (None, torch.float32)
+        # Keys may be stored in float16 (the kernel widens them as it reads).
+        if not all(a.step_kernel is attention and a.attention_dtype in NATIVE_KEYS
                    for a in self.attentions):
             return False
         if self.int8 and (n_rows >= PER_ROW_MIN_ROWS
@@ -129,14 +134,16 @@ class NativeStep:
         n_rows = tokens.shape[0]
         k0, v0, ck0, cv0 = self_k[0], self_v[0], cross_k[0], cross_v[0]
         dim = self.n_state // self.n_head
-        if not (k0.dtype == v0.dtype == ck0.dtype == cv0.dtype == torch.float32):
+        wide = (torch.float32, torch.float16)
+        if not (k0.dtype == v0.dtype and ck0.dtype == cv0.dtype and k0.dtype in wide
+                and ck0.dtype in wide):
             return None
         strides = k0.stride()
         cross_strides = ck0.stride()
         if strides[2:] != (dim, 1) or cross_strides[2:] != (dim, 1):
             return None
-        if any(t.stride() != strides for t in (*self_k, *self_v)) or any(
-            t.stride() != cross_strides for t in (*cross_k, *cross_v)
+        if any(t.stride() != strides or t.dtype != k0.dtype for t in (*self_k, *self_v)) or any(
+            t.stride() != cross_strides or t.dtype != ck0.dtype for t in (*cross_k, *cross_v)
         ):
             return None
         if same_position is not None:
@@ -157,7 +164,9 @@ class NativeStep:
         step = native.Step(
             rows=n_rows, state=self.n_state, heads=self.n_head, layers=len(self.layers),
             frames=frames, self_row=strides[0], self_head=strides[1],
+            self_half=int(k0.dtype == torch.float16),
             cross_audio=cross_strides[0], cross_head=cross_strides[1],
+            cross_half=int(ck0.dtype == torch.float16),
             positions=positions.data_ptr(), tasks=tasks.data_ptr(), n_tasks=tasks.shape[0],
             ln_w=self.ln[0], ln_b=self.ln[1], eps=self.eps, x=x.data_ptr(),
             work=work.data_ptr(), scratch=scratch, layer=self.layers, threads=threads,
