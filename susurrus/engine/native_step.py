@@ -204,8 +204,11 @@ def plan(decoder: TextDecoder, n_rows: int) -> NativeStep | None:
 
 def shaped(decoder: TextDecoder) -> bool:
     """Whether the decoder's layers are the ones the kernel knows: float32, a stacked
-    self-attention projection, the exact GELU, one layer-norm epsilon."""
+    self-attention projection, the exact GELU, one layer-norm epsilon, heads of a multiple
+    of 8 numbers (the kernel's vectors)."""
     if not native.available() or decoder.positional_embedding.dtype != torch.float32:
+        return False
+    if decoder.positional_embedding.shape[1] // decoder.blocks[0].attn.n_head % 8:
         return False
     eps = decoder.ln.eps
     for block in decoder.blocks:
