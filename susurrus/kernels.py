@@ -1121,9 +1121,10 @@ def int8_rows_pay(encoder: nn.Module) -> bool:
 
 
 def _apply_int8_rows(model: nn.Module, table: KernelTable | None) -> None:
-    """The many-row kernel of each int8 layer: the encoder's as measured per shape; the
-    decoder's (a prompt's pass, the audio's keys and values once a window) the float
-    product of the dequantized weight, whatever was measured.
+    """The many-row kernel of each int8 layer as measured per shape; for the decoder's
+    sequences (a prompt's pass, the audio's keys and values once a window) the float
+    product of the dequantized weight, whatever was measured (its steps of many rows, 64
+    and more, keep the measured one: a weight's copy every step would cost).
 
     The decoder's products of many rows set what every step of the window reads, and
     rounding their activations to 8 bits (PyTorch's int8 product) cost words: base under
@@ -1139,10 +1140,9 @@ def _apply_int8_rows(model: nn.Module, table: KernelTable | None) -> None:
     for m in model.modules():
         if isinstance(m, quantize.Int8Linear) and m.weight_int8.device.type == "cpu":
             entry = choices.get(_int8_rows_key(m.out_features, m.in_features), {})
-            measured = entry.get(str(ENCODER_BUCKETS[-1]), "int_mm")
-            if id(m) in in_decoder and m is not projection:
-                measured = "dequantized"
-            m.rows_kernel = name or measured
+            m.rows_kernel = name or entry.get(str(ENCODER_BUCKETS[-1]), "int_mm")
+            sequences = id(m) in in_decoder and m is not projection and name is None
+            m.sequence_kernel = "dequantized" if sequences else None
 
 
 def _attention_key(model: nn.Module) -> str | None:

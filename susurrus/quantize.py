@@ -260,6 +260,10 @@ class Int8Linear(nn.Module):
         # beside it nor, with beams, on its prompt's pass having had one row.
         self.step_kernel = "fbgemm"
         self.rows_kernel = "int_mm"  # of products of many rows (ROWS_KERNELS; kernels.py)
+        # Of sequences (3-D inputs: a prompt's pass, the audio's frames) instead, where
+        # set: a decoder's, whose activations stay unrounded there (kernels.py). A step of
+        # many rows (2-D) keeps `rows_kernel`, as it would pay a weight's copy every step.
+        self.sequence_kernel: str | None = None
 
     @classmethod
     def stacked(cls, layers: list[Int8Linear]) -> Int8Linear:
@@ -293,7 +297,8 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float().mul_(self.scale[:, None])
 
     def _many_rows(self, x: Tensor) -> Tensor:
-        if self.rows_kernel == "dequantized":
+        kernel = self.sequence_kernel if x.dim() > 2 and self.sequence_kernel else self.rows_kernel
+        if kernel == "dequantized":
             return self._dequantized(x)
         return self._per_row(x)
 

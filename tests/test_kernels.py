@@ -650,12 +650,24 @@ def test_an_int8_layers_many_row_kernel_is_measured_cached_and_applied(tmp_path,
     for layer in model.modules():
         if isinstance(layer, quantize.Int8Linear) and layer is not projection:
             key = f"int8-rows:{layer.out_features}x{layer.in_features}"
-            # The decoder's keep their activations unrounded whatever was measured.
-            expected = "dequantized" if id(layer) in decoder else table.choices[key]["1500"]
-            assert layer.rows_kernel == expected, key
-    own = {id(m): m.rows_kernel for m in model.modules() if isinstance(m, quantize.Int8Linear)}
+            assert layer.rows_kernel == table.choices[key]["1500"]
+            # The decoder's sequences keep their activations unrounded whatever was measured.
+            assert layer.sequence_kernel == ("dequantized" if id(layer) in decoder else None)
+    # Every product of many rows ran through its layer's kernel: the encoder's and the
+    # decoder's sequences (3-D) are all that ran here (no step of 64 rows).
+    own = {id(m): m.sequence_kernel or m.rows_kernel
+           for m in model.modules() if isinstance(m, quantize.Int8Linear)}
     used = [(own[layer], kernel) for layer, kernel in ran if layer in own]
     assert used and all(chosen == kernel for chosen, kernel in used), used
+    # A decoder layer's step of many rows (2-D) takes the measured kernel, its sequences
+    # the dequantized product.
+    layer = next(m for m in model.decoder.modules() if isinstance(m, quantize.Int8Linear)
+                 and m is not projection)
+    ran.clear()
+    with torch.inference_mode():
+        layer(torch.randn(64, layer.in_features))
+        layer(torch.randn(1, 64, layer.in_features))
+    assert [kernel for _, kernel in ran] == [layer.rows_kernel, "dequantized"]
     assert not kernels._valid_entry("int8-rows:384x384", {"1500": "turbo"})
 
 
