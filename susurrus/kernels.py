@@ -684,6 +684,8 @@ def _valid_entry(key: str, buckets: object) -> bool:
         names = quantize.STEP_KERNELS
     elif key.startswith("int8-rows:"):
         names = quantize.ROWS_KERNELS
+    elif key.startswith("bfloat16-rows:"):
+        names = ("float32", "bfloat16")
     elif key.startswith("fused:"):
         names = FUSED
     elif key.startswith("attention:"):
@@ -857,7 +859,8 @@ def _decoder_layers(model: nn.Module) -> tuple[str, list[nn.Linear]] | None:
     if decoder is None or not hasattr(decoder, "new_cache"):
         return None
     layers = _linears(decoder)
-    if not layers:
+    # An int8 decoder's float layers (its audio projections, ComputePlan) are no step's.
+    if not layers or any(isinstance(m, quantize.Int8Linear) for m in decoder.modules()):
         return None
     w = layers[0].weight
     return f"decoder:{_dtype_name(w.dtype)}:{w.shape[1]}x{len(layers)}", layers
@@ -1103,21 +1106,73 @@ def _measure_int8_rows(table: KernelTable, shapes: Iterable[tuple[int, int]]) ->
             table.timings[key] = _rounded({rows: best})
 
 
-def int8_rows_pay(encoder: nn.Module) -> bool:
-    """Whether `encoder`'s float linear layers would run faster in int8 on this CPU: every
-    shape's products of many rows measured fastest through the int8 kernel (measured now
-    if need be, and cached)."""
+# $SUSURRUS_ENCODER: the encoder's layers in this type whatever was measured (comparisons).
+ENV_FORCE_ENCODER = "SUSURRUS_ENCODER"
+ENCODER_TYPES = ("float32", "bfloat16", "int8")
+# How much faster than float32 bfloat16 products of many rows must be for the encoder to
+# take them: they move its output by about 1.5% (tiny.en and base, 6 windows of en-long),
+# so a near tie is not worth it (AMD EPYC Zen 4: 2.2x faster).
+BFLOAT16_ROWS_TIE = 1.25
+
+
+def _bfloat16_rows_key(out_features: int, in_features: int) -> str:
+    return f"bfloat16-rows:{out_features}x{in_features}"
+
+
+def _measure_bfloat16_rows(table: KernelTable, shapes: Iterable[tuple[int, int]]) -> None:
+    """Time each shape's product of the encoder's 1500 rows in float32 and in bfloat16
+    (both through F.linear, weights out of cache as a layer's are), and cache the faster
+    type, float32 on a near tie (BFLOAT16_ROWS_TIE)."""
+    rows = ENCODER_BUCKETS[-1]
+    linear = {"float32": CANDIDATES["linear"]}  # named for the slot; either type goes
+    with torch.inference_mode():
+        for out_features, in_features in sorted(shapes):
+            key = _bfloat16_rows_key(out_features, in_features)
+            if key in table.choices:
+                continue
+            weights = {"float32": torch.randn(out_features, in_features)}
+            weights["bfloat16"] = weights["float32"].bfloat16()
+            best = dict.fromkeys(weights, float("inf"))
+            for _ in range(2):  # the types take turns, as time_candidates' kernels do
+                for name, weight in weights.items():
+                    took = time_candidates(linear, weight, None, rows, MEASURE_SECONDS)
+                    best[name] = min(best[name], took["float32"])
+            table.choices[key] = {str(rows): choose(best, "float32", BFLOAT16_ROWS_TIE)}
+            table.timings[key] = _rounded({rows: best})
+
+
+def encoder_type(encoder: nn.Module, own: torch.dtype) -> torch.dtype | None:
+    """The type `encoder`'s layers run fastest in on this CPU, its residual stream staying
+    `own` (float32): bfloat16 where the CPU computes in it natively and every shape's
+    products of many rows measure faster so (closer to float32 than int8: its weights keep
+    16 bits and its activations are not rounded per row); else None (int8) where every
+    int8 product measures faster than float32's; else `own`. Measured once, cached.
+    $SUSURRUS_ENCODER forces one of ENCODER_TYPES."""
+    name = forced(ENV_FORCE_ENCODER, ENCODER_TYPES)
+    if name is not None:
+        return None if name == "int8" else ATTENTION_DTYPES[name]
     shapes = {(m.out_features, m.in_features) for m in _linears(encoder)}
     if not shapes:
-        return False
+        return own
     with _lock:
         path, key = cache_path(), machine_key()
         table = _known(path, key)
-        if any(_int8_rows_key(*shape) not in table.choices for shape in shapes):
+        wanted = [_int8_rows_key]
+        if quantize.native_bfloat16():
+            wanted.append(_bfloat16_rows_key)
+        if any(k(*shape) not in table.choices for k in wanted for shape in shapes):
             _measure_int8_rows(table, shapes)
+            if quantize.native_bfloat16():
+                _measure_bfloat16_rows(table, shapes)
             _write_cache(path, key, table)
-    return all(table.choices[_int8_rows_key(*s)][str(ENCODER_BUCKETS[-1])] == "int_mm"
-               for s in shapes)
+    bucket = str(ENCODER_BUCKETS[-1])
+    if quantize.native_bfloat16() and all(
+        table.choices[_bfloat16_rows_key(*s)][bucket] == "bfloat16" for s in shapes
+    ):
+        return torch.bfloat16
+    if all(table.choices[_int8_rows_key(*s)][bucket] == "int_mm" for s in shapes):
+        return None
+    return own
 
 
 def _apply_int8_rows(model: nn.Module, table: KernelTable | None) -> None:

@@ -208,11 +208,11 @@ def _prepare(
     through the kernels measured fastest; every loader ends here."""
     # An explicit float type overrides the encoder's own (it then stays int8 with the rest).
     encoder_dtype = plan.encoder_dtype if dtype is None else None
-    if plan.int8_encoder_if_faster and device.type == "cpu" and dtype is None:
-        if not kernels.int8_rows_pay(model.encoder):
-            encoder_dtype = plan.dtype  # the float layers as they are
+    if plan.measure_encoder and device.type == "cpu" and dtype is None:
+        encoder_dtype = kernels.encoder_type(model.encoder, plan.dtype)  # None: int8
     if plan.int8:
-        quantize_int8(model.decoder if encoder_dtype else model)
+        quantize_int8(model.decoder if encoder_dtype else model,
+                      audio_projections=not plan.float_audio_projections)
     model.set_attention_dtype(plan.attention_dtype)
     if plan.cache_dtype is not None:
         model.decoder.set_cache_dtype(plan.cache_dtype)

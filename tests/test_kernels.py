@@ -7,6 +7,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import warnings
 
 import pytest
@@ -16,6 +17,7 @@ from torch import nn
 
 from susurrus import kernels, load_model, native, quantize
 from susurrus.engine import native_step
+from susurrus.errors import SusurrusError
 
 from .conftest import AUDIO, busy_loops, requires_shared
 from .test_transcribe import check_parity, english_wer, run_parity, tokens_of
@@ -634,6 +636,7 @@ def test_an_int8_layers_many_row_kernel_is_measured_cached_and_applied(tmp_path,
         original = getattr(quantize.Int8Linear, method)
         monkeypatch.setattr(quantize.Int8Linear, method, spy(name, original))
     model = load_model("tiny.en", compute_type="int8")
+    assert isinstance(model.decoder.blocks[0].cross_attn.key, quantize.Int8Linear)  # all int8
     table = kernels.table_for(model)
     shapes = kernels._int8_rows_shapes(model)
     assert (1152, 384) in shapes and (51864, 384) not in shapes  # stacked q/k/v; projection
@@ -671,26 +674,83 @@ def test_an_int8_layers_many_row_kernel_is_measured_cached_and_applied(tmp_path,
     assert not kernels._valid_entry("int8-rows:384x384", {"1500": "turbo"})
 
 
-@pytest.mark.parametrize("int8_faster", [True, False])
-def test_auto_quantizes_the_encoder_only_where_int8_measured_faster(
-    tmp_path, monkeypatch, int8_faster
+@pytest.mark.parametrize(
+    "native_bfloat16, bfloat16_faster, int8_faster, expected",
+    [
+        (True, True, True, "bfloat16"),  # Zen 4: closer to float32 than int8, as fast
+        (True, False, True, "int8"),
+        (True, False, False, "float32"),
+        (False, True, True, "int8"),  # VNNI without bfloat16: never measured in it
+        (False, None, False, "float32"),  # AVX2 only (Zen 3)
+    ],
+)
+def test_auto_runs_the_encoder_in_the_type_measured_fastest(
+    tmp_path, monkeypatch, native_bfloat16, bfloat16_faster, int8_faster, expected
 ):
-    """On a CPU without bfloat16 tiles (AMX), `auto` puts the encoder in int8 only where
-    each of its shapes' int8 products of 1500 rows measured faster than the float ones: recorded
-    choices of a CPU where int8 wins (VNNI) and of one where it loses (AVX2 only)."""
+    """On a CPU without bfloat16 tiles (AMX), `auto` runs the encoder's layers in bfloat16
+    where the CPU computes in it and each shape's products of 1500 rows measured faster
+    so, else in int8 where each measured faster in int8, else in float32: recorded choices
+    of such CPUs. $SUSURRUS_ENCODER overrides them."""
+    if native_bfloat16 and not quantize.native_bfloat16():
+        pytest.skip("no native bfloat16 here (its products would be measured in it)")
     _fresh(monkeypatch)
     monkeypatch.setattr(quantize, "bfloat16_tiles", lambda: False)
-    name = "int_mm" if int8_faster else "dequantized"
+    monkeypatch.setattr(quantize, "native_bfloat16", lambda: native_bfloat16)
     # tiny.en's encoder: q, k, v and out 384x384; the MLP's 1536x384 and 384x1536.
-    recorded = {f"int8-rows:{shape}": {"1500": name} for shape in ("384x384", "1536x384",
-                                                                  "384x1536")}
+    shapes = ("384x384", "1536x384", "384x1536")
+    int8 = "int_mm" if int8_faster else "dequantized"
+    recorded = {f"int8-rows:{shape}": {"1500": int8} for shape in shapes}
+    if bfloat16_faster is not None:
+        bfloat16 = "bfloat16" if bfloat16_faster else "float32"
+        recorded.update({f"bfloat16-rows:{shape}": {"1500": bfloat16} for shape in shapes})
     path = tmp_path / "kernels.json"
     path.write_text(json.dumps(
         {"format": kernels.FORMAT, "machines": {kernels.machine_key(): recorded}}
     ))
     monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(path))
+
+    def encoder_type(model: nn.Module) -> str:
+        layers = [m for m in model.encoder.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+        if any(isinstance(m, quantize.Int8Linear) for m in model.encoder.modules()):
+            return "int8"
+        assert len({m.weight.dtype for m in layers}) == 1
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16"}[layers[0].weight.dtype]
+
     model = load_model("tiny.en", compute_type="auto")
-    encoder_int8 = [isinstance(m, quantize.Int8Linear) for m in model.encoder.modules()]
-    assert any(encoder_int8) == int8_faster
+    assert encoder_type(model) == expected
     assert isinstance(model.decoder.blocks[0].mlp[0], quantize.Int8Linear)  # always int8
-    assert int8_faster or model.encoder.blocks[0].mlp[0].weight.dtype == torch.float32
+    assert model.encoder.blocks[0].mlp_ln.weight.dtype == torch.float32  # the stream's
+    # The decoder's projections of the audio stay float32 (once a window, never a step).
+    cross = model.decoder.blocks[0].cross_attn
+    assert all(isinstance(m, quantize.Int8Linear) for m in (cross.query, cross.out))
+    assert all(type(m) in (nn.Linear, kernels.TunedLinear) and m.weight.dtype == torch.float32
+               for m in (cross.key, cross.value))
+    saved = json.loads(path.read_text())["machines"][kernels.machine_key()]
+    assert {k for k in saved if k.startswith("bfloat16-rows:")} == (
+        {k for k in recorded if k.startswith("bfloat16-rows:")})  # nothing measured again
+    monkeypatch.setenv("SUSURRUS_ENCODER", "int8" if expected != "int8" else "float32")
+    forced = load_model("tiny.en", compute_type="auto")
+    assert encoder_type(forced) == os.environ["SUSURRUS_ENCODER"]
+    monkeypatch.setenv("SUSURRUS_ENCODER", "fast")
+    with pytest.raises(SusurrusError, match="SUSURRUS_ENCODER"):
+        load_model("tiny.en", compute_type="auto")
+
+
+@pytest.mark.skipif(not quantize.native_bfloat16(), reason="no native bfloat16 here")
+def test_the_encoders_bfloat16_products_are_measured_against_float32(tmp_path, monkeypatch):
+    """Where the CPU computes in bfloat16, each encoder shape's products of 1500 rows are
+    timed in float32 and bfloat16 and the faster type cached, float32 on a near tie."""
+    _fresh(monkeypatch)
+    monkeypatch.setattr(quantize, "bfloat16_tiles", lambda: False)
+    monkeypatch.setenv("SUSURRUS_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    encoder = load_model("tiny.en", compute_type="float32").encoder
+    kernels.encoder_type(encoder, torch.float32)
+    table = kernels._known(kernels.cache_path(), kernels.machine_key())
+    for shape in ("384x384", "1536x384", "384x1536"):
+        key = f"bfloat16-rows:{shape}"
+        timings = table.timings[key]["1500"]
+        assert set(timings) == {"float32", "bfloat16"} and all(t > 0 for t in timings.values())
+        assert table.choices[key] == {
+            "1500": kernels.choose(timings, "float32", kernels.BFLOAT16_ROWS_TIE)}
+        assert kernels._valid_entry(key, table.choices[key])
+    assert not kernels._valid_entry("bfloat16-rows:384x384", {"1500": "int8"})

@@ -27,10 +27,13 @@ def test_compute_type_names():
     assert plan("default", CUDA) == (torch.float16, False, None, None)
     tiles = torch.bfloat16 if quantize.bfloat16_tiles() else None
     # auto on the CPU: an int8 decoder, and bfloat16 attention and encoder with AMX;
-    # elsewhere the encoder in int8 only where that measures faster (load.py).
+    # elsewhere the encoder in the type measured fastest (kernels.encoder_type).
     assert plan("auto", CPU) == (torch.float32, True, tiles, tiles)
-    assert resolve_compute_type("auto", CPU).int8_encoder_if_faster == (tiles is None)
-    assert not resolve_compute_type("int8", CPU).int8_encoder_if_faster
+    assert resolve_compute_type("auto", CPU).measure_encoder == (tiles is None)
+    assert not resolve_compute_type("int8", CPU).measure_encoder
+    # auto leaves the decoder's projections of the audio float; int8 rounds every layer.
+    assert resolve_compute_type("auto", CPU).float_audio_projections
+    assert not resolve_compute_type("int8", CPU).float_audio_projections
     bf16 = torch.bfloat16 if native_bfloat16() else None
     assert plan("int8_bfloat16", CPU) == (torch.float32, True, bf16, None)
     assert plan("auto", CUDA) == (torch.float16, False, None, None)
