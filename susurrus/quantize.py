@@ -84,23 +84,28 @@ def resolve_compute_type(compute_type: str, device: torch.device) -> ComputePlan
     `default` keeps the reference behaviour (float16 on CUDA, float32 elsewhere); `auto` picks
     the fastest for the device: float16 on CUDA; on a CPU with bfloat16 matrix units (AMX)
     an int8 decoder with attention in bfloat16 and the encoder's layers in bfloat16,
-    elsewhere plain int8. The float part of an int8 type is float32 on the CPU, since the
-    int8 kernels take float32; there `int8_bfloat16` runs the attention in bfloat16 instead
-    (on CPUs that have it natively: about 10% faster, slightly less accurate).
+    elsewhere an int8 decoder and an encoder in the type measured fastest. The float part
+    of an int8 type is float32 on the CPU, since the int8 kernels take float32; there
+    `int8_bfloat16` runs the attention in bfloat16 instead (on CPUs that have it natively:
+    about 10% faster, slightly less accurate).
 
     Why the encoder leaves int8 under `auto`: its products have 1500 rows, where the CPU's
     bfloat16 matrix units (AMX) beat quantizing the activations per call by far: the base
     encoder takes about 0.11 s a window instead of 0.2 s, and its output is four times
     closer to float32's (the weights are bfloat16, not rounded to 8 bits). The decoder's
     one-token steps are bound by reading weights, where int8's quarter size wins. Without
-    AMX the encoder takes int8 only where its int8 products measure faster than float32's:
-    without VNNI they are many times slower (AMD EPYC Zen 3, tiny.en: 3.6 s a window
-    against 0.26 s in float32). With AVX512-BF16 but no AMX (AMD EPYC Zen 4) the bfloat16
-    encoder was no faster than the int8 one (base, en-long with beam 5: 15.9 s against
-    16.1) and cost words (WER 2.72% against 2.33, float32 2.14). There the decoder keeps
-    its keys and values in float16 where the native attention reads them (half their
-    memory, the arithmetic float32): base with `--batch_size 8` peaked at 708-740 MB
-    instead of 911 greedy, 809-827 instead of 1061 with beam 5 (Zen 4, en-long/en-synth).
+    AMX the encoder's layers take the type measured fastest (kernels.encoder_type):
+    bfloat16 where the CPU computes in it (AVX512-BF16: on an AMD EPYC Zen 4 its products
+    of 1500 rows run 2.2x float32's, the encoder takes 130 ms a window instead of 206 for
+    tiny.en), else int8 where its products measure faster (without VNNI they are many
+    times slower: Zen 3, tiny.en, 3.6 s a window against 0.26 s in float32), else float32.
+    The decoder's projections of the audio stay float32 there (`float_audio_projections`),
+    which takes back what a bfloat16 encoder moves: teacher-forced on 19 windows of both
+    long inputs, mean KL divergence from float32 0.00055 (tiny.en) and 0.00033 (base)
+    before and after the two. The decoder keeps its keys and values in float16 where the
+    native attention reads them (half their memory, the arithmetic float32): base with
+    `--batch_size 8` peaked at 708-740 MB instead of 911 greedy, 809-827 instead of 1061
+    with beam 5 (Zen 4, en-long/en-synth).
     """
     if compute_type not in COMPUTE_TYPES:
         raise SusurrusError(
