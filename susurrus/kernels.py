@@ -78,8 +78,11 @@ Choice = tuple[int, Kernel, Kernel]
 # products, and F.linear no longer a candidate for a few rows (its sums change with the
 # thread count there). 6: the native kernels, and the float decoder's choice that decides
 # whether a step runs as one native call (the float decoder's key did not name its
-# candidates, so a cache from before kept choices that never tried them).
-FORMAT = 6
+# candidates, so a cache from before kept choices that never tried them). 7: the encoder's
+# type (`bfloat16-rows:`), which format 6 readers take for a stale entry. Each format has a
+# file of its own (cache_path): two versions sharing one file would each find the other's
+# entries stale and measure again at every start.
+FORMAT = 7
 # Row counts that decoding steps produce: one row, a beam or a few windows, a batch of
 # beams. A product uses the smallest bucket that holds its rows, else the largest. Five is
 # the default beam size and best_of, where the fastest product can differ from 4 or 8 rows
@@ -361,11 +364,11 @@ def machine_key(threads: int | None = None) -> str:
 
 
 def cache_path() -> Path:
-    """$SUSURRUS_KERNEL_CACHE, else kernels.json in the model cache's folder
+    """$SUSURRUS_KERNEL_CACHE, else kernels-<format>.json in the model cache's folder
     ($SUSURRUS_CACHE_DIR, $XDG_CACHE_HOME/susurrus, ~/.cache/susurrus)."""
     if file := os.environ.get("SUSURRUS_KERNEL_CACHE"):
         return Path(file).expanduser()
-    return default_cache_dir() / "kernels.json"
+    return default_cache_dir() / f"kernels-{FORMAT}.json"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -303,6 +303,32 @@ def test_a_corrupt_or_stale_cache_is_ignored_and_measured_again(
     assert data["machines"][kernels.machine_key()] == table.choices
 
 
+def test_each_cache_format_has_a_file_of_its_own(tmp_path, monkeypatch, caplog):
+    # An older susurrus (format 6, kernels.json) beside this one: neither reads nor rewrites
+    # the other's file, so neither takes the other's entries for stale and measures again.
+    _fresh(monkeypatch)
+    monkeypatch.delenv("SUSURRUS_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("SUSURRUS_CACHE_DIR", str(tmp_path))
+    older = tmp_path / "kernels.json"
+    older_text = json.dumps(
+        {"format": 6, "machines": {kernels.machine_key(): {"float32:128x128": {"1": "linear"}}}}
+    )
+    older.write_text(older_text)
+    with caplog.at_level(logging.WARNING, logger="susurrus.kernels"):
+        table = kernels.table_for(nn.Sequential(nn.Linear(128, 128)))
+    assert "stale" not in caplog.text
+    assert older.read_text() == older_text
+    assert kernels.cache_path() == tmp_path / f"kernels-{kernels.FORMAT}.json"
+    saved = json.loads(kernels.cache_path().read_text())
+    assert saved["machines"][kernels.machine_key()] == table.choices
+    # The next start reads its own file and measures nothing.
+    _fresh(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="susurrus.kernels"):
+        caplog.clear()
+        assert kernels.table_for(nn.Sequential(nn.Linear(128, 128))).choices == table.choices
+    assert "measur" not in caplog.text
+
+
 def test_a_busy_machine_is_told_from_recorded_samples():
     # others_running() samples: idle, a busy loop beside 2 threads on 2 cores, and the
     # same loop on 8 cores, where it takes none of the 2 threads' cores.
