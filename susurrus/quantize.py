@@ -403,7 +403,7 @@ class Int8Linear(nn.Module):
             # (A layer unpickled on a machine where the native kernels cannot build may
             # still name them: FBGEMM's path then.)
             if self.step_kernel == "native" and native.available():
-                out = native.int8_rows(rows, self.weight_int8, self.scale, self.bias)
+                out = native.int8_rows_q16(rows, self.weight_int8, self.scale, self.bias)
             elif self.step_kernel == "int8pack":
                 out = self._weight_only(rows)
             else:
@@ -478,7 +478,7 @@ class Int8Embedding(nn.Module):
         if not (_fbgemm_available(rows.device) and rows.dtype == torch.float32):
             out = p(rows)  # the float product of the dequantized weight
         elif p.step_kernel == "native" and native.available():
-            out = native.int8_rows(rows, p.weight_int8, p.scale, None)
+            out = native.int8_rows_q16(rows, p.weight_int8, p.scale, None)
         else:
             out = two_row_product(rows, p.packed())[0]
         out = self._exact_top(rows, out)

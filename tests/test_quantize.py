@@ -120,15 +120,15 @@ def test_int8_step_kernels_agree_and_keep_each_row_to_itself():
     finally:
         torch.set_num_threads(threads)
     # Different roundings of the activations: close, not equal; the native kernel rounds
-    # none, so only the weights' rounding parts it from the float layer.
+    # them to 16 bits only, so mostly the weights' rounding parts it from the float layer.
     fbgemm, weight_only = outputs["fbgemm"], outputs["int8pack"]
     assert not torch.equal(fbgemm, weight_only)
     assert ((fbgemm - weight_only).norm() / fbgemm.norm()) < 0.02
     if "native" in names:
         assert errors["native"] < min(errors["fbgemm"], errors["int8pack"]), errors
         exact = rows.reshape(5, 512) @ layer.dequantized_weight().T + layer.bias
-        torch.testing.assert_close(outputs["native"].reshape(5, -1), exact,
-                                   rtol=1e-5, atol=1e-4)
+        error = (outputs["native"].reshape(5, -1) - exact).norm(dim=1) / exact.norm(dim=1)
+        assert bool((error < 1e-4).all()), error
     layer.to(torch.float32)
     assert layer._scale_bf16 is None  # made again after a move
 

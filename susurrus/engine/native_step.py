@@ -7,7 +7,7 @@ arithmetic: tiny.en's step on a 2-core Zen 3 spent 1.4 of its 4.3 ms outside the
 kernels, and its 384x384 products took 23 us in a step against 18 alone (the threads
 wake again for every call). The native step runs every layer in one parallel region with
 the same kernels, so its numbers are theirs: each product's sums and each attention's in
-the same order as through `native.int8_rows` / `float_rows` / `attention`; the layer norms
+the same order as through `native.int8_rows_q16` / `float_rows` / `attention`; the layer norms
 and the GELU (glibc's vector erff) differ from PyTorch's in the last bits only.
 
 It takes the place of `decoder_step`'s loop only where that loop would have used the
@@ -156,7 +156,9 @@ class NativeStep:
         keys = max(frames, k0.shape[2])
         scratch = (keys + 7) // 8 * 8 + 8
         threads = torch.get_num_threads()
-        work = torch.empty(n_rows * 10 * self.n_state + threads * scratch)
+        # Each thread's copy of a product's input rows rounded to 16 bits (the widest: fc2's).
+        quant = native.quantized_floats(n_rows, 4 * self.n_state)
+        work = torch.empty(n_rows * 10 * self.n_state + threads * (scratch + quant))
         tasks = _tasks(runs)
         for layer, k, v, ck, cv in zip(self.layers, self_k, self_v, cross_k, cross_v):
             layer.self_k, layer.self_v = k.data_ptr(), v.data_ptr()
@@ -170,6 +172,7 @@ class NativeStep:
             positions=positions.data_ptr(), tasks=tasks.data_ptr(), n_tasks=tasks.shape[0],
             ln_w=self.ln[0], ln_b=self.ln[1], eps=self.eps, x=x.data_ptr(),
             work=work.data_ptr(), scratch=scratch, layer=self.layers, threads=threads,
+            quant=quant,
         )
         native.decoder_step(step)
         return x
