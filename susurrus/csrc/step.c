@@ -67,8 +67,11 @@ static inline __m256 load_float(const float *p) { return _mm256_loadu_ps(p); }
 GROUP(int8_t)
 GROUP(float)
 
-/* One block of weight rows against every input row: rows go three at a time, then two
-   (four as two and two: no group of one until the last row). */
+/* How many of the `left` input rows go together against each weight row: three at a
+   time, then two (four as two and two: no group of one until the last row). */
+static inline int row_group(int64_t left) { return left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1; }
+
+/* One block of weight rows against every input row, in groups of row_group's. */
 #define BLOCK_ROWS(TYPE)                                                                  \
     static inline void block_##TYPE(const TYPE *w, const float *scale, const float *bias, \
                                     const float *x, float *y, int64_t out, int64_t in,    \
@@ -76,8 +79,7 @@ GROUP(float)
         int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out;  \
         int64_t r = 0;                                                                    \
         while (r < rows) {                                                                \
-            int64_t left = rows - r;                                                      \
-            int g = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;                      \
+            int g = row_group(rows - r);                                                  \
             for (int64_t o = first; o < last; o++) {                                      \
                 const TYPE *wo = w + o * in;                                              \
                 float s = scale ? scale[o] : 1.0f, b = bias ? bias[o] : 0.0f;             \
@@ -172,15 +174,14 @@ static inline __attribute__((always_inline)) void group_q16(const int8_t *wo, co
     }
 }
 
-/* One block of weight rows against every rounded input row, grouped as block_int8_t's. */
+/* One block of weight rows against every rounded input row, in groups of row_group's. */
 static inline void block_q16(const int8_t *w, const float *scale, const float *bias,
                              const int16_t *q, const float *qs, float *y, int64_t out,
                              int64_t in, int64_t rows, int64_t block, int add) {
     int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out;
     int64_t groups = in / QGROUP, r = 0;
     while (r < rows) {
-        int64_t left = rows - r;
-        int g = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;
+        int g = row_group(rows - r);
         for (int64_t o = first; o < last; o++) {
             const int8_t *wo = w + o * in;
             float s = scale[o], b = bias ? bias[o] : 0.0f;
@@ -506,9 +507,9 @@ static void linear(const susurrus_linear *l, const float *x, float *y, int64_t r
             block_q16(l->weight, l->scale, l->bias, (const int16_t *)q, qs, y, l->out, in, rows,
                       block, mode == ADD);
         else if (l->scale)
-            block_int8_t(l->weight, l->scale, l->bias, x, y, l->out, l->in, rows, block, mode == ADD);
+            block_int8_t(l->weight, l->scale, l->bias, x, y, l->out, in, rows, block, mode == ADD);
         else
-            block_float(l->weight, NULL, l->bias, x, y, l->out, l->in, rows, block, mode == ADD);
+            block_float(l->weight, NULL, l->bias, x, y, l->out, in, rows, block, mode == ADD);
         if (mode == GELU) {
             int64_t first = block * BLOCK, width = (first + BLOCK < l->out ? BLOCK : l->out - first);
             for (int64_t r = 0; r < rows; r++) gelu(y + r * l->out + first, width);
