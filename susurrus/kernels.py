@@ -83,8 +83,10 @@ Choice = tuple[int, Kernel, Kernel]
 # file of its own (cache_path): two versions sharing one file would each find the other's
 # entries stale and measure again at every start. 8: the native int8 step kernel rounds
 # its activations to 16 bits (1.6x as fast alone): format 7's int8-decoder choices were
-# measured against the slower one.
-FORMAT = 8
+# measured against the slower one. 9: the dequantized product of many rows (int8 layers'
+# prompts, `int8-rows:` choices) goes through the float32 kernel measured for its shape
+# (oneDNN's on a Zen 5, 2-3x MKL's): format 8's int8-rows choices timed it through F.linear.
+FORMAT = 9
 # Row counts that decoding steps produce: one row, a beam or a few windows, a batch of
 # beams. A product uses the smallest bucket that holds its rows, else the largest. Five is
 # the default beam size and best_of, where the fastest product can differ from 4 or 8 rows
@@ -795,7 +797,9 @@ def table_for(model: nn.Module, path: Path | None = None) -> KernelTable:
         int8 = _int8_layers(model)
         int8_missing = int8 is not None and "all" not in table.choices.get(int8[0], {})
         rows_missing = {
-            s for s in _int8_rows_shapes(model) if _int8_rows_key(*s) not in table.choices
+            s for s in _int8_rows_shapes(model)
+            if _int8_rows_key(*s) not in table.choices
+            or shape_key(torch.float32, *s) not in table.choices
         } if quantize.fbgemm_built() else set()
         if (missing or refine or attend or encode or screen_missing or int8_missing
                 or rows_missing):
@@ -1079,17 +1083,35 @@ def _int8_rows_shapes(model: nn.Module) -> set[tuple[int, int]]:
     }
 
 
+def _float_product(table: KernelTable | None, out_features: int,
+                   in_features: int) -> Kernel | None:
+    """The float32 kernel measured fastest for many rows of this shape (what a dequantized
+    int8 product runs through); None where unmeasured (F.linear)."""
+    name = forced()
+    if name is None and table is not None:
+        entry = table.choices.get(shape_key(torch.float32, out_features, in_features), {})
+        rows = ENCODER_BUCKETS[-1]
+        name = entry.get(f"{rows}:plain", entry.get(str(rows)))
+    return CANDIDATES[name] if name is not None else None
+
+
 def _measure_int8_rows(table: KernelTable, shapes: Iterable[tuple[int, int]]) -> None:
     """Choose each int8 shape's kernel for many rows (quantize.ROWS_KERNELS) by timing a
-    product of the encoder's 1500 rows through each, on a random layer of that shape."""
+    product of the encoder's 1500 rows through each, on a random layer of that shape; the
+    dequantized one through the float32 kernel measured for the shape (measured here first
+    where the table has none)."""
     with torch.inference_mode():
         for out_features, in_features in sorted(shapes):
+            weight = torch.randn(out_features, in_features)
+            bias = torch.randn(out_features)
+            floats = shape_key(torch.float32, out_features, in_features)
+            if floats not in table.choices:
+                table.measure(floats, weight, bias, ENCODER_BUCKETS)
             key = _int8_rows_key(out_features, in_features)
             if key in table.choices:
                 continue
-            layer = quantize.Int8Linear(
-                torch.randn(out_features, in_features), torch.randn(out_features)
-            )
+            layer = quantize.Int8Linear(weight, bias)
+            layer.float_product = _float_product(table, out_features, in_features)
             rows = ENCODER_BUCKETS[-1]
             x = torch.randn(rows, in_features)
             kernels = {"int_mm": layer._per_row, "dequantized": layer._dequantized}
@@ -1162,7 +1184,7 @@ def encoder_type(encoder: nn.Module, own: torch.dtype) -> torch.dtype | None:
     with _lock:
         path, key = cache_path(), machine_key()
         table = _known(path, key)
-        wanted = [_int8_rows_key]
+        wanted = [_int8_rows_key, lambda o, i: shape_key(torch.float32, o, i)]
         if quantize.native_bfloat16():
             wanted.append(_bfloat16_rows_key)
         if any(k(*shape) not in table.choices for k in wanted for shape in shapes):
@@ -1203,6 +1225,7 @@ def _apply_int8_rows(model: nn.Module, table: KernelTable | None) -> None:
             m.rows_kernel = name or entry.get(str(ENCODER_BUCKETS[-1]), "int_mm")
             sequences = id(m) in in_decoder and m is not projection and name is None
             m.sequence_kernel = "dequantized" if sequences else None
+            m.float_product = _float_product(table, m.out_features, m.in_features)
 
 
 def _attention_key(model: nn.Module) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -275,6 +276,10 @@ class Int8Linear(nn.Module):
         # set: a decoder's, whose activations stay unrounded there (kernels.py). A step of
         # many rows (2-D) keeps `rows_kernel`, as it would pay a weight's copy every step.
         self.sequence_kernel: str | None = None
+        # The float32 kernel of the dequantized product of many rows, as measured for this
+        # shape (kernels.py: oneDNN's on an AMD EPYC Zen 5, 2.1-2.9x MKL's F.linear for a
+        # prompt's 180 rows); F.linear where unset.
+        self.float_product: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None
 
     @classmethod
     def stacked(cls, layers: list[Int8Linear]) -> Int8Linear:
@@ -320,7 +325,7 @@ class Int8Linear(nn.Module):
         weight = self.dequantized_weight()
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] >= PER_ROW_MIN_ROWS:
-            return F.linear(x, weight, self.bias)
+            return (self.float_product or F.linear)(x, weight, self.bias)
         # A short prompt: MKL's sums for a few rows change with the thread count (which the
         # engine's thread policy changes with the load); weight-first products' do not.
         out = (weight @ rows.t()).t().contiguous()

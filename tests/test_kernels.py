@@ -680,6 +680,11 @@ def test_an_int8_layers_many_row_kernel_is_measured_cached_and_applied(tmp_path,
         if isinstance(layer, quantize.Int8Linear) and layer is not projection:
             key = f"int8-rows:{layer.out_features}x{layer.in_features}"
             assert layer.rows_kernel == table.choices[key]["1500"]
+            # Its dequantized products through the float32 kernel measured for its shape.
+            floats = table.choices[f"float32:{layer.out_features}x{layer.in_features}"]
+            assert saved[kernels.machine_key()][
+                f"float32:{layer.out_features}x{layer.in_features}"] == floats
+            assert layer.float_product is kernels.CANDIDATES[floats["1500"]]
             # The decoder's sequences keep their activations unrounded whatever was measured.
             assert layer.sequence_kernel == ("dequantized" if id(layer) in decoder else None)
     # Every product of many rows ran through its layer's kernel: the encoder's and the

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from susurrus import load_model, native, quantize
+from susurrus import kernels, load_model, native, quantize
 from susurrus.errors import SusurrusError
 from susurrus.export import export_openai_checkpoint
 from susurrus.quantize import Int8Linear, native_bfloat16, quantize_rows, resolve_compute_type
@@ -371,16 +371,23 @@ def test_int8_many_row_kernels_agree():
                           rtol=1e-5, atol=1e-5)
     # Rounding the activations to 8 bits is most of what sets the two apart.
     assert not torch.equal(outputs["int_mm"], outputs["dequantized"])
-    # A prompt of a few rows: the same sums whatever the thread count (the engine's thread
-    # policy changes it with the load).
+    # A prompt of a few rows, or of many through each float32 kernel the dequantized
+    # product may be measured fastest with: the same sums whatever the thread count (the
+    # engine's thread policy changes it with the load), and the float product's numbers
+    # up to the order of sums.
+    layer.rows_kernel = "dequantized"
     threads = torch.get_num_threads()
     try:
-        for rows in (3, 5, 10, 70):
-            results = []
-            for count in (1, 2):
-                torch.set_num_threads(count)
-                results.append(layer(x[:, :rows]))
-            assert torch.equal(*results), rows
+        for product in [None, *kernels.CANDIDATES.values()]:
+            layer.float_product = product
+            for rows in (3, 5, 10, 70, 100):
+                results = []
+                for count in (1, 2):
+                    torch.set_num_threads(count)
+                    results.append(layer(x[:, :rows]))
+                assert torch.equal(*results), (product, rows)
+                moved = (results[0] - outputs["dequantized"][:, :rows]).norm(dim=-1)
+                assert (moved / exact[:, :rows].norm(dim=-1)).max() < 1e-6, (product, rows)
     finally:
         torch.set_num_threads(threads)
 
