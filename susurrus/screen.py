@@ -234,7 +234,10 @@ class LogitScreen:
             ordinary.masked_fill_(torch.tensor(steps.masked[start:end])[:, None], float("-inf"))
             logits = torch.cat([ordinary, torch.stack(steps.rest[start:end])], dim=1)
             tokens = torch.tensor(steps.tokens[start:end])
-            out.append(logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0])
+            if native.available():  # as a step outside the screen takes them (engine.py)
+                out.append(native.log_probs(logits, tokens)[1])
+            else:
+                out.append(logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0])
         return torch.cat(out).numpy()
 
 

@@ -382,3 +382,70 @@ def test_float32_parity_through_the_native_step(monkeypatch, tmp_path):
     monkeypatch.setattr(native_step.NativeStep, "__call__", counted)
     check_parity(*run_parity(model, "tiny.en", "greedy", FORCED_FILES), most_differing=0.25)
     assert len(calls) > 100 and all(calls)
+
+
+@needs_native
+def test_the_native_timestamp_rules_mask_what_the_pytorch_ones_do():
+    """The token rules' timestamp part as one native call leaves exactly the logits the
+    PyTorch operations leave, row by row, in every state a row can be in: nothing sampled
+    (with and without a limit on the first timestamp), after text, after one timestamp,
+    after a pair, with and without timestamps, and rows whose timestamps outweigh the text
+    (which then loses every text token)."""
+    from susurrus.engine.search import NONE, RowRules
+    from susurrus.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(False)
+    n_vocab = 51864
+    tb = tokenizer.timestamp_begin
+    generator = torch.Generator().manual_seed(0)
+    states = [(sampled, last, penult, latest, stamps, initial)
+              for sampled in (0, 1, 2, 7) for last in (False, True) for penult in (False, True)
+              for latest in (NONE, tb, tb + 40, n_vocab - 1) for stamps in (True, False)
+              for initial in (NONE, 50)]
+    rules = {flag: RowRules(n_vocab, tokenizer, torch.device("cpu")) for flag in (True, False)}
+    logits = torch.randn(len(states), n_vocab, generator=generator) * 3
+    # Half the rows with timestamps that outweigh every text token together.
+    logits[::2, tb:] += 4
+    logits[:, 100:120] = float("-inf")  # already masked, as suppressed tokens are
+    out = {}
+    for flag, r in rules.items():
+        r.native = flag
+        r.add(len(states), r.mask_for([220], [220]), True, None)
+        columns = list(zip(*states))
+        r.n_sampled = torch.tensor(columns[0])
+        r.last_ts, r.penult_ts = torch.tensor(columns[1]), torch.tensor(columns[2])
+        r.max_ts, r.timestamps = torch.tensor(columns[3]), torch.tensor(columns[4])
+        r.max_initial = torch.tensor(columns[5])
+        out[flag] = logits.clone()
+        r.apply(out[flag])
+    assert torch.equal(out[True], out[False])
+    text_gone = (out[True][:, :tb] == float("-inf")).all(dim=1)
+    stamps = torch.tensor([s[4] for s in states])
+    assert text_gone[stamps].any() and not text_gone[stamps].all()  # both outcomes met
+    assert not (out[True][~stamps, tb:] == float("-inf")).any()  # no timestamp rules there
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_native_log_probabilities_of_the_first_largest_or_given_tokens(rows):
+    generator = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, 51865, generator=generator) * 4
+    logits[:, 1000:1100] = float("-inf")
+    logits[0, 7] = logits[0, 51000] = logits[0].max() + 1  # a tie: the first one counts
+    best, logprob = native.log_probs(logits)
+    assert best[0] == 7
+    assert torch.equal(best, logits.max(dim=-1).indices)
+    # Within a float32 rounding of the float64 value (PyTorch's float32 log_softmax is
+    # within a few 1e-6 of it).
+    exact = logits.double().log_softmax(dim=-1).gather(1, best[:, None])[:, 0]
+    torch.testing.assert_close(logprob.double(), exact, rtol=1e-7, atol=1e-6)
+    # Every row alone: the same numbers (one thread, a row at a time, whatever the count).
+    for r in range(rows):
+        alone = native.log_probs(logits[r:r + 1])
+        assert alone[0] == best[r] and alone[1] == logprob[r]
+    # Given tokens: theirs.
+    tokens = torch.arange(rows) * 5
+    given, logprob = native.log_probs(logits, tokens)
+    assert torch.equal(given, tokens)
+    exact = logits.double().log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(logprob.double(), exact, rtol=1e-7, atol=1e-6)

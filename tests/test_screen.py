@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from susurrus import kernels, load_model
+from susurrus import kernels, load_model, native
 from susurrus.screen import (
     DeferredSteps,
     LogitScreen,
@@ -119,10 +119,12 @@ def test_deferred_log_probabilities_are_the_float32_ones(tiny_en):
             if i == 3:  # the timestamp rules masked every text token at this step
                 row[: screen.split] = float("-inf")
             token = int(row.argmax())
-            expected.append(float(row.log_softmax(dim=0)[token]))
+            expected.append(float(row.double().log_softmax(dim=0)[token]))
             steps.add(hidden[i], row[screen.split :].clone(), token, i == 3, i == 0)
         got = screen.log_probs(steps, suppress, blank)
-    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    # The float64 values of the float32 logits: within 1e-6 through the native kernel,
+    # within a few 1e-5 through PyTorch's float32 log_softmax (where it cannot build).
+    assert got.tolist() == pytest.approx(expected, abs=1e-6 if native.available() else 1e-4)
     assert add_in_order(0.0, got) == pytest.approx(sum(expected), abs=1e-4)
 
 
