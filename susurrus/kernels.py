@@ -1083,15 +1083,15 @@ def _int8_rows_shapes(model: nn.Module) -> set[tuple[int, int]]:
     }
 
 
-def _float_product(table: KernelTable | None, out_features: int,
-                   in_features: int) -> Kernel | None:
+def _float_product(table: KernelTable | None, out_features: int, in_features: int,
+                   honour_forced: bool = True) -> Kernel | None:
     """The float32 kernel measured fastest for many rows of this shape (what a dequantized
-    int8 product runs through); None where unmeasured (F.linear)."""
-    name = forced()
+    int8 product runs through), or the one $SUSURRUS_KERNEL forces (`honour_forced`);
+    None where unmeasured (F.linear)."""
+    name = forced() if honour_forced else None
     if name is None and table is not None:
         entry = table.choices.get(shape_key(torch.float32, out_features, in_features), {})
-        rows = ENCODER_BUCKETS[-1]
-        name = entry.get(f"{rows}:plain", entry.get(str(rows)))
+        name = entry.get(str(ENCODER_BUCKETS[-1]))
     return CANDIDATES[name] if name is not None else None
 
 
@@ -1111,7 +1111,9 @@ def _measure_int8_rows(table: KernelTable, shapes: Iterable[tuple[int, int]]) ->
             if key in table.choices:
                 continue
             layer = quantize.Int8Linear(weight, bias)
-            layer.float_product = _float_product(table, out_features, in_features)
+            # As measured, never forced: these choices are cached for unforced runs too.
+            layer.float_product = _float_product(table, out_features, in_features,
+                                                 honour_forced=False)
             rows = ENCODER_BUCKETS[-1]
             x = torch.randn(rows, in_features)
             kernels = {"int_mm": layer._per_row, "dequantized": layer._dequantized}
@@ -1188,9 +1190,15 @@ def encoder_type(encoder: nn.Module, own: torch.dtype) -> torch.dtype | None:
         if quantize.native_bfloat16():
             wanted.append(_bfloat16_rows_key)
         if any(k(*shape) not in table.choices for k in wanted for shape in shapes):
-            _measure_int8_rows(table, shapes)
-            if quantize.native_bfloat16():
-                _measure_bfloat16_rows(table, shapes)
+            try:
+                _measure_int8_rows(table, shapes)
+                if quantize.native_bfloat16():
+                    _measure_bfloat16_rows(table, shapes)
+            except (RuntimeError, ValueError) as e:
+                # A candidate that cannot run here: the model still loads, in its own type.
+                logger.warning("could not measure the encoder's products (%s); keeping %s",
+                               e, _dtype_name(own))
+                return own
             _write_cache(path, key, table)
     bucket = str(ENCODER_BUCKETS[-1])
     if quantize.native_bfloat16() and all(

@@ -215,8 +215,11 @@ def timestamp_rules(logits: Tensor, tb: int, eot: int, no_timestamps: int, sampl
     row's state (engine/search.py's RowRules: int64 `sampled`, `latest`, `initial`; bool
     `last`, `penult`, `timestamps`; one per row). Call only where `available()`."""
     rows, vocab = logits.shape
-    if logits.dtype != torch.float32 or not logits.is_contiguous():
-        raise ValueError("the timestamp rules take contiguous float32 logits")
+    if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.is_cuda:
+        raise ValueError("the timestamp rules take contiguous float32 CPU logits")
+    if not (0 <= eot < tb <= vocab and 0 <= no_timestamps < vocab):
+        raise ValueError(f"tokens eot {eot}, no_timestamps {no_timestamps} and first "
+                         f"timestamp {tb} do not fit a vocabulary of {vocab}")
     state = [t.contiguous() for t in (sampled, last, penult, latest, timestamps, initial)]
     if any(t.shape != (rows,) or t.dtype != want for t, want in zip(state, _RULE_TYPES)):
         raise ValueError("the timestamp rules take one int64 or bool state per row")
@@ -230,19 +233,21 @@ _RULE_TYPES = (torch.int64, torch.bool, torch.bool, torch.int64, torch.bool, tor
 def log_probs(logits: Tensor, tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Each row's token (`tokens`, else its largest logit's index, the first of equals)
     and its log-probability, for float32 `logits` (rows, vocabulary): log_softmax's
-    (x - max) - log(sum(exp(x - max))), in one pass on one thread, its sum closer to the
-    exact one than PyTorch's float32 one (within 1e-7 of float64 against a few 1e-6).
-    Call only where `available()`."""
-    if logits.dtype != torch.float32 or logits.dim() != 2:
-        raise ValueError("the log-probabilities take 2-D float32 logits")
+    (x - max) - log(sum(exp(x - max))), in one pass on one thread, closer to the exact
+    value than PyTorch's float32 log_softmax (tiny.en's real logits: within 3e-7 of the
+    float64 one, against 3e-5). Call only where `available()`."""
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.is_cuda:
+        raise ValueError("the log-probabilities take 2-D float32 CPU logits")
     logits = logits.contiguous()
-    rows = logits.shape[0]
+    rows, vocab = logits.shape
     if tokens is None:
         best = torch.empty(rows, dtype=torch.int64)
-    elif tokens.shape == (rows,):
+    elif tokens.shape == (rows,) and not tokens.is_cuda:
         best = tokens.to(torch.int64).contiguous().clone()
+        if rows and not (0 <= int(best.min()) and int(best.max()) < vocab):
+            raise ValueError(f"tokens outside a vocabulary of {vocab}")
     else:
-        raise ValueError("one token per row")
+        raise ValueError("one CPU token per row")
     logprob = torch.empty(rows, dtype=torch.float32)
     _lib().susurrus_log_probs(logits.data_ptr(), *logits.shape, int(tokens is None),
                               best.data_ptr(), logprob.data_ptr())

@@ -449,3 +449,9 @@ def test_the_native_log_probabilities_of_the_first_largest_or_given_tokens(rows)
     assert torch.equal(given, tokens)
     exact = logits.double().log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
     torch.testing.assert_close(logprob.double(), exact, rtol=1e-7, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        native.log_probs(logits, tokens + 51865)
+    with pytest.raises(ValueError, match="do not fit"):
+        state = torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, dtype=torch.bool)
+        native.timestamp_rules(logits, 60000, 50256, 50362, state[0], state[1], state[1],
+                               state[0], state[1], state[0])
