@@ -85,7 +85,9 @@ Choice = tuple[int, Kernel, Kernel]
 # its activations to 16 bits (1.6x as fast alone): format 7's int8-decoder choices were
 # measured against the slower one. 9: the dequantized product of many rows (int8 layers'
 # prompts, `int8-rows:` choices) goes through the float32 kernel measured for its shape
-# (oneDNN's on a Zen 5, 2-3x MKL's): format 8's int8-rows choices timed it through F.linear.
+# (oneDNN's on a Zen 5, 2-3x MKL's): format 8's int8-rows choices timed it through F.linear;
+# and the native 16-bit int8 products run on AVX512-VNNI where the CPU has it (1.4-1.9x for
+# 3 or 5 rows on a Zen 5): format 8's int8-decoder choices timed the AVX2 version.
 FORMAT = 9
 # Row counts that decoding steps produce: one row, a beam or a few windows, a batch of
 # beams. A product uses the smallest bucket that holds its rows, else the largest. Five is

@@ -142,6 +142,8 @@ def library() -> ctypes.CDLL | None:
     lib.susurrus_exact_top.argtypes = [pointer] * 6 + [size] * 3 + [size, pointer, ctypes.c_int]
     lib.susurrus_timestamp_rules.restype = None
     lib.susurrus_timestamp_rules.argtypes = [pointer] + [size] * 5 + [pointer] * 6
+    lib.susurrus_q16_vnni.restype = ctypes.c_int
+    lib.susurrus_q16_vnni.argtypes = [ctypes.c_int]
     lib.susurrus_log_probs.restype = None
     lib.susurrus_log_probs.argtypes = [pointer, size, size, ctypes.c_int, pointer, pointer]
     lib.susurrus_decoder_step.restype = None
@@ -206,6 +208,13 @@ def exact_top(hidden: Tensor, logits: Tensor, weight: Tensor, scale: Tensor, err
         max(1, min(torch.get_num_threads(), rows)),
     )
     return found
+
+
+def q16_vnni(on: bool | None = None) -> bool:
+    """Whether the 16-bit int8 products (`int8_rows_q16`, the native step's) run on
+    AVX512-VNNI, where the CPU has it; `on` switches it (comparisons, tests). Call only
+    where `available()`."""
+    return bool(_lib().susurrus_q16_vnni(-1 if on is None else int(on)))
 
 
 def timestamp_rules(logits: Tensor, tb: int, eot: int, no_timestamps: int, sampled: Tensor,

@@ -174,10 +174,83 @@ static inline __attribute__((always_inline)) void group_q16(const int8_t *wo, co
     }
 }
 
+/* group_q16 on AVX512-VNNI: 32 pairs of products a row per instruction (vpdpwssd sums them
+   into the int32 lanes itself), a group's 16 lanes then scaled in float32. Built for any
+   x86-64 (the target attribute), run only where the CPU has it (q16_vnni). */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+static inline __attribute__((always_inline)) VNNI void group_q16_vnni(
+    const int8_t *wo, const int16_t *q, const float *qs, int64_t in, int g, float s, float b,
+    float *y, int64_t out, int add) {
+    int64_t groups = in / QGROUP;
+    __m512 f[3];
+    _Pragma("GCC unroll 3") for (int r = 0; r < g; r++) f[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < groups; k++) {
+        const int8_t *wk = wo + k * QGROUP;
+        const int16_t *qk = q + k * QGROUP;
+        __m512i a[3];
+        _Pragma("GCC unroll 3") for (int r = 0; r < g; r++) a[r] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 4") for (int64_t i = 0; i < QGROUP; i += 32) {
+            __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wk + i)));
+            _Pragma("GCC unroll 3") for (int r = 0; r < g; r++)
+                a[r] = _mm512_dpwssd_epi32(a[r], w, _mm512_loadu_si512(qk + r * in + i));
+        }
+        _Pragma("GCC unroll 3") for (int r = 0; r < g; r++)
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(qs[r * groups + k]),
+                                   f[r]);
+    }
+    _Pragma("GCC unroll 3") for (int r = 0; r < g; r++) {
+        float v = _mm512_reduce_add_ps(f[r]) * s + b;
+        y[r * out] = add ? y[r * out] + v : v;
+    }
+}
+
+static VNNI void block_q16_vnni(const int8_t *w, const float *scale, const float *bias,
+                                const int16_t *q, const float *qs, float *y, int64_t out,
+                                int64_t in, int64_t rows, int64_t block, int add) {
+    int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out;
+    int64_t groups = in / QGROUP, r = 0;
+    while (r < rows) {
+        int g = row_group(rows - r);
+        for (int64_t o = first; o < last; o++) {
+            const int8_t *wo = w + o * in;
+            float s = scale[o], b = bias ? bias[o] : 0.0f;
+            const int16_t *qr = q + r * in;
+            const float *sr = qs + r * groups;
+            float *yr = y + r * out + o;
+            if (g == 3) group_q16_vnni(wo, qr, sr, in, 3, s, b, yr, out, add);
+            else if (g == 2) group_q16_vnni(wo, qr, sr, in, 2, s, b, yr, out, add);
+            else group_q16_vnni(wo, qr, sr, in, 1, s, b, yr, out, add);
+        }
+        r += g;
+    }
+}
+
+/* Whether the 16-bit products take the AVX512-VNNI version: where the CPU has it, unless
+   switched off (susurrus_q16_vnni). One choice for the process, made as the library loads
+   (before any product), so that its numbers are one kernel's. */
+static int q16_vnni_able, q16_vnni;
+
+__attribute__((constructor)) static void find_q16_vnni(void) {
+    __builtin_cpu_init();
+    q16_vnni_able = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vnni");
+    q16_vnni = q16_vnni_able;
+}
+
+/* on: 1 (where the CPU has it) or 0; -1 leaves it. Returns whether it is on. */
+int susurrus_q16_vnni(int on) {
+    if (on >= 0) q16_vnni = on && q16_vnni_able;
+    return q16_vnni;
+}
+
 /* One block of weight rows against every rounded input row, in groups of row_group's. */
 static inline void block_q16(const int8_t *w, const float *scale, const float *bias,
                              const int16_t *q, const float *qs, float *y, int64_t out,
                              int64_t in, int64_t rows, int64_t block, int add) {
+    if (q16_vnni > 0) {
+        block_q16_vnni(w, scale, bias, q, qs, y, out, in, rows, block, add);
+        return;
+    }
     int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out;
     int64_t groups = in / QGROUP, r = 0;
     while (r < rows) {
