@@ -12,7 +12,8 @@ about 3e-5 of it, far less than the int8 weights' own rounding and than the 8 bi
 FBGEMM's kernel rounds to); `int8_rows` keeps them in float32 for the float32 screen's
 proven bound (screen.py).
 
-They are compiled on first use with the system's C compiler (AVX2, FMA and F16C, OpenMP) into the
+They are compiled on first use with the system's C compiler (AVX2, FMA and F16C, OpenMP; the
+16-bit products also in an AVX512-VNNI version, taken where the CPU has it) into the
 cache directory, and are one more candidate that kernels.py measures against PyTorch's:
 never used unless faster here. Where they cannot be built (no compiler, another CPU
 family, $SUSURRUS_NATIVE=0) the PyTorch kernels serve, after one warning.

@@ -204,26 +204,32 @@ static inline __attribute__((always_inline)) VNNI void group_q16_vnni(
     }
 }
 
-static VNNI void block_q16_vnni(const int8_t *w, const float *scale, const float *bias,
-                                const int16_t *q, const float *qs, float *y, int64_t out,
-                                int64_t in, int64_t rows, int64_t block, int add) {
-    int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out;
-    int64_t groups = in / QGROUP, r = 0;
-    while (r < rows) {
-        int g = row_group(rows - r);
-        for (int64_t o = first; o < last; o++) {
-            const int8_t *wo = w + o * in;
-            float s = scale[o], b = bias ? bias[o] : 0.0f;
-            const int16_t *qr = q + r * in;
-            const float *sr = qs + r * groups;
-            float *yr = y + r * out + o;
-            if (g == 3) group_q16_vnni(wo, qr, sr, in, 3, s, b, yr, out, add);
-            else if (g == 2) group_q16_vnni(wo, qr, sr, in, 2, s, b, yr, out, add);
-            else group_q16_vnni(wo, qr, sr, in, 1, s, b, yr, out, add);
-        }
-        r += g;
+/* One block of weight rows against every rounded input row, in groups of row_group's,
+   through GROUP (group_q16 or group_q16_vnni), as NAME with the attributes ATTR. */
+#define BLOCK_Q16(NAME, GROUP, ATTR)                                                      \
+    static ATTR void NAME(const int8_t *w, const float *scale, const float *bias,         \
+                          const int16_t *q, const float *qs, float *y, int64_t out,       \
+                          int64_t in, int64_t rows, int64_t block, int add) {             \
+        int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out;  \
+        int64_t groups = in / QGROUP, r = 0;                                              \
+        while (r < rows) {                                                                \
+            int g = row_group(rows - r);                                                  \
+            for (int64_t o = first; o < last; o++) {                                      \
+                const int8_t *wo = w + o * in;                                            \
+                float s = scale[o], b = bias ? bias[o] : 0.0f;                            \
+                const int16_t *qr = q + r * in;                                           \
+                const float *sr = qs + r * groups;                                        \
+                float *yr = y + r * out + o;                                              \
+                if (g == 3) GROUP(wo, qr, sr, in, 3, s, b, yr, out, add);                 \
+                else if (g == 2) GROUP(wo, qr, sr, in, 2, s, b, yr, out, add);            \
+                else GROUP(wo, qr, sr, in, 1, s, b, yr, out, add);                        \
+            }                                                                             \
+            r += g;                                                                       \
+        }                                                                                 \
     }
-}
+
+BLOCK_Q16(block_q16_avx2, group_q16, inline)
+BLOCK_Q16(block_q16_vnni, group_q16_vnni, VNNI)
 
 /* Whether the 16-bit products take the AVX512-VNNI version: where the CPU has it, unless
    switched off (susurrus_q16_vnni). One choice for the process, made as the library loads
@@ -243,30 +249,14 @@ int susurrus_q16_vnni(int on) {
     return q16_vnni;
 }
 
-/* One block of weight rows against every rounded input row, in groups of row_group's. */
+/* One block of weight rows against every rounded input row: the version the CPU takes. */
 static inline void block_q16(const int8_t *w, const float *scale, const float *bias,
                              const int16_t *q, const float *qs, float *y, int64_t out,
                              int64_t in, int64_t rows, int64_t block, int add) {
-    if (q16_vnni > 0) {
+    if (q16_vnni > 0)
         block_q16_vnni(w, scale, bias, q, qs, y, out, in, rows, block, add);
-        return;
-    }
-    int64_t first = block * BLOCK, last = first + BLOCK < out ? first + BLOCK : out;
-    int64_t groups = in / QGROUP, r = 0;
-    while (r < rows) {
-        int g = row_group(rows - r);
-        for (int64_t o = first; o < last; o++) {
-            const int8_t *wo = w + o * in;
-            float s = scale[o], b = bias ? bias[o] : 0.0f;
-            const int16_t *qr = q + r * in;
-            const float *sr = qs + r * groups;
-            float *yr = y + r * out + o;
-            if (g == 3) group_q16(wo, qr, sr, in, 3, s, b, yr, out, add);
-            else if (g == 2) group_q16(wo, qr, sr, in, 2, s, b, yr, out, add);
-            else group_q16(wo, qr, sr, in, 1, s, b, yr, out, add);
-        }
-        r += g;
-    }
+    else
+        block_q16_avx2(w, scale, bias, q, qs, y, out, in, rows, block, add);
 }
 
 /* Numbers (as floats) a thread's rounded copy of `rows` input rows of `in` takes. */
