@@ -30,6 +30,23 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* The largest of x[0..n) (-inf for none). */
+static float row_max(const float *x, int64_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    float most = max8(m);
+    for (; i < n; i++) most = x[i] > most ? x[i] : most;
+    return most;
+}
+
 static inline __m256 load_int8_t(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -128,10 +145,7 @@ static void quantize_row(const float *x, int64_t in, int16_t *q, float *s) {
         __m256 m = _mm256_setzero_ps();
         for (int64_t i = g; i < g + QGROUP; i += 8)
             m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-        __m128 t = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-        t = _mm_max_ss(t, _mm_movehdup_ps(t));
-        float most = _mm_cvtss_f32(t);
+        float most = max8(m);
         __m256 inverse = _mm256_set1_ps(most > 0.0f ? 32767.0f / most : 0.0f);
         s[g / QGROUP] = most / 32767.0f;
         for (int64_t i = g; i < g + QGROUP; i += 16) {
@@ -322,12 +336,7 @@ static inline __attribute__((always_inline)) void attend(const float *qi, const 
         s[t] = sum8(_mm256_add_ps(a0, a1)) * scale;
     }
     for (int64_t t = keys; t < padded; t++) s[t] = -INFINITY;
-    __m256 top = _mm256_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < padded; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + t));
-    __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-    t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
-    t4 = _mm_max_ss(t4, _mm_movehdup_ps(t4));
-    __m256 most = _mm256_set1_ps(_mm_cvtss_f32(t4)), total = _mm256_setzero_ps();
+    __m256 most = _mm256_set1_ps(row_max(s, padded)), total = _mm256_setzero_ps();
     for (int64_t t = 0; t < padded; t += 8) {
         __m256 e = _ZGVdN8v_expf(_mm256_sub_ps(_mm256_loadu_ps(s + t), most));
         _mm256_storeu_ps(s + t, e);
@@ -659,19 +668,6 @@ void susurrus_decoder_step(const susurrus_step *a) {
 
 static void fill_inf(float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = -INFINITY;
-}
-
-/* The largest of x[0..n) (-inf for none). */
-static float row_max(const float *x, int64_t n) {
-    __m256 m = _mm256_set1_ps(-INFINITY);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-    __m128 t = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-    t = _mm_max_ss(t, _mm_movehdup_ps(t));
-    float most = _mm_cvtss_f32(t);
-    for (; i < n; i++) most = x[i] > most ? x[i] : most;
-    return most;
 }
 
 /* log(sum(exp(x[0..n) - most))), given their largest `most` (not -inf). Blocks of 256

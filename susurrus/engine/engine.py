@@ -798,7 +798,7 @@ class Engine:
         for i, window in enumerate(greedy):
             if window.row >= screened:
                 row = logits[window.row]
-                if native.available() and row.dtype == torch.float32:  # as _choose takes it
+                if self._rules.native and row.dtype == torch.float32:  # as _choose takes it
                     current[i] = native.log_probs(row[None], picked[i:i + 1])[1][0]
                 else:
                     current[i] = row.log_softmax(dim=-1)[tokens[i]]

@@ -68,8 +68,9 @@ class RowRules:
         key = (tuple(suppress), tuple(blank))
         if key not in self._masks:
             row = torch.zeros(1, self.n_vocab, dtype=torch.bool, device=self.device)
-            self.suppress = torch.cat([self.suppress, row.index_fill(1, _ids(suppress, row), True)])
-            self._suppress_ids.append(_ids(suppress, row))
+            ids = _ids(suppress, row)
+            self._suppress_ids.append(ids)
+            self.suppress = torch.cat([self.suppress, row.index_fill(1, ids, True)])
             self.blank = torch.cat([self.blank, row.index_fill(1, _ids(blank, row), True)])
             self._masks[key] = len(self._masks)
         return self._masks[key]
