@@ -8,6 +8,10 @@ times longer (auto, base: 30% of its idle speed with one of two cores busy). One
 never waits for another. Which is faster changes while a program runs (a laptop, a
 shared server), so the policy keeps measuring: it runs most steps with the count that was
 fastest, and every so often a few with the other, switching when that is clearly faster.
+A comparison costs most where it loses (two threads on a busy machine: steps 2-5 times
+slower), so one clearly lost after its first few steps ends there, comparisons that keep
+confirming the choice come less and less often, and while on one thread a cheap look at
+the machine brings the next comparison forward when the other process has gone.
 
 OpenMP thread counts belong to the calling thread, so the count set here applies to the
 engine's own steps only, and is restored after each.
@@ -32,10 +36,15 @@ class ThreadPolicy:
     """Thread counts for decoding steps: `fixed` always, else the faster of 1 and
     `max_threads` (default: torch's count in the thread that runs the first step)."""
 
-    PROBE_STEPS = 6  # steps timed with the other count
-    FIRST_PROBE = 8  # steps before the first comparison (a busy machine shows at once)
+    PROBE_STEPS = 12  # steps timed with the other count (after one that wakes its threads)
+    RECENT_STEPS = 24  # steps of the current count its side of a comparison is timed on
+    FIRST_PROBE = 12  # steps before the first comparison (a busy machine shows at once)
     PROBE_EVERY = 200  # steps between comparisons later on
+    MAX_EVERY = 1600  # ... doubled after each comparison that kept the count, up to this
     MARGIN = 0.85  # the other count must take at most this share of the time to switch
+    QUICK_STEPS = 2  # a comparison whose first steps all take ...
+    GIVE_UP = 1.25  # ... this many times the current count's mean ends there
+    LOOK_EVERY = 50  # steps between looks at the machine while on one thread
     SLOWDOWN = 1.5  # steps this much slower than at the last decision: compare again now
     START_SAMPLES = 3  # looks at the machine before the first window
 
@@ -50,7 +59,9 @@ class ThreadPolicy:
         self._probe: list[float] = []
         self._trying: int | None = None
         self._until_probe = self.FIRST_PROBE
-        self._baseline: float | None = None  # median step time at the last decision
+        self._every = self.PROBE_EVERY
+        self._baseline: float | None = None  # mean step time at the last decision
+        self._others_busy = False  # what the last look at the machine found
         self.switches = 0
 
     def _start(self) -> None:
@@ -66,6 +77,7 @@ class ThreadPolicy:
             samples = load_samples(self.START_SAMPLES, 0.001)
             if self.adaptive and machine_busy(samples, threads=self.max_threads, every=True):
                 self.current = 1
+                self._others_busy = True
 
     @property
     def adaptive(self) -> bool:
@@ -99,27 +111,54 @@ class ThreadPolicy:
             return
         if self._trying is not None:
             self._probe.append(took)
-            if len(self._probe) >= self.PROBE_STEPS:
+            if len(self._probe) > self.PROBE_STEPS or self._clearly_lost():
                 self._decide()
             return
         self._recent.append(took)
-        del self._recent[: -self.PROBE_STEPS]
+        del self._recent[: -self.RECENT_STEPS]
         self._until_probe -= 1
-        full = len(self._recent) >= self.PROBE_STEPS
+        if self.current == 1 and self._until_probe % self.LOOK_EVERY == 0 and self._freed():
+            self._until_probe = 0
+        full = len(self._recent) >= self.PROBE_STEPS  # enough to compare (not yet all)
         if full and self._baseline is not None:
             # Another process just took a core: do not wait for the next comparison.
-            if statistics.median(self._recent) > self._baseline * self.SLOWDOWN:
+            if statistics.fmean(self._recent) > self._baseline * self.SLOWDOWN:
                 self._until_probe = 0
         if self._until_probe <= 0 and full:
             self._trying = 1 if self.current != 1 else self.max_threads
             self._probe = []
 
+    def _timed(self) -> list[float]:
+        # The comparison's first step is left out: it pays for waking threads that slept
+        # (70 ms against 2 seen on a busy machine), whatever the count is worth after.
+        return self._probe[1:]
+
+    def _clearly_lost(self) -> bool:
+        # Every step so far, not one: a single step may be slow for reasons of its own.
+        timed = self._timed()
+        return len(timed) >= self.QUICK_STEPS and min(timed) > (
+            statistics.fmean(self._recent) * self.GIVE_UP
+        )
+
+    def _freed(self) -> bool:
+        """Whether the machine, busy at the last look, now leaves `max_threads` cores free
+        (procs_running: a tenth of a millisecond). A change, not a state: where steps are
+        slow for what no process count shows (a hypervisor's other guests), looks that
+        always find the machine idle must not bring on comparison after comparison."""
+        busy = machine_busy(load_samples(1, 0.0), threads=self.max_threads)
+        freed = self._others_busy and not busy
+        self._others_busy = busy
+        return freed
+
     def _decide(self) -> None:
-        # Medians: one step of either run may be slow for reasons of its own (a window
-        # admitted, a page fault).
-        mine = statistics.median(self._recent)
-        other = statistics.median(self._probe)
-        if other < mine * self.MARGIN:
+        # Means, not medians: what counts is the time all steps take. Two threads with a
+        # busy core beside them run most steps fast and every third or so a scheduler
+        # time slice late (tiny.en: 1.1-1.6 ms, then 5-10; one thread 1.6-2.1 ms each,
+        # and now and then late too): means of a dozen steps or more, not of a few.
+        mine = statistics.fmean(self._recent)
+        other = statistics.fmean(self._timed())
+        switched = other < mine * self.MARGIN
+        if switched:
             logger.debug(
                 "decoding steps: %d threads (%.2f ms) instead of %d (%.2f ms)",
                 self._trying,
@@ -129,12 +168,13 @@ class ThreadPolicy:
             )
             self.current = self._trying
             self.switches += 1
-            self._recent = list(self._probe)
+            self._recent = self._timed()
             mine = other
         self._baseline = mine
         self._trying = None
         self._probe = []
-        self._until_probe = self.PROBE_EVERY
+        self._every = self.PROBE_EVERY if switched else min(2 * self._every, self.MAX_EVERY)
+        self._until_probe = self._every
 
 
 @contextmanager
