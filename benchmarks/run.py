@@ -268,12 +268,12 @@ def summarise(runs: list[dict], inputs: dict[str, dict], scorers) -> list[dict]:
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for run in runs:
         for res in run["results"]:
-            key = (run["model"], run["setting"], run["system"], res["input"])
+            key = (run["model"], run["setting"], run["system"], res["input"], run.get("busy", 0))
             groups.setdefault(key, []).append((run, res))
     rows = []
-    for (model, setting, system, name), items in groups.items():
+    for (model, setting, system, name, busy), items in groups.items():
         language = inputs[name]["language"]
-        ref_items = groups.get((model, setting, REFERENCE, name), [])
+        ref_items = groups.get((model, setting, REFERENCE, name, busy), [])
         token_agree, text_agree, identical = [], [], []
         for i, (_, res) in enumerate(items):
             if not ref_items:
@@ -289,11 +289,23 @@ def summarise(runs: list[dict], inputs: dict[str, dict], scorers) -> list[dict]:
         walls = [res["wall_s"] for _, res in items]
         wall = median(walls)
         audio_s = items[0][1]["audio_s"]
+        share = None
+        idle = groups.get((model, setting, system, name, 0)) if busy else None
+        if idle:
+            # Each busy run against the idle run made just before it (--busy-share): a
+            # slow spell of a shared machine falls on both halves of a pair.
+            idle_walls = {run["run"]: res["wall_s"] for run, res in idle}
+            share = median(
+                [idle_walls[run["run"]] / res["wall_s"] for run, res in items
+                 if run["run"] in idle_walls]
+            )
         rows.append(
             {
                 "model": model,
                 "setting": setting,
                 "system": system,
+                "busy": busy,
+                "share_of_idle": share,
                 "version": items[0][0]["version"],
                 "input": name,
                 "language": language,
@@ -326,6 +338,7 @@ def summarise(runs: list[dict], inputs: dict[str, dict], scorers) -> list[dict]:
             MODELS.index(r["model"]) if r["model"] in MODELS else 9,
             SETTINGS.index(r["setting"]),
             order.get(r["system"], 99),
+            r["busy"],
         )
     )
     return rows
@@ -369,8 +382,9 @@ def markdown(rows: list[dict], meta: dict, inputs: dict[str, dict]) -> str:
         for r in rows:
             if r["input"] != name:
                 continue
+            system = r["system"] + (f", {r['busy']} busy loop(s)" if r["busy"] else "")
             out.append(
-                f"| {r['model']} | {r['setting']} | {r['system']} | {fmt(r['speed_x'], '.1f')} "
+                f"| {r['model']} | {r['setting']} | {system} | {fmt(r['speed_x'], '.1f')} "
                 f"| {fmt(r['wall_s'], '.2f')} | {fmt(r['cpu_s'], '.1f')} "
                 f"| {fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['load_s'], '.2f')} "
                 f"| {fmt(r['import_s'], '.2f')} "
@@ -378,6 +392,21 @@ def markdown(rows: list[dict], meta: dict, inputs: dict[str, dict]) -> str:
                 f"| {fmt(r['token_agreement'], '.3f')} | {r['identical_runs'] or '–'} |"
             )
         out.append("")
+        shares = [r for r in rows if r["input"] == name and r["share_of_idle"] is not None]
+        if shares:
+            out += [
+                "Busy speed as a share of idle speed, the median of each run's pair (the idle "
+                "run, then the busy one right after it):",
+                "",
+                "| model | setting | system | busy loops | busy / idle |",
+                "|---|---|---|--:|--:|",
+            ]
+            out += [
+                f"| {r['model']} | {r['setting']} | {r['system']} | {r['busy']} "
+                f"| {r['share_of_idle'] * 100:.0f}% |"
+                for r in shares
+            ]
+            out.append("")
     out += ["Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
     out += [f"susurrus source: {meta.get('susurrus_source', 'unknown')}", ""]
     if meta.get("skipped"):
@@ -392,6 +421,8 @@ def chart(rows: list[dict], inputs: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(inputs)
+    if any(not r["busy"] for r in rows):
+        rows = [r for r in rows if not r["busy"]]  # --busy-share: the idle runs drawn
     fig, axes = plt.subplots(len(names), 1, figsize=(11, 3.6 * len(names)), squeeze=False)
     systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
     colours = dict(zip(SYSTEMS, plt.get_cmap("tab10").colors))
@@ -489,6 +520,13 @@ def main(argv: list[str] | None = None) -> int:
         "program takes cores)",
     )
     parser.add_argument(
+        "--busy-share",
+        action="store_true",
+        help="every run made twice in a row, idle and then with busy loops (--busy's count, "
+        "at least 1); the report gives each system's busy speed as a share of its idle "
+        "speed, from those pairs",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="1 run, tiny.en, jfk + en-long only: a smoke run"
     )
     args = parser.parse_args(argv)
@@ -522,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "loadavg_start": loadavg(),
         "busy_loops": args.busy,
+        "busy_share": args.busy_share,
         "command": " ".join(["benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "python": platform.python_version(),
         "susurrus_source": git_state(),
@@ -562,25 +601,30 @@ def main(argv: list[str] | None = None) -> int:
         common += [a for n in model_inputs for a in ("--input", spec_of(n, inputs[n]))]
         common += ["--no-warmup"] if args.no_warmup else []
         # Runs outermost: a burst of load on the shared machine hits every system alike.
+        loads = [0, max(1, args.busy)] if args.busy_share else [args.busy]
         for setting in settings:
             for run in range(runs):
                 for system in systems:
-                    jobs.append((model, setting, run, system, common + ["--setting", setting]))
+                    for busy in loads:
+                        cmd = common + ["--setting", setting]
+                        jobs.append((model, setting, run, system, busy, cmd))
 
     all_runs: list[dict] = []
     versions: dict[str, str] = {}
     kernel_choices: dict[tuple[str, str], list[str]] = {}
-    for i, (model, setting, run, system, common) in enumerate(jobs, 1):
+    for i, (model, setting, run, system, busy, common) in enumerate(jobs, 1):
         label = f"[{i}/{len(jobs)}] {model} {setting} {system} run {run + 1}"
+        label += f", {busy} busy loop(s)" if busy else ""
         python = args.our_python if system in OURS else args.peer_python
         try:
-            with busy_loops(args.busy):
+            with busy_loops(busy):
                 out = run_worker(python, [system, *common], env, args.timeout)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             log(f"{label}: FAILED {exc}")
             skipped.append(f"{model} {setting} {system} run {run + 1}: failed")
             continue
         out["run"] = run
+        out["busy"] = busy
         if out.get("kernels") and (model, system) not in kernel_choices:
             kernel_choices[model, system] = out["kernels"]
             log(f"{model} {system}: kernels chosen here: " + "; ".join(out["kernels"]))
