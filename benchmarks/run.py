@@ -603,10 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         # Runs outermost: a burst of load on the shared machine hits every system alike.
         loads = [0, max(1, args.busy)] if args.busy_share else [args.busy]
         for setting in settings:
+            cmd = common + ["--setting", setting]
             for run in range(runs):
                 for system in systems:
                     for busy in loads:
-                        cmd = common + ["--setting", setting]
                         jobs.append((model, setting, run, system, busy, cmd))
 
     all_runs: list[dict] = []

@@ -218,35 +218,15 @@ def _prepare(
     if encoder_dtype is None:
         model = model.to(device=device, dtype=dtype or plan.dtype)
     else:
-        model.decoder.to(device=device, dtype=dtype or plan.dtype)
-        _encoder_to(model.encoder, device, plan.dtype, encoder_dtype)
-        model = model.to(device=device)  # the model's own buffers (alignment heads)
+        model.decoder.to(dtype=plan.dtype)  # (an explicit `dtype` leaves no encoder type)
+        model.encoder.set_layer_dtype(encoder_dtype, rest=plan.dtype)
+        model = model.to(device=device)
     model.eval()
     if device.type == "cpu":
         model.fuse_self_attention()  # the float layers' (int8 ones come stacked)
         kernels.tune(model)
     release_free_memory()
     return model
-
-
-def _encoder_to(
-    encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype, layer_dtype: torch.dtype
-) -> None:
-    """The encoder's products in `layer_dtype` and the rest (the residual stream's norms and
-    positional embedding) in `dtype`, each converted once from the loaded type: a float32
-    copy of every layer on the way to bfloat16 would add base's 80 MB to the load's peak.
-    The values are those of the way through float32 (a float16 weight widens exactly)."""
-    layers = (torch.nn.Linear, torch.nn.Conv1d)
-    for module in encoder.modules():
-        target = layer_dtype if isinstance(module, layers) else dtype
-        for name, tensor in [*module.named_parameters(recurse=False),
-                             *module.named_buffers(recurse=False)]:
-            if tensor is None or not tensor.is_floating_point():
-                continue
-            converted = tensor.detach().to(device=device, dtype=target)
-            if isinstance(tensor, torch.nn.Parameter):
-                converted = torch.nn.Parameter(converted, requires_grad=tensor.requires_grad)
-            setattr(module, name, converted)
 
 
 def load_hub_model(

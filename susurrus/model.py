@@ -275,14 +275,20 @@ class AudioEncoder(nn.Module):
         self.blocks = nn.ModuleList(ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer))
         self.ln_post = LayerNorm(n_state)
 
-    def set_layer_dtype(self, dtype: torch.dtype) -> None:
+    def set_layer_dtype(self, dtype: torch.dtype, rest: torch.dtype | None = None) -> None:
         """Run the convolutions and linear layers in `dtype` (bfloat16 on a CPU with
         AVX512-BF16 or AMX), while the residual stream, the LayerNorms and the positional
-        embedding keep their type: the blocks' sums keep float32's precision at little
-        cost, since the products are most of the time."""
+        embedding keep their type (or take `rest`): the blocks' sums keep float32's
+        precision at little cost, since the products are most of the time. Each tensor is
+        converted once, from the type it was loaded in: through a float32 copy, base's
+        layers would add 80 MB to the load's peak for the same values."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d)):
                 module.to(dtype)
+            elif rest is not None:
+                module._apply(  # this module's own tensors; its children are visited too
+                    lambda t: t.to(rest) if t.is_floating_point() else t, recurse=False
+                )
 
     def forward(self, mel: Tensor) -> Tensor:
         """(batch, n_mels, 3000) log-mel -> (batch, 1500, n_state) audio features, in the

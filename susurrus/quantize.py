@@ -523,11 +523,12 @@ def quantize_int8(model: nn.Module, audio_projections: bool = True) -> nn.Module
             if audio and not audio_projections and child_name in ("key", "value"):
                 continue
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child.weight, child.bias))
+                quantized = Int8Linear(child.weight, child.bias)
             elif isinstance(child, nn.Embedding) and child_name == "token_embedding":
-                setattr(module, child_name, Int8Embedding(child.weight))
+                quantized = Int8Embedding(child.weight)
             else:
                 continue
+            setattr(module, child_name, quantized)
             # Each layer's float32 pieces, freed but kept by glibc between the int8 copies
             # that outlive them, would add up: base's load peaked at 556-606 MB, 516 with this.
             release_free_memory()

@@ -194,6 +194,14 @@ def _fresh(monkeypatch):
     monkeypatch.setattr(kernels, "_tables", {})
 
 
+def _write_record(path, data: dict) -> None:
+    """A cache file edited by a test, its choices recorded as made on an idle machine:
+    had another process (a test's leftover) used the cores during the load that wrote it,
+    its busy marks would have the next load measure them again instead of following it."""
+    data.pop("busy", None)
+    path.write_text(json.dumps(data))
+
+
 def test_choices_are_measured_once_and_cached(tiny_en, tmp_path, monkeypatch):
     _fresh(monkeypatch)
     path = tmp_path / "kernels.json"
@@ -563,11 +571,7 @@ def test_whole_steps_choose_between_the_chosen_parts_and_the_native_step(
         machine = data["machines"][kernels.machine_key()]
         machine.pop(fused, None)
         machine.update(entries)
-        # Choices recorded as made on an idle machine: had another process (a test's
-        # leftover) used the cores during the first load, its marks would have the next
-        # load measure them again instead of following the record.
-        data.pop("busy", None)
-        path.write_text(json.dumps(data))
+        _write_record(path, data)
         _fresh(monkeypatch)
         return machine
 
@@ -628,8 +632,7 @@ def test_auto_keeps_the_audio_keys_in_float16_unless_measured_slower(tmp_path, m
             {attention: {"dtype": dtype, "1": "native", "8": "native"}, int8: {"all": kernel},
              # (FBGEMM's parts kept as chosen rather than the whole native step)
              f"fused:{attention}|{int8}": {"all": "chosen"}})
-        data.pop("busy", None)  # recorded as made on an idle machine (see above)
-        path.write_text(json.dumps(data))
+        _write_record(path, data)
         _fresh(monkeypatch)
         model = load_model("tiny.en", compute_type="auto")
         decoder = model.decoder
