@@ -4,6 +4,7 @@ and that it never leaves the caller's thread count changed."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -159,3 +160,83 @@ def test_the_thread_count_does_not_change_the_result(tiny_en):
             )
         assert "ask not what your country can do for you" in results[0]["text"]
         assert results[0]["segments"] == results[1]["segments"], beam_size
+
+
+LONG = "en_lj_LJ001-0001-0016_concat.flac"  # 111 s of continuous reading: 4-5 windows
+
+
+def _same_tokens(got: dict, want: dict) -> None:
+    # The same tokens and times; a step's float32 sums over other rows of the batch may
+    # round differently in a log-probability's last digits.
+    assert got["text"] == want["text"]
+    for a, b in zip(got["segments"], want["segments"], strict=True):
+        assert (a["tokens"], a["start"], a["end"]) == (b["tokens"], b["start"], b["end"])
+        assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], abs=1e-4)
+
+
+@requires_shared
+def test_beside_a_busy_process_a_second_thread_encodes_the_windows_that_wait(tiny_en):
+    # One thread decodes beside the other process; the windows a batch has no room for
+    # yet, and those that fill it alongside the engine's own thread, are encoded on a
+    # second one (engine/ahead.py). Which thread encodes a window changes nothing it says.
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: the policy has nothing to choose")
+    options = {"language": "en", "temperature": 0.0, "batch_size": 3}
+    path = str(AUDIO / LONG)
+    alone = Engine(tiny_en, max_batch=3, threads=1).transcribe(path, **options)
+    assert alone["segments"] and Engine(tiny_en).stats()["encoded_ahead"] == 0
+    with busy_loops(2):
+        engine = Engine(tiny_en, max_batch=3)
+        busy = engine.transcribe(path, **options)
+        # A recording decoded one window after another offers no window before the one
+        # it needs now, which this thread encodes itself.
+        sequential = Engine(tiny_en, max_batch=1)
+        one_by_one = sequential.transcribe(path, language="en", temperature=0.0)
+    assert engine.threads.current == 1
+    assert engine.stats()["encoded_ahead"] >= 1
+    _same_tokens(busy, alone)
+    assert "calligraphy to perfection" in busy["text"].lower()
+    assert sequential.stats()["encoded_ahead"] == 0
+    assert "calligraphy to perfection" in one_by_one["text"].lower()
+
+
+@requires_shared
+def test_a_cancelled_recording_leaves_no_window_waiting_to_join(tiny_en, monkeypatch):
+    # Beside a busy process a recording's windows are taken before the table has room
+    # (and encoded meanwhile): once it is cancelled, none of them may start decoding.
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: the policy has nothing to choose")
+    from susurrus.engine import Cancelled
+
+    engine = Engine(tiny_en, max_batch=2)
+    started_for_gone = []
+    start = Engine._start
+
+    def watched_start(self, job, source):
+        started_for_gone.append(source not in self._sources)
+        start(self, job, source)
+
+    monkeypatch.setattr(Engine, "_start", watched_start)
+    cancel = threading.Event()
+    outcome: dict = {}
+
+    def cancelled_one() -> None:
+        try:
+            engine.transcribe(
+                str(AUDIO / LONG), temperature=0.0, batch_size=2, cancel=cancel,
+                on_segment=lambda s: cancel.set(),
+            )
+        except Cancelled as exc:
+            outcome["cancelled"] = exc
+
+    with busy_loops(2):
+        thread = threading.Thread(target=cancelled_one)
+        thread.start()
+        time.sleep(0.2)  # its windows are taken first
+        other = engine.transcribe(str(AUDIO / "jfk.flac"), temperature=0.0)
+        thread.join(timeout=300)
+    assert isinstance(outcome.get("cancelled"), Cancelled)
+    assert "ask what you can do for your country" in other["text"]
+    assert engine.stats()["encoded_ahead"] >= 1
+    assert len(started_for_gone) >= 3 and not any(started_for_gone)
+    assert not engine._windows

@@ -37,6 +37,7 @@ from ..kernels import packed_weights
 from ..model import Whisper
 from ..screen import DeferredSteps, LogitScreen, add_in_order
 from ..tokenizer import Tokenizer, get_tokenizer
+from .ahead import Ahead, AheadEncoder
 from .search import BeamSearch, RowRules, max_initial_index, rank, suppress_tokens
 from .step import RowTable, Run, decoder_step
 from .threads import ThreadPolicy
@@ -176,6 +177,8 @@ class _Waiter:
 class Engine:
     """Decodes windows of any number of recordings on one model, `max_batch` at a time."""
 
+    AHEAD = 2  # windows taken beyond the table's room while they are encoded ahead
+
     def __init__(
         self,
         model: Whisper,
@@ -190,7 +193,8 @@ class Engine:
         a CUDA graph. `threads`: CPU threads of the engine's work, exactly; by default
         (None or "auto") the faster of one and the calling thread's torch count, measured
         as the steps run (see threads.py): on a machine where another process takes a
-        core, one thread is several times faster. The products' results do not depend on
+        core, one thread is several times faster, and a second thread then encodes the
+        windows that wait for room (see ahead.py). The products' results do not depend on
         the count (tests/test_threads.py), so neither do the transcripts.
         `worker`: a `Worker` whose thread does all of this engine's torch work (engines
         may share one), or True for one of its own; for an engine that several threads
@@ -224,6 +228,12 @@ class Engine:
             self.threads = ThreadPolicy(active=on_cpu)
         else:
             self.threads = ThreadPolicy(fixed=int(threads), active=on_cpu)
+        # Windows waiting for room, encoded on a second thread while one thread decodes
+        # beside another process (see ahead.py); its thread ends with the engine.
+        self._ahead_encoder: AheadEncoder | None = None
+        if on_cpu and not self.static_steps:
+            self._ahead_encoder = AheadEncoder(model)
+            weakref.finalize(self, self._ahead_encoder.close)
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 
@@ -237,6 +247,7 @@ class Engine:
         self._sum_logprobs = torch.zeros(0, device=model.device)
         self._last_tokens = torch.zeros(0, dtype=torch.long, device=model.device)
         self._windows: list[_Window] = []  # in table order
+        self._ahead: list[Ahead] = []  # windows taken from their sources, not yet in it
         # While a screened step chooses: its screen, the hidden states of its screened rows
         # (the first rows of the table), and how far the screen's activations were from them.
         self._screened: tuple[LogitScreen, Tensor, Tensor] | None = None
@@ -274,13 +285,14 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """What the engine holds and has done: windows in its table (and rows), sources
         running on it, decoding steps and rows advanced so far (their ratio is the mean
-        batch)."""
+        batch), windows encoded on the second thread (see ahead.py)."""
         return {
             "windows": len(self._windows),
             "rows": self._table.n_rows,
             "sources": len(self._sources),
             "steps": self.steps,
             "row_steps": self.row_steps,
+            "encoded_ahead": self._ahead_encoder.encoded if self._ahead_encoder else 0,
         }
 
     # -- running --------------------------------------------------------------------------
@@ -443,6 +455,9 @@ class Engine:
         for window in list(self._windows):
             if window.source is source:
                 window.cancelled = True
+        for entry in list(self._ahead):
+            if entry.source is source:
+                entry.cancelled = True
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -468,38 +483,20 @@ class Engine:
 
     def _admit(self) -> bool:
         """Take windows from the sources while there is room; whether any came."""
-        with self._lock:
-            sources = list(self._sources)
-        jobs: list[tuple[WindowJob, Source]] = []
-        # Round robin over the sources, so that one long recording does not starve others.
-        while sources and len(self._windows) + len(jobs) < self.max_batch:
-            for source in list(sources):
-                if len(self._windows) + len(jobs) >= self.max_batch:
-                    break
-                try:
-                    job = source.next_job()
-                except Exception as exc:  # a recording that cannot be read: only its own loss
-                    source.fail(exc)
-                    job = None
-                if job is None:
-                    sources.remove(source)
-                else:
-                    jobs.append((job, source))
+        room = self.max_batch - len(self._windows)
+        ahead = self._encode_ahead()
+        self._ahead = [entry for entry in self._ahead if not entry.cancelled]
+        self._take(room + (self.AHEAD if ahead else 0) - len(self._ahead))
+        if not self._ahead:
+            return False
+        if ahead:
+            taken = self._ready_ahead(room)
+        else:
+            taken, self._ahead = self._ahead[:room], self._ahead[room:]
+            self._encode(taken)
+        jobs = [(entry.job, entry.source) for entry in taken]
         if not jobs:
             return False
-        fresh = [job for job, _ in jobs if job.features is None]
-        if fresh and self.model.device.type == "cpu":
-            # One window at a time (a batch gains the CPU nothing: see _encode_if_needed),
-            # each into a tensor of its own: views of one batch tensor would keep all of
-            # it alive until the batch's last window is done (a retry keeps its features).
-            for job in fresh:
-                job.features = _encode_if_needed(self.model, job.mel[None])[0]
-                job.mel = None  # the frames are not needed again
-        elif fresh:
-            mels = torch.stack([job.mel for job in fresh])
-            for job, features in zip(fresh, _encode_if_needed(self.model, mels)):
-                job.features = features
-                job.mel = None
         decoding = [job for job, _ in jobs if job.options.task != "lang_id"]
         if decoding and not self.static_steps:
             # Room for all of them at once: buffers grown window by window would double
@@ -526,6 +523,94 @@ class Engine:
             else:
                 self._start(job, source)
         return True
+
+    def _take(self, count: int) -> None:
+        """Up to `count` more windows from the sources, in turn (so that one long
+        recording does not starve the others)."""
+        with self._lock:
+            sources = list(self._sources)
+        taken = 0
+        while sources and taken < count:
+            for source in list(sources):
+                if taken >= count:
+                    break
+                try:
+                    job = source.next_job()
+                except Exception as exc:  # a recording that cannot be read: only its own loss
+                    source.fail(exc)
+                    job = None
+                if job is None:
+                    sources.remove(source)
+                else:
+                    self._ahead.append(Ahead(job, source))
+                    taken += 1
+
+    def _encode(self, entries: list[Ahead]) -> None:
+        """The audio of windows about to join, encoded here (or collected from the
+        second thread, which started them when the machine was busy)."""
+        for entry in entries:
+            entry.collect()
+        fresh = [entry.job for entry in entries if entry.job.features is None]
+        if fresh and self.model.device.type == "cpu":
+            # One window at a time (a batch gains the CPU nothing: see _encode_if_needed),
+            # each into a tensor of its own: views of one batch tensor would keep all of
+            # it alive until the batch's last window is done (a retry keeps its features).
+            for job in fresh:
+                job.features = _encode_if_needed(self.model, job.mel[None])[0]
+                job.mel = None  # the frames are not needed again
+        elif fresh:
+            mels = torch.stack([job.mel for job in fresh])
+            for job, features in zip(fresh, _encode_if_needed(self.model, mels)):
+                job.features = features
+                job.mel = None
+
+    def _encode_ahead(self) -> bool:
+        """Whether windows waiting for room are encoded on a second thread: on the CPU,
+        when the thread policy runs the steps on one thread of several it may use (another
+        process takes a core; see ahead.py)."""
+        policy = self.threads
+        return (
+            self._ahead_encoder is not None
+            and policy.adaptive
+            and policy.current == 1
+            and (policy.max_threads or 1) > 1
+        )
+
+    def _ready_ahead(self, room: int) -> list[Ahead]:
+        """Up to `room` windows whose audio is encoded, in the order taken.
+
+        With nothing in the table to decode meanwhile, this thread encodes the windows
+        that fill the room from the front while the second takes them from the back, and
+        it waits for them all, so that they decode as one batch (one window alone: here).
+        With windows to decode, only those already encoded join, and the second thread
+        goes on with the next: the windows decoding do not wait for the new ones."""
+        wanted = self._ahead[:room]
+        if not self._windows:
+            while True:
+                fresh = [entry for entry in wanted if entry.fresh]
+                if len(fresh) > 1 and self._encoder_free():
+                    self._encode_later(fresh.pop())
+                if not fresh:
+                    break
+                self._encode(fresh[:1])
+            ready = wanted
+        else:
+            ready = [entry for entry in wanted if entry.ready]
+        for entry in ready:
+            self._ahead.remove(entry)
+            entry.collect()
+        if self._encoder_free():
+            for entry in [entry for entry in self._ahead if entry.fresh][:1]:
+                self._encode_later(entry)
+        return ready
+
+    def _encoder_free(self) -> bool:
+        """Whether the second thread has no window to encode."""
+        return not any(e.encoding is not None and not e.ready for e in self._ahead)
+
+    def _encode_later(self, entry: Ahead) -> None:
+        assert self._ahead_encoder is not None
+        entry.encoding = self._ahead_encoder.submit(entry.job)
 
     def _start(self, job: WindowJob, source: Source) -> None:
         model = self.model

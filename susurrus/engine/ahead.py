@@ -1,0 +1,97 @@
+"""Windows' audio encoded on a second thread while the engine decodes on a busy machine.
+
+When another process takes one of the cores, the engine's steps run on one thread
+(threads.py): split between two, every product of a step would wait at a barrier for the
+thread that shares its core with the other process. Work that nobody waits for is
+different. A second thread that encodes the windows the table has no room for yet gets
+its share of the cores whenever the scheduler gives it one, and the scheduler shares the
+cores between running threads, not processes: two of ours beside one busy loop run on
+4/3 of the two cores instead of one. Only windows that would wait anyway are encoded
+here (a batch's later windows, other recordings'); a window the table needs now is
+encoded on the engine's thread, at once. On an idle machine the engine's own threads
+encode (a product on both cores is faster than two on one each), and nothing runs here.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..decoding import _encode_if_needed
+from ..model import Whisper
+
+if TYPE_CHECKING:
+    from .engine import Source, WindowJob
+
+
+@dataclass(eq=False)
+class Ahead:
+    """A window taken from its source before the table has room for it."""
+
+    job: WindowJob
+    source: Source
+    encoding: Future | None = None  # its audio being encoded on the second thread
+    cancelled: bool = False  # set by another thread: the source stopped
+
+    @property
+    def fresh(self) -> bool:
+        """Its audio is not encoded, nor being encoded."""
+        return self.job.features is None and self.encoding is None
+
+    @property
+    def ready(self) -> bool:
+        """Its audio is encoded (or failed to be: `collect` raises then)."""
+        return self.job.features is not None or (
+            self.encoding is not None and self.encoding.done()
+        )
+
+    def collect(self) -> None:
+        """Move the second thread's result into the job (waiting for it if needed)."""
+        if self.encoding is not None:
+            encoding, self.encoding = self.encoding, None
+            self.job.features = encoding.result()
+            self.job.mel = None
+
+
+class AheadEncoder:
+    """One thread, started on first use, that encodes windows on one torch thread."""
+
+    def __init__(self, model: Whisper) -> None:
+        self.model = model
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.encoded = 0  # windows encoded here, for statistics
+
+    def submit(self, job: WindowJob) -> Future:
+        """Start encoding `job`'s frames; the future's result is its features."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=1,
+                    thread_name_prefix="susurrus-encode",
+                    # One thread: its products never wait for another (OpenMP counts are
+                    # the calling thread's, so the engine's own count is left as it is).
+                    initializer=torch.set_num_threads,
+                    initargs=(1,),
+                )
+            pool = self._pool
+        mel = job.mel
+        return pool.submit(self._encode, mel)
+
+    def _encode(self, mel: Tensor) -> Tensor:
+        with torch.inference_mode():
+            features = _encode_if_needed(self.model, mel[None])[0]
+        self.encoded += 1  # only this thread writes it
+        return features
+
+    def close(self) -> None:
+        """Let the thread end once its current window (if any) is encoded."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
