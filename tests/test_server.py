@@ -274,6 +274,7 @@ def test_models_health_and_metrics(server, client):
         "susurrus_batch_occupancy",
         "susurrus_sessions",
         "susurrus_request_seconds_bucket",
+        'susurrus_engine_encoded_ahead{model="tiny.en"}',
     ):
         assert name in metrics
     # The engine's own counts: it ran decoding steps for the request.

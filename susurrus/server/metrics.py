@@ -70,6 +70,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.engine_ahead = Gauge(
+            "susurrus_engine_encoded_ahead",
+            "Windows the model's engine encoded on its second thread (another process "
+            "took a core)",
+            ["model"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._busy_since: float | None = None
         self._busy_total = 0.0
@@ -109,6 +116,7 @@ class Metrics:
             self.engine_windows.labels(name).set(values["windows"])
             self.engine_steps.labels(name).set(values["steps"])
             self.engine_rows.labels(name).set(values["row_steps"])
+            self.engine_ahead.labels(name).set(values["encoded_ahead"])
 
     def render(self) -> bytes:
         with self._lock:
