@@ -98,6 +98,26 @@ def test_a_small_difference_does_not_switch(idle_start):
     assert policy.current == 2 and policy.switches == 0
 
 
+def test_a_comparison_waits_while_the_second_thread_encodes(monkeypatch):
+    # On one thread beside a busy process the engine's second thread encodes windows
+    # (engine/ahead.py); its work would slow the steps of two threads as well, so that
+    # back on an idle machine two threads would lose comparison after comparison. Step
+    # times of tiny.en, batch 8, 2-core AMD EPYC.
+    others = {"running": 1}
+    monkeypatch.setattr(kernels, "others_running", lambda: others["running"])
+    encoding = {"now": True}
+    policy = ThreadPolicy(max_threads=2)
+    policy.quiet = lambda: not encoding["now"]
+    busy, idle = {2: 0.060, 1: 0.011}, {2: 0.006, 1: 0.010}
+    assert set(_feed(policy, busy, 100)) == {1}  # started on one; comparisons held
+    assert policy.comparing  # due: the engine hands the second thread nothing more
+    others["running"] = 0
+    assert set(_feed(policy, idle, 300)) == {1}
+    encoding["now"] = False  # its last window done
+    used = _feed(policy, idle, 40)
+    assert policy.current == 2 and used[-1] == 2 and not policy.comparing
+
+
 def test_fixed_threads_are_never_measured(idle_start):
     policy = ThreadPolicy(fixed=1, max_threads=2)
     used = _feed(policy, {2: 0.001, 1: 1.0}, 50)

@@ -69,6 +69,7 @@ class AheadEncoder:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.encoded = 0  # windows encoded here, for statistics
+        self._pending = 0  # windows handed over and not yet encoded
 
     def submit(self, job: WindowJob) -> Future:
         """Start encoding `job`'s frames; the future's result is its features."""
@@ -84,14 +85,23 @@ class AheadEncoder:
                     initargs=(1,),
                 )
             pool = self._pool
-        mel = job.mel
-        return pool.submit(self._encode, mel)
+            self._pending += 1
+        return pool.submit(self._encode, job.mel)
+
+    @property
+    def idle(self) -> bool:
+        """Whether the thread has no window to encode."""
+        return self._pending == 0
 
     def _encode(self, mel: Tensor) -> Tensor:
-        with torch.inference_mode():
-            features = _encode_if_needed(self.model, mel[None])[0]
-        self.encoded += 1  # only this thread writes it
-        return features
+        try:
+            with torch.inference_mode():
+                features = _encode_if_needed(self.model, mel[None])[0]
+            self.encoded += 1  # only this thread writes it
+            return features
+        finally:
+            with self._lock:
+                self._pending -= 1
 
     def close(self) -> None:
         """Let the thread end once its current window (if any) is encoded."""

@@ -234,6 +234,7 @@ class Engine:
         if on_cpu and not self.static_steps:
             self._ahead_encoder = AheadEncoder(model)
             weakref.finalize(self, self._ahead_encoder.close)
+            self.threads.quiet = lambda encoder=self._ahead_encoder: encoder.idle
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 
@@ -567,13 +568,16 @@ class Engine:
     def _encode_ahead(self) -> bool:
         """Whether windows waiting for room are encoded on a second thread: on the CPU,
         when the thread policy runs the steps on one thread of several it may use (another
-        process takes a core; see ahead.py)."""
+        process takes a core; see ahead.py), and is not about to time the other count (the
+        second thread's work would slow its steps: back on an idle machine, a comparison
+        that two threads lose for that reason would keep the steps on one)."""
         policy = self.threads
         return (
             self._ahead_encoder is not None
             and policy.adaptive
             and policy.current == 1
             and (policy.max_threads or 1) > 1
+            and not policy.comparing
         )
 
     def _ready_ahead(self, room: int) -> list[Ahead]:
@@ -606,7 +610,7 @@ class Engine:
 
     def _encoder_free(self) -> bool:
         """Whether the second thread has no window to encode."""
-        return not any(e.encoding is not None and not e.ready for e in self._ahead)
+        return self._ahead_encoder is not None and self._ahead_encoder.idle
 
     def _encode_later(self, entry: Ahead) -> None:
         assert self._ahead_encoder is not None

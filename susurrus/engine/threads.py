@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -63,6 +63,10 @@ class ThreadPolicy:
         self._baseline: float | None = None  # mean step time at the last decision
         self._others_busy = False  # what the last look at the machine found
         self.switches = 0
+        # A comparison starts only once this holds (and the current count's steps are
+        # timed again from then on): the engine's second thread (ahead.py) is not
+        # encoding, since its work slows the steps of either count.
+        self.quiet: Callable[[], bool] | None = None
 
     def _start(self) -> None:
         if self.max_threads is None:
@@ -78,6 +82,11 @@ class ThreadPolicy:
             if self.adaptive and machine_busy(samples, threads=self.max_threads, every=True):
                 self.current = 1
                 self._others_busy = True
+
+    @property
+    def comparing(self) -> bool:
+        """Whether a comparison runs or is due (the engine then starts no other work)."""
+        return self._trying is not None or (self.adaptive and self._until_probe <= 0)
 
     @property
     def adaptive(self) -> bool:
@@ -125,6 +134,11 @@ class ThreadPolicy:
             if statistics.fmean(self._recent) > self._baseline * self.SLOWDOWN:
                 self._until_probe = 0
         if self._until_probe <= 0 and full:
+            if self.quiet is not None and not self.quiet():
+                # Steps that shared the cores with our own second thread: not the current
+                # count's side of a fair comparison. Timed again once it is done.
+                self._recent = []
+                return
             self._trying = 1 if self.current != 1 else self.max_threads
             self._probe = []
 
