@@ -118,6 +118,21 @@ def test_a_comparison_waits_while_the_second_thread_encodes(monkeypatch):
     assert policy.current == 2 and used[-1] == 2 and not policy.comparing
 
 
+def test_steps_slowed_by_the_second_thread_do_not_pass_for_another_process(monkeypatch):
+    # Three running threads on two cores (ours two, the busy loop one) give each 2/3 of a
+    # core: the engine's steps take half as long again while its second thread encodes,
+    # which must not bring on a comparison as if another process had taken a core.
+    monkeypatch.setattr(kernels, "others_running", lambda: 1)
+    encoding = {"now": False}
+    policy = ThreadPolicy(max_threads=2)
+    policy.quiet = lambda: not encoding["now"]
+    _feed(policy, {2: 0.060, 1: 0.011}, 100)  # one thread, kept after a comparison
+    assert policy.current == 1 and not policy.comparing
+    encoding["now"] = True
+    used = _feed(policy, {2: 0.060, 1: 0.011 * 1.6}, 100)
+    assert set(used) == {1} and not policy.comparing
+
+
 def test_fixed_threads_are_never_measured(idle_start):
     policy = ThreadPolicy(fixed=1, max_threads=2)
     used = _feed(policy, {2: 0.001, 1: 1.0}, 50)

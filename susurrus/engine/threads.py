@@ -63,9 +63,9 @@ class ThreadPolicy:
         self._baseline: float | None = None  # mean step time at the last decision
         self._others_busy = False  # what the last look at the machine found
         self.switches = 0
-        # A comparison starts only once this holds (and the current count's steps are
-        # timed again from then on): the engine's second thread (ahead.py) is not
-        # encoding, since its work slows the steps of either count.
+        # Whether the engine's second thread (ahead.py) is idle: its work slows the steps
+        # of either count, so a comparison starts only once it holds, and only steps run
+        # while it holds are timed.
         self.quiet: Callable[[], bool] | None = None
 
     def _start(self) -> None:
@@ -123,20 +123,24 @@ class ThreadPolicy:
             if len(self._probe) > self.PROBE_STEPS or self._clearly_lost():
                 self._decide()
             return
-        self._recent.append(took)
-        del self._recent[: -self.RECENT_STEPS]
+        # Steps beside our own second thread are left out: slowed by it, they would pass
+        # for another process taking a core (SLOWDOWN) and bias a comparison.
+        quiet = self.quiet is None or self.quiet()
+        if quiet:
+            self._recent.append(took)
+            del self._recent[: -self.RECENT_STEPS]
         self._until_probe -= 1
         if self.current == 1 and self._until_probe % self.LOOK_EVERY == 0 and self._freed():
             self._until_probe = 0
         full = len(self._recent) >= self.PROBE_STEPS  # enough to compare (not yet all)
-        if full and self._baseline is not None:
+        if full and quiet and self._baseline is not None:
             # Another process just took a core: do not wait for the next comparison.
             if statistics.fmean(self._recent) > self._baseline * self.SLOWDOWN:
                 self._until_probe = 0
         if self._until_probe <= 0 and full:
-            if self.quiet is not None and not self.quiet():
-                # Steps that shared the cores with our own second thread: not the current
-                # count's side of a fair comparison. Timed again once it is done.
+            if not quiet:
+                # The current count's side of the comparison is timed from when the
+                # second thread is done: steps from before may be of another machine.
                 self._recent = []
                 return
             self._trying = 1 if self.current != 1 else self.max_threads
