@@ -574,9 +574,8 @@ class Engine:
         policy = self.threads
         return (
             self._ahead_encoder is not None
-            and policy.adaptive
+            and policy.adaptive  # (more than one thread to choose from)
             and policy.current == 1
-            and (policy.max_threads or 1) > 1
             and not policy.comparing
         )
 
