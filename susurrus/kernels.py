@@ -626,6 +626,15 @@ def _free_cores(cpus: int | None, threads: int | None) -> int:
     return max(0, cpus - (threads or torch.get_num_threads()))
 
 
+def threads_left(others: int | None, threads: int, cpus: int | None = None) -> int:
+    """How many of `threads` have a core to themselves while `others` threads of other
+    processes run (at least one; all where that is unknown): the cores past those the
+    threads need take the first of the others."""
+    if others is None:
+        return threads
+    return max(1, threads - max(0, others - _free_cores(cpus, threads)))
+
+
 def load_samples(count: int, gap: float) -> Iterator[int | None]:
     """`count` samples of `others_running`, `gap` seconds apart, taken as they are read."""
     for i in range(count):
@@ -635,19 +644,10 @@ def load_samples(count: int, gap: float) -> Iterator[int | None]:
 
 
 def machine_busy(samples: Iterable[int | None], cpus: int | None = None,
-                 threads: int | None = None, every: bool = False) -> bool:
+                 threads: int | None = None) -> bool:
     """Whether other processes took cores this process's `threads` need, in most of the
-    `samples` of `others_running` (with `every`, in all of them, read no further than
-    the first idle one; unknown samples are left out, and none known is idle)."""
+    `samples` of `others_running` (unknown samples are left out, and none known is idle)."""
     free = _free_cores(cpus, threads)
-    if every:
-        seen = False
-        for n in samples:
-            if n is not None:
-                if n <= free:
-                    return False
-                seen = True
-        return seen
     known = sorted(n for n in samples if n is not None)
     return bool(known) and known[len(known) // 2] > free
 

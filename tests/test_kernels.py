@@ -344,10 +344,13 @@ def test_a_busy_machine_is_told_from_recorded_samples():
     assert kernels.machine_busy([1, 1, 2, 0, 1], cpus=2, threads=2)
     assert not kernels.machine_busy([1, 1, 2, 0, 1], cpus=8, threads=2)
     assert not kernels.machine_busy([None, None], cpus=2, threads=2)
-    # What the thread policy's start needs to take the machine for busy: every sample (a
-    # shell command now and then shows in one).
-    assert not kernels.machine_busy([1, 1, 0, 1, 1], cpus=2, threads=2, every=True)
-    assert kernels.machine_busy([1, 1, 2, 1, 1], cpus=2, threads=2, every=True)
+    # Threads with a core each beside the others: the cores the threads leave free go first.
+    assert kernels.threads_left(0, threads=2, cpus=2) == 2
+    assert kernels.threads_left(1, threads=2, cpus=2) == 1
+    assert kernels.threads_left(3, threads=2, cpus=2) == 1
+    assert kernels.threads_left(1, threads=8, cpus=8) == 7
+    assert kernels.threads_left(10, threads=8, cpus=16) == 6
+    assert kernels.threads_left(None, threads=8, cpus=8) == 8
 
 
 def test_a_busy_measurement_is_told_from_recorded_cpu_time():

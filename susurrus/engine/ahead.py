@@ -1,8 +1,8 @@
 """Windows' audio encoded on a second thread while the engine decodes on a busy machine.
 
-When another process takes one of the cores, the engine's steps run on one thread
-(threads.py): split between two, every product of a step would wait at a barrier for the
-thread that shares its core with the other process. Work that nobody waits for is
+When other processes leave the engine's steps one thread (threads.py: one of two cores
+taken), split between two, every product of a step would wait at a barrier for the
+thread that shares its core with another process. Work that nobody waits for is
 different: the scheduler shares the cores between running threads, not processes, so two
 of ours that never wait for each other run on 4/3 of two cores beside one busy loop, where
 one runs on one. Encoding is such work when several windows are there to encode: those

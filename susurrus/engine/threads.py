@@ -4,14 +4,17 @@ A decoding step is a few hundred small products; with several OpenMP threads eac
 ends at a barrier where every thread must arrive. On an idle machine that is the fastest
 way to use the cores, but when another process takes one of them, the thread that shares
 its core arrives a scheduler time slice late at every barrier, and the step takes many
-times longer (auto, base: 30% of its idle speed with one of two cores busy). One thread
-never waits for another. Which is faster changes while a program runs (a laptop, a
-shared server), so the policy keeps measuring: it runs most steps with the count that was
-fastest, and every so often a few with the other, switching when that is clearly faster.
+times longer (auto, base: 30% of its idle speed with one of two cores busy). Threads that
+each have a core of their own never wait that long: the count that leaves the other
+processes their cores (one on two cores beside one busy process, seven on eight). Which
+is faster changes while a program runs (a laptop, a shared server), so the policy keeps
+measuring: it runs most steps with the count that was fastest, and every so often a few
+with another (the count that fits beside the processes running at that moment, else all
+threads, or half of them where all are in use), switching when that is clearly faster.
 A comparison costs most where it loses (two threads on a busy machine: steps 2-5 times
 slower), so one clearly lost after its first few steps ends there, comparisons that keep
-confirming the choice come less and less often, and while on one thread a cheap look at
-the machine brings the next comparison forward when the other process has gone.
+confirming the choice come less and less often, and while on fewer threads than it may
+use a cheap look at the machine brings the next comparison forward when cores come free.
 
 OpenMP thread counts belong to the calling thread, so the count set here applies to the
 engine's own steps only, and is restored after each.
@@ -27,14 +30,16 @@ from contextlib import contextmanager
 
 import torch
 
-from ..kernels import load_samples, machine_busy
+from ..kernels import load_samples, threads_left
 
 logger = logging.getLogger(__name__)
 
 
 class ThreadPolicy:
-    """Thread counts for decoding steps: `fixed` always, else the faster of 1 and
-    `max_threads` (default: torch's count in the thread that runs the first step)."""
+    """Thread counts for decoding steps: `fixed` always, else the fastest measured of
+    `max_threads` (default: torch's count in the thread that runs the first step) and the
+    counts that leave other processes their cores. `cpus`: the cores this process may
+    run on (default: its affinity)."""
 
     PROBE_STEPS = 12  # steps timed with the other count (after one that wakes its threads)
     RECENT_STEPS = 24  # steps of the current count its side of a comparison is timed on
@@ -44,16 +49,21 @@ class ThreadPolicy:
     MARGIN = 0.85  # the other count must take at most this share of the time to switch
     QUICK_STEPS = 2  # a comparison whose first steps all take ...
     GIVE_UP = 1.25  # ... this many times the current count's mean ends there
-    LOOK_EVERY = 50  # steps between looks at the machine while on one thread
+    LOOK_EVERY = 50  # steps between looks at the machine while on fewer threads than all
     SLOWDOWN = 1.5  # steps this much slower than at the last decision: compare again now
     START_SAMPLES = 3  # looks at the machine before the first window
 
     def __init__(
-        self, fixed: int | None = None, max_threads: int | None = None, active: bool = True
+        self,
+        fixed: int | None = None,
+        max_threads: int | None = None,
+        active: bool = True,
+        cpus: int | None = None,
     ) -> None:
         self.active = active
         self.fixed = fixed
         self.max_threads = max_threads
+        self.cpus = cpus
         self.current: int | None = fixed
         self._recent: list[float] = []  # seconds per step with `current`, newest last
         self._probe: list[float] = []
@@ -61,7 +71,7 @@ class ThreadPolicy:
         self._until_probe = self.FIRST_PROBE
         self._every = self.PROBE_EVERY
         self._baseline: float | None = None  # mean step time at the last decision
-        self._others_busy = False  # what the last look at the machine found
+        self._room: int | None = None  # threads the last look at the machine had room for
         self.switches = 0
         # Whether the engine's second thread (ahead.py) is idle: its work slows the steps
         # of either count, so a comparison starts only once it holds, and only steps run
@@ -72,16 +82,20 @@ class ThreadPolicy:
         if self.max_threads is None:
             self.max_threads = torch.get_num_threads()
         if self.current is None:
-            self.current = self.max_threads
-            # Another process running now: start on one thread (the first window is
-            # encoded before any step could tell), and measure from there as always.
-            # Every one of a few samples 1 ms apart: a single one finds a short-lived
-            # process (a shell command, a kernel thread) 2-4% of the time on an idle
-            # 2-core VM, and a wrong guess costs the first window half its speed.
-            samples = load_samples(self.START_SAMPLES, 0.001)
-            if self.adaptive and machine_busy(samples, threads=self.max_threads, every=True):
-                self.current = 1
-                self._others_busy = True
+            # Other processes running now: start on the threads that leave them their
+            # cores (the first window is encoded before any step could tell), and
+            # measure from there as always. The most room of a few samples 1 ms apart:
+            # a single one finds a short-lived process (a shell command, a kernel thread)
+            # 2-4% of the time on an idle 2-core VM, and a wrong guess costs the first
+            # window half its speed.
+            room = 0
+            if self.adaptive:
+                for others in load_samples(self.START_SAMPLES, 0.001):
+                    if others is not None:
+                        room = max(room, self._fit(others))
+                        if room == self.max_threads:
+                            break
+            self.current = self._room = room or self.max_threads  # (nothing known: all)
 
     @property
     def comparing(self) -> bool:
@@ -95,8 +109,8 @@ class ThreadPolicy:
     @contextmanager
     def apply(self) -> Iterator[None]:
         """Run other work of the engine (encoding windows) under the count its steps use,
-        untimed: when one thread is faster for steps, the machine is busy, and the
-        encoder's products wait on a late thread as well."""
+        untimed: when fewer threads are faster for steps, other processes take cores,
+        and the encoder's products would wait on a late thread as well."""
         if self.active:
             self._start()
         with _threads(self.current if self.active else None):
@@ -130,7 +144,8 @@ class ThreadPolicy:
             self._recent.append(took)
             del self._recent[: -self.RECENT_STEPS]
         self._until_probe -= 1
-        if self.current == 1 and self._until_probe % self.LOOK_EVERY == 0 and self._freed():
+        fewer = self.current < self.max_threads
+        if fewer and self._until_probe % self.LOOK_EVERY == 0 and self._freed():
             self._until_probe = 0
         full = len(self._recent) >= self.PROBE_STEPS  # enough to compare (not yet all)
         if full and quiet and self._baseline is not None:
@@ -143,7 +158,7 @@ class ThreadPolicy:
                 # second thread is done: steps from before may be of another machine.
                 self._recent = []
                 return
-            self._trying = 1 if self.current != 1 else self.max_threads
+            self._trying = self._other_count()
             self._probe = []
 
     def _timed(self) -> list[float]:
@@ -158,14 +173,36 @@ class ThreadPolicy:
             statistics.fmean(self._recent) * self.GIVE_UP
         )
 
+    def _fit(self, others: int | None) -> int:
+        """Threads that have a core of their own beside `others` threads of other
+        processes."""
+        assert self.max_threads is not None
+        return threads_left(others, self.max_threads, self.cpus)
+
+    def _look(self) -> int:
+        """Threads the machine has room for now (procs_running: a tenth of a millisecond)."""
+        return self._fit(next(load_samples(1, 0.0)))
+
+    def _other_count(self) -> int:
+        """The count a comparison tries: the one the machine has room for now where that
+        is not the current one; else all threads from fewer, or half from all (slow
+        steps that no process explains: a hypervisor's other guests)."""
+        assert self.max_threads is not None and self.current is not None
+        room = self._look()
+        if room != self.current:
+            return room
+        if self.current < self.max_threads:
+            return self.max_threads
+        return max(1, self.max_threads // 2)
+
     def _freed(self) -> bool:
-        """Whether the machine, busy at the last look, now leaves `max_threads` cores free
-        (procs_running: a tenth of a millisecond). A change, not a state: where steps are
-        slow for what no process count shows (a hypervisor's other guests), looks that
-        always find the machine idle must not bring on comparison after comparison."""
-        busy = machine_busy(load_samples(1, 0.0), threads=self.max_threads)
-        freed = self._others_busy and not busy
-        self._others_busy = busy
+        """Whether the machine has room for more threads than the current count, and for
+        more than at the last look. A change, not a state: where steps are slow for what
+        no process count shows (a hypervisor's other guests), looks that always find the
+        machine idle must not bring on comparison after comparison."""
+        room = self._look()
+        freed = room > (self.current or 0) and room > (self._room or self.max_threads or 0)
+        self._room = room
         return freed
 
     def _decide(self) -> None:
