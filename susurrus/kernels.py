@@ -620,19 +620,22 @@ def others_took_cores(since: CpuMark | None, now: CpuMark | None = None,
 def _free_cores(cpus: int | None, threads: int | None) -> int:
     """The cores this process's `threads` (default: torch's count) leave free of its
     `cpus` (default: those it may run on)."""
-    if cpus is None:
-        affinity = getattr(os, "sched_getaffinity", None)
-        cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
-    return max(0, cpus - (threads or torch.get_num_threads()))
+    return max(0, (cpus or _usable_cpus()) - (threads or torch.get_num_threads()))
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def threads_left(others: int | None, threads: int, cpus: int | None = None) -> int:
     """How many of `threads` have a core to themselves while `others` threads of other
-    processes run (at least one; all where that is unknown): the cores past those the
-    threads need take the first of the others."""
+    processes run (at least one; all where that is unknown), of the `cpus` this process
+    may run on (default: its affinity)."""
     if others is None:
         return threads
-    return max(1, threads - max(0, others - _free_cores(cpus, threads)))
+    return max(1, min(threads, (cpus or _usable_cpus()) - others))
 
 
 def load_samples(count: int, gap: float) -> Iterator[int | None]:

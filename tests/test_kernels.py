@@ -351,6 +351,8 @@ def test_a_busy_machine_is_told_from_recorded_samples():
     assert kernels.threads_left(1, threads=8, cpus=8) == 7
     assert kernels.threads_left(10, threads=8, cpus=16) == 6
     assert kernels.threads_left(None, threads=8, cpus=8) == 8
+    # More threads than cores (OMP_NUM_THREADS above them): no more than the cores.
+    assert kernels.threads_left(1, threads=16, cpus=8) == 7
 
 
 def test_a_busy_measurement_is_told_from_recorded_cpu_time():

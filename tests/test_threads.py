@@ -86,6 +86,10 @@ def test_on_many_cores_a_busy_core_costs_one_thread_not_all_but_one(monkeypatch)
     others["running"] = 2
     used = _feed(policy, two_busy, ThreadPolicy.PROBE_EVERY)
     assert policy.current == 6 and 1 not in used
+    for _ in range(2 * ThreadPolicy.MAX_EVERY):  # until no comparison is near
+        if policy._until_probe > 2 * ThreadPolicy.LOOK_EVERY:
+            break
+        _feed(policy, two_busy, 1)
     # Both end: the next look at the machine brings all eight back.
     others["running"] = 0
     used = _feed(policy, idle, ThreadPolicy.LOOK_EVERY + ThreadPolicy.PROBE_STEPS + 1)
