@@ -200,8 +200,9 @@ class ThreadPolicy:
         more than at the last look. A change, not a state: where steps are slow for what
         no process count shows (a hypervisor's other guests), looks that always find the
         machine idle must not bring on comparison after comparison."""
+        assert self.current is not None and self._room is not None  # (set by _start)
         room = self._look()
-        freed = room > (self.current or 0) and room > (self._room or self.max_threads or 0)
+        freed = room > self.current and room > self._room
         self._room = room
         return freed
 
