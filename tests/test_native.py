@@ -470,3 +470,46 @@ def test_the_native_log_probabilities_of_the_first_largest_or_given_tokens(rows)
         state = torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, dtype=torch.bool)
         native.timestamp_rules(logits, 60000, 50256, 50362, state[0], state[1], state[1],
                                state[0], state[1], state[0])
+
+
+@requires_shared
+@needs_native
+def test_two_threads_transcribing_with_one_model_each_get_what_they_get_alone(
+    monkeypatch, tmp_path
+):
+    """`model.transcribe` called from two threads at once (a web app's handlers, a thread
+    pool) without a shared engine: each call has its own engine and caches, and the native
+    step, whose plan the decoder's, must not hand one thread's caches to the other's step
+    (it did: other words, or the process killed by a corrupted heap)."""
+    import threading
+
+    import susurrus
+
+    model = _native_model("tiny.en", "auto", monkeypatch, tmp_path)
+    # Two long readings, so that the steps of both overlap for most of their run: the
+    # 111 s one, and the same from its 40th second (other windows, prompts and positions).
+    reading = susurrus.load_audio(str(AUDIO / "en_lj_LJ001-0001-0016_concat.flac"))
+    files = [reading, reading[40 * 16000 :]]
+    alone = [model.transcribe(f, language="en")["text"] for f in files]
+    threads_stepped: set[int] = set()
+    call = native_step.NativeStep.__call__
+
+    def counted(self, *args):
+        hidden = call(self, *args)
+        if hidden is not None:
+            threads_stepped.add(threading.get_ident())
+        return hidden
+
+    monkeypatch.setattr(native_step.NativeStep, "__call__", counted)
+    together: list[str | None] = [None, None]
+
+    def work(i: int) -> None:
+        together[i] = model.transcribe(files[i], language="en")["text"]
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=300)
+    assert together == alone
+    assert threads_stepped == {t.ident for t in workers}

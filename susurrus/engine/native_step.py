@@ -160,7 +160,10 @@ class NativeStep:
         quant = native.quantized_floats(n_rows, 4 * self.n_state)
         work = torch.empty(n_rows * 10 * self.n_state + threads * (scratch + quant))
         tasks = _tasks(runs)
-        for layer, k, v, ck, cv in zip(self.layers, self_k, self_v, cross_k, cross_v):
+        # The caches' addresses go into a copy of the layers: the plan is the decoder's,
+        # and other threads may be stepping their own tables with it at this moment.
+        layers = type(self.layers).from_buffer_copy(self.layers)
+        for layer, k, v, ck, cv in zip(layers, self_k, self_v, cross_k, cross_v):
             layer.self_k, layer.self_v = k.data_ptr(), v.data_ptr()
             layer.cross_k, layer.cross_v = ck.data_ptr(), cv.data_ptr()
         step = native.Step(
@@ -171,7 +174,7 @@ class NativeStep:
             cross_half=int(ck0.dtype == torch.float16),
             positions=positions.data_ptr(), tasks=tasks.data_ptr(), n_tasks=tasks.shape[0],
             ln_w=self.ln[0], ln_b=self.ln[1], eps=self.eps, x=x.data_ptr(),
-            work=work.data_ptr(), scratch=scratch, layer=self.layers, threads=threads,
+            work=work.data_ptr(), scratch=scratch, layer=layers, threads=threads,
             quant=quant,
         )
         native.decoder_step(step)
