@@ -9,8 +9,6 @@ import os
 import sys
 import warnings
 
-import numpy as np
-
 from . import __version__
 from .errors import SusurrusError
 
@@ -41,7 +39,10 @@ def _optional(kind):
 def _threads(text: str) -> int | str | None:
     if text == "auto":
         return text
-    return _optional(int)(text)
+    count = _optional(int)(text)
+    if count is not None and count < 0:
+        raise argparse.ArgumentTypeError(f"expected a count of 0 or more or auto, got {text!r}")
+    return count
 
 
 def _add_bool(group, name: str, default: bool, help: str) -> None:
@@ -60,8 +61,8 @@ def _add_bool(group, name: str, default: bool, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compute_types import COMPUTE_TYPES
     from .download import available_models
-    from .quantize import COMPUTE_TYPES
     from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
     parser = argparse.ArgumentParser(
@@ -404,12 +405,41 @@ def parse_request(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
     temperature = args.pop("temperature")
     increment = args.pop("temperature_increment_on_fallback")
     if increment is not None and increment > 0:
+        import numpy as np
+
         temperature = tuple(np.arange(temperature, 1.0 + 1e-6, increment).tolist())
     args["temperature"] = temperature
     if request["batch_size"] is not None and request["batch_size"] < 1:
         raise SusurrusError(f"--batch_size must be at least 1, got {request['batch_size']}")
+    output_dir = request["output_dir"]
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        # Said now, not after every file was transcribed and none could be written.
+        raise SusurrusError(f"--output_dir {output_dir} is a file, not a folder")
     request["options"] = args
     return request
+
+
+def _distinct_outputs(paths: list[str]) -> tuple[list[str], str | None]:
+    """The inputs, each file once, and the clash (a message) where two different files
+    would write the same outputs (a/talk.mp3 and b/talk.wav: talk.txt, ...), of which the
+    reference keeps the last without a word."""
+    seen: dict[str, str] = {}  # real path: as given
+    stems: dict[str, str] = {}  # output name: input
+    kept = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen[real] = path
+        kept.append(path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            return kept, (
+                f"{stems[stem]} and {path} would both be written as {stem}.*: transcribe "
+                "them into different folders (--output_dir)"
+            )
+        stems[stem] = path
+    return kept, None
 
 
 def transcribe_main(argv: list[str]) -> int:
@@ -418,6 +448,10 @@ def transcribe_main(argv: list[str]) -> int:
         request = parse_request(parser, argv)
     except SusurrusError as exc:
         _error(str(exc))
+        return 2
+    paths, clash = _distinct_outputs(request["audio"])
+    if clash:
+        _error(clash)
         return 2
     args = request["options"]
     model_name = request["model"]
@@ -464,7 +498,6 @@ def transcribe_main(argv: list[str]) -> int:
     from .options import TranscribeOptions
     from .transcribe import StateFile, read_recording, recording_is_silent, transcribe_many
 
-    paths = request["audio"]
     verbose = request["verbose"]
     batch_size = request["batch_size"]
     resume = request["resume"]

@@ -7,6 +7,8 @@ token suppression are tensor operations over the whole batch, done once per step
 
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -110,7 +112,23 @@ def _language_probs(
 
 
 def check_options(options: DecodingOptions) -> None:
-    """Raise ValueError for options that cannot go together."""
+    """Raise ValueError for options that cannot go together, or are out of range (so
+    that a request's bad value fails it alone, before any of it is decoded)."""
+    for name in ("beam_size", "best_of", "sample_len"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    temperature = options.temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+        0 <= temperature < math.inf
+    ):
+        raise ValueError(f"temperature must be 0 or more, got {options.temperature!r}")
+    if options.patience is not None and not (
+        isinstance(options.patience, numbers.Real) and options.patience > 0
+    ):
+        raise ValueError(f"patience must be more than 0, got {options.patience!r}")
+    suppress_token_ids(options.suppress_tokens)  # raises for what is not a list of ids
     if options.beam_size is not None and options.best_of is not None:
         raise ValueError("beam_size and best_of can't be given together")
     if options.temperature == 0 and options.best_of is not None:
@@ -123,6 +141,31 @@ def check_options(options: DecodingOptions) -> None:
         raise ValueError(f"unknown task {options.task!r}: use 'transcribe' or 'translate'")
     if options.language is not None and options.language not in LANGUAGES:
         language_code(options.language)  # raises a clear error for unknown languages
+
+
+def suppress_token_ids(tokens: str | Iterable[int] | None) -> list[int]:
+    """`suppress_tokens` as a list of ids ("-1,220" as the command line gives it, or ids);
+    -1 stands for the non-speech symbols."""
+    if not tokens:
+        return []
+    if isinstance(tokens, str):
+        parts = [t.strip() for t in tokens.split(",") if t.strip()]
+    else:
+        parts = list(tokens)
+    ids = []
+    for part in parts:
+        try:
+            if isinstance(part, (bool, float)):
+                raise ValueError
+            ids.append(int(part))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"suppress_tokens must be token ids separated by commas, got {tokens!r}"
+            ) from None
+    if any(t < -1 for t in ids):
+        raise ValueError(f"suppress_tokens: token ids are 0 or more (-1: non-speech symbols), "
+                         f"got {tokens!r}")
+    return ids
 
 
 def decode(

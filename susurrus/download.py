@@ -15,12 +15,15 @@ import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .errors import SusurrusError
+
+if TYPE_CHECKING:
+    import torch
 
 # The SHA-256 of each checkpoint is the second-to-last path component of its URL.
 _MODELS: dict[str, str] = {
@@ -78,6 +81,8 @@ def alignment_heads_for(name: str, n_text_layer: int, n_text_head: int) -> torch
             + ", ".join(available_models())
         )
     raw = gzip.decompress(base64.b85decode(_ALIGNMENT_HEADS[name]))
+    import torch  # (here: the command line imports this module before it needs torch)
+
     # copy(): frombuffer gives a read-only view, which torch.from_numpy warns about.
     flags = np.frombuffer(raw, dtype=bool).copy()
     if flags.size != n_text_layer * n_text_head:

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
-from .decoding import DecodingOptions, check_options
+from .decoding import DecodingOptions, check_options, suppress_token_ids
 from .tokenizer import language_code
 from .vad import (
     DEFAULT_MIN_SILENCE_MS,
@@ -88,14 +88,20 @@ class TranscribeOptions:
         if unknown:
             raise ValueError(f"unknown transcription option(s): {', '.join(unknown)}")
         clips = kwargs.get("clip_timestamps")
-        if isinstance(clips, str):
-            kwargs["clip_timestamps"] = tuple(float(t) for t in clips.split(",") if t.strip())
-        elif clips is not None:
-            kwargs["clip_timestamps"] = tuple(float(t) for t in clips)
+        if clips is not None:
+            parts = clips.split(",") if isinstance(clips, str) else clips
+            try:
+                kwargs["clip_timestamps"] = tuple(
+                    float(t) for t in parts if not isinstance(t, str) or t.strip()
+                )
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"clip_timestamps must be seconds separated by commas, got {clips!r}"
+                ) from None
         if kwargs.get("clip_timestamps") == (0.0,):
             kwargs["clip_timestamps"] = ()
         if isinstance(kwargs.get("suppress_tokens"), (list, tuple)):
-            kwargs["suppress_tokens"] = tuple(int(t) for t in kwargs["suppress_tokens"])
+            kwargs["suppress_tokens"] = tuple(suppress_token_ids(kwargs["suppress_tokens"]))
         if kwargs.get("language") is not None:
             kwargs["language"] = language_code(kwargs["language"])
         options = cls(**kwargs)

@@ -23,19 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
+from .compute_types import COMPUTE_TYPES  # noqa: F401 (part of this module's API)
 from .errors import SusurrusError
 
-COMPUTE_TYPES = (
-    "default",
-    "auto",
-    "float32",
-    "float16",
-    "bfloat16",
-    "int8",
-    "int8_float32",
-    "int8_float16",
-    "int8_bfloat16",
-)
 PER_ROW_MIN_ROWS = 64  # inputs with this many rows (encoder, prompts) get per-row scales
 FLOAT_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The kernels of a decoding step's int8 products (a few rows), chosen by measurement

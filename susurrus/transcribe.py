@@ -273,6 +273,14 @@ class _Group:
             self._active.remove((item, session))
             self._settle(item, session)
 
+    def job_failed(self, job, error: BaseException) -> None:
+        """One window could not be decoded: its recording fails, the others go on."""
+        item, session = self._owner.pop(id(job))
+        session.fail(error)
+        if (item, session) in self._active:
+            self._active.remove((item, session))
+            self._settle(item, session)
+
     def wait(self) -> None:
         """Nothing to decode: wait for the next item and make its session."""
         self._take(True)

@@ -107,6 +107,47 @@ def test_unknown_model_and_language(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("options,message", [
+    (["--beam_size", "0"], "beam_size must be a whole number of at least 1, got 0"),
+    (["--temperature", "-1"], "temperature must be 0 or more"),
+    (["--best_of", "-1", "--temperature", "0.5"], "best_of must be a whole number"),
+    (["--suppress_tokens", "abc"], "suppress_tokens must be token ids"),
+    (["--suppress_tokens", "999999"], "999999 is not a token of this model"),
+    (["--threads", "-1"], "argument --threads: expected a count of 0 or more"),
+    (["--clip_timestamps", "abc"], "clip_timestamps must be seconds"),
+])
+def test_option_values_out_of_range_are_one_line(options, message, tmp_path):
+    proc = run(str(AUDIO / "jfk.flac"), "--model", "tiny.en", "-o", str(tmp_path), *options)
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inputs_that_would_write_the_same_outputs_are_refused_first(tmp_path):
+    """a/jfk.flac and b/jfk.flac would both write jfk.*: the reference keeps the last
+    without a word. Refused before any work (no model loaded: at once); the same file
+    given twice is transcribed once; an output folder that is a file is said at once."""
+    for folder, source in (("a", "jfk.flac"), ("b", "en_lj_LJ001-0008.flac")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(AUDIO / source, tmp_path / folder / "jfk.flac")
+    out = tmp_path / "out"
+    proc = run("a/jfk.flac", "b/jfk.flac", "--model", "tiny.en", "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "susurrus: error: a/jfk.flac and b/jfk.flac would both be written as jfk.*: "
+        "transcribe them into different folders (--output_dir)"
+    )
+    assert not out.exists()
+    proc = run("a/jfk.flac", "./a/jfk.flac", "--model", "tiny.en", "-o", str(out), "-f", "txt",
+               "--verbose", "False", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in out.iterdir()] == ["jfk.txt"]
+    assert "ask what you can do for your country" in (out / "jfk.txt").read_text()
+    proc = run("a/jfk.flac", "--model", "tiny.en", "-o", str(out / "jfk.txt"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("jfk.txt is a file, not a folder")
+
+
 def test_truncated_weights(tmp_path):
     files = embedded_model_files("tiny.en")
     if files is None:

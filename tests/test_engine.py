@@ -158,6 +158,46 @@ def test_one_bad_input_does_not_lose_the_others(tiny_en, tmp_path):
     assert got[files[2]]["text"].strip()
 
 
+def test_a_window_that_cannot_be_decoded_fails_its_recording_alone(tiny_en, two_alone):
+    """A token id outside the vocabulary shows when the window joins the table: that
+    recording fails with a clear error, and the one decoding beside it (a server's other
+    client) goes on to its own text. Each step used to fail every recording in the table."""
+    engine = Engine(tiny_en, max_batch=4, worker=True)
+    decoding = threading.Event()
+    long: list[dict] = []
+    thread = threading.Thread(target=lambda: long.append(engine.transcribe(
+        TWO[0], temperature=0.0, on_segment=lambda s: decoding.set()
+    )))
+    thread.start()
+    assert decoding.wait(120)  # its first window is done, the others to come
+    with pytest.raises(ValueError, match="999999 is not a token of this model"):
+        engine.transcribe(TWO[1], temperature=0.0, suppress_tokens="-1,999999")
+    thread.join(300)
+    assert tokens_of(long[0]) == tokens_of(two_alone[0])
+    # Of several recordings on one source, only the bad one's result is the error.
+    files = [TWO[1], str(AUDIO / "en_lj_LJ001-0008.flac")]
+    got = dict(susurrus.transcribe_many(
+        tiny_en, files, batch_size=2, temperature=0.0,
+        options_of=lambda f: TranscribeOptions.create(
+            temperature=0.0, suppress_tokens="999999" if f == files[1] else "-1"
+        ),
+    ))
+    assert isinstance(got[files[1]], ValueError)
+    assert tokens_of(got[files[0]]) == tokens_of(two_alone[1])
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("beam_size", 0, "beam_size must be a whole number of at least 1"),
+    ("best_of", -1, "best_of must be a whole number"),
+    ("temperature", -1.0, "temperature must be 0 or more"),
+    ("suppress_tokens", "abc", "suppress_tokens must be token ids"),
+    ("suppress_tokens", "-2", "token ids are 0 or more"),
+])
+def test_options_out_of_range_are_refused_when_made(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        TranscribeOptions.create(**{option: value})
+
+
 def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
     for batch_size in (None, 4):
         streamed: list[dict] = []

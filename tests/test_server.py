@@ -7,6 +7,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -414,6 +416,9 @@ def test_not_media_and_script_filename(server):
         ("temperature", "7"),
         ("temperature", "hot"),
         ("beam_size", "-3"),
+        ("beam_size", "0"),
+        ("suppress_tokens", "abc"),
+        ("suppress_tokens", "999999"),
         ("language", "klingon"),
         ("timestamp_granularities[]", "syllable"),
         ("stream", "maybe"),
@@ -560,6 +565,21 @@ def test_settings_from_flags_and_environment(monkeypatch, tmp_path):
         parse_args(["--model", f"x={tmp_path / 'missing'}"])
     with pytest.raises(SusurrusError):
         parse_args(["--max-batch", "0"])
+    with pytest.raises(SusurrusError, match="--port must be 0 to 65535"):
+        parse_args(["--port", "99999"])
+    # A default model no request could load is refused at the start, not at every request.
+    assert parse_args(["--model", "openai/whisper-tiny"]).model == "openai/whisper-tiny"
+    with pytest.raises(SusurrusError, match="unknown model 'openai/whisper-tiny'"):
+        parse_args(["--model", "openai/whisper-tiny", "--no-hub"])
+    done = subprocess.run([sys.executable, "-m", "susurrus", "serve", "--model", "nosuchmodel"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout
+    assert (done.stdout + done.stderr).strip().splitlines() == [
+        "susurrus serve: error: unknown model 'nosuchmodel': a registry name (tiny.en, tiny, "
+        "base.en, base, small.en, small, medium.en, medium, large-v1, large-v2, large-v3, large, "
+        "large-v3-turbo, turbo), a model directory, NAME=DIRECTORY or a Hugging Face repo id "
+        "(ORG/NAME)"
+    ]
 
 
 def test_model_names_resolve_without_touching_paths(tmp_path):

@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -82,6 +82,10 @@ class Source(Protocol):
 
     def fail(self, error: BaseException) -> None:
         """Stop with `error` (raised to whoever runs the source); then finished."""
+
+    # Optional, for a source of several recordings: `job_failed(job, error)`, one of its
+    # windows could not be decoded (its recording fails, not the others). Without it the
+    # engine calls `fail`.
 
 
 class JobList:
@@ -156,6 +160,16 @@ class _Window:
     def position(self) -> int:
         """Where the next input token goes: after the prompt and the sampled tokens."""
         return self.sample_begin + self.n_sampled - 1
+
+
+class _Opening(NamedTuple):
+    """A window's language, tokenizer, prompt and suppressed tokens (Engine._open)."""
+
+    language: str | None
+    language_probs: dict[str, float] | None
+    tokenizer: Tokenizer
+    initial: list[int]
+    suppressed: list[int]
 
 
 class _Waiter:
@@ -522,7 +536,12 @@ class Engine:
                 )
                 self._deliver(source, job)
             else:
-                self._start(job, source)
+                try:
+                    opening = self._open(job)
+                except Exception as exc:
+                    self._refuse(source, job, exc)
+                    continue
+                self._start(job, source, opening)
         return True
 
     def _take(self, count: int) -> None:
@@ -615,14 +634,17 @@ class Engine:
         assert self._ahead_encoder is not None
         entry.encoding = self._ahead_encoder.submit(entry.job)
 
-    def _start(self, job: WindowJob, source: Source) -> None:
+    def _open(self, job: WindowJob) -> _Opening:
+        """What a window needs before it joins the table, worked out without touching it:
+        what fails here (an option out of range, a token id outside the vocabulary) is
+        the window's own, and fails its recording only."""
         model = self.model
         options = job.options
         check_options(options)
-        features = job.features.to(model.dtype)
         language, language_probs = options.language, None
         if model.is_multilingual and language is None:
             base = get_tokenizer(True, num_languages=model.num_languages)
+            features = job.features.to(model.dtype)
             _, (language_probs,) = _language_probs(model, features[None], base)
             language = max(language_probs, key=language_probs.get)
         tokenizer = get_tokenizer(
@@ -631,7 +653,37 @@ class Engine:
             language=language,
             task=options.task,
         )
-        initial = initial_tokens(tokenizer, options, self.n_ctx)
+        return _Opening(
+            language=language,
+            language_probs=language_probs,
+            tokenizer=tokenizer,
+            initial=initial_tokens(tokenizer, options, self.n_ctx),
+            suppressed=suppress_tokens(tokenizer, options.suppress_tokens),
+        )
+
+    def _refuse(self, source: Source, job: WindowJob, error: Exception) -> None:
+        """A window that cannot be decoded: its recording fails (in a source of several
+        recordings, that one alone), and whatever else is in the table goes on."""
+        log.debug("a window was refused: %s", error)
+        failed = getattr(source, "job_failed", None)
+        try:
+            if failed is None:
+                source.fail(error)
+            else:
+                failed(job, error)
+        except Exception as exc:
+            source.fail(exc)
+        if source.finished:
+            with self._lock:
+                self._drop(source)
+                self._lock.notify_all()
+
+    def _start(self, job: WindowJob, source: Source, opening: _Opening) -> None:
+        model = self.model
+        options = job.options
+        features = job.features.to(model.dtype)
+        language, language_probs = opening.language, opening.language_probs
+        tokenizer, initial = opening.tokenizer, opening.initial
         group = _group(options)
         sample_len = options.sample_len or self.n_ctx // 2
         sot_index = initial.index(tokenizer.sot)
@@ -678,7 +730,7 @@ class Engine:
         )
         window.row, window.audio = self._table.append(cache, len(initial), copies=group)
         mask = self._rules.mask_for(
-            suppress_tokens(tokenizer, options.suppress_tokens),
+            opening.suppressed,
             tokenizer.encode(" ") + [tokenizer.eot] if options.suppress_blank else [],
         )
         window.mask = mask

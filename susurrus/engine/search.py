@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import native
+from ..decoding import suppress_token_ids
 from ..features import CHUNK_LENGTH
 from ..tokenizer import Tokenizer
 
@@ -24,13 +25,15 @@ NONE = -1  # "no timestamp yet" / "no limit"
 def suppress_tokens(tokenizer: Tokenizer, tokens: str | Iterable[int] | None) -> list[int]:
     """Token ids never sampled: `tokens` ("-1": the non-speech symbols) and the control
     tokens, which are never text."""
-    chosen: list[int] = []
-    if tokens:
-        if isinstance(tokens, str):
-            tokens = [int(t) for t in tokens.split(",") if t.strip()]
-        chosen = list(tokens)
-        if -1 in chosen:
-            chosen = [t for t in chosen if t >= 0] + list(tokenizer.non_speech_tokens)
+    chosen = suppress_token_ids(tokens)
+    vocabulary = tokenizer.encoding.n_vocab
+    if outside := [t for t in chosen if t >= vocabulary]:
+        raise ValueError(
+            f"suppress_tokens: {outside[0]} is not a token of this model (ids 0 to "
+            f"{vocabulary - 1}; -1: the non-speech symbols)"
+        )
+    if -1 in chosen:
+        chosen = [t for t in chosen if t >= 0] + list(tokenizer.non_speech_tokens)
     chosen += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev]
     chosen += [tokenizer.sot_lm, tokenizer.no_speech]
     return sorted(set(chosen))

@@ -57,7 +57,6 @@ def main(argv: list[str]) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except SusurrusError as exc:
-        logging.getLogger("susurrus.server").error("%s", exc)
         print(f"susurrus serve: error: {exc}", flush=True)
         return 2
     except ImportError as exc:

@@ -13,7 +13,7 @@ from ..engine import Engine, Worker
 from ..errors import SusurrusError
 from ..load import EMBEDDED
 from .formats import ApiError
-from .settings import Settings
+from .settings import Settings, is_repo_id
 
 if TYPE_CHECKING:
     from ..model import Whisper
@@ -60,7 +60,7 @@ class ModelManager:
             return self.settings.model
         if name in self.settings.model_dirs or name in self.registry():
             return name
-        if self.settings.allow_hub and _is_repo_id(name):
+        if self.settings.allow_hub and is_repo_id(name):
             return name
         raise ApiError(
             404,
@@ -131,11 +131,11 @@ class ModelManager:
         except SusurrusError as exc:
             log.warning("cannot load model %s: %s", name, exc)
             raise ApiError(
-                404 if _is_repo_id(name) else 500,
+                404 if is_repo_id(name) else 500,
                 f"The model '{name}' could not be loaded.",
-                type="invalid_request_error" if _is_repo_id(name) else "server_error",
+                type="invalid_request_error" if is_repo_id(name) else "server_error",
                 param="model",
-                code="model_not_found" if _is_repo_id(name) else None,
+                code="model_not_found" if is_repo_id(name) else None,
             ) from None
         model.name = name
         log.info("loaded model %s in %.1f s", name, time.monotonic() - started)
@@ -165,13 +165,3 @@ class ModelManager:
         """Unload every model and stop the worker thread (requests have ended)."""
         self.unload_all()
         self.worker.close()
-
-
-def _is_repo_id(name: str) -> bool:
-    from ..hf import looks_like_repo_id
-
-    base, _, revision = name.partition("@")
-    return looks_like_repo_id(base) and (
-        not revision
-        or revision.replace("-", "").replace("_", "").replace(".", "").replace("/", "").isalnum()
-    )

@@ -43,6 +43,8 @@ class Settings:
         return self.max_batch + self.max_queue
 
     def check(self) -> Settings:
+        if not 0 <= self.port <= 65535:
+            raise SusurrusError(f"--port must be 0 to 65535, got {self.port}")
         if self.max_batch < 1:
             raise SusurrusError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.max_queue < 0:
@@ -54,9 +56,34 @@ class Settings:
         for name, directory in self.model_dirs.items():
             if not Path(directory).is_dir():
                 raise SusurrusError(f"model {name!r}: {directory} is not a directory")
+        if self.model not in self.model_dirs:
+            # Refused here, with the reason, rather than served as a default that every
+            # request then fails to load.
+            from ..download import available_models
+            from ..load import EMBEDDED
+
+            hub = self.allow_hub and is_repo_id(self.model)
+            if not hub and self.model not in {*EMBEDDED, *available_models()}:
+                raise SusurrusError(
+                    f"unknown model {self.model!r}: a registry name "
+                    f"({', '.join(available_models())}), a model directory, NAME=DIRECTORY"
+                    + (" or a Hugging Face repo id (ORG/NAME)" if self.allow_hub else "")
+                )
         if self.api_key == "":
             self.api_key = None
         return self
+
+
+def is_repo_id(name: str) -> bool:
+    """A Hugging Face repo id, with an optional @revision."""
+    from ..hf import looks_like_repo_id
+
+    base, _, revision = name.partition("@")
+    return looks_like_repo_id(base) and (
+        not revision
+        or revision.replace("-", "").replace("_", "").replace(".", "").replace("/", "").isalnum()
+    )
+
 
 
 def _env(name: str) -> str | None:
@@ -83,7 +110,7 @@ def _model_spec(text: str) -> tuple[str, str | None]:
 
 def parse_args(argv: list[str]) -> Settings:
     """Settings from `susurrus serve` flags, falling back on SUSURRUS_* variables."""
-    from ..quantize import COMPUTE_TYPES
+    from ..compute_types import COMPUTE_TYPES
 
     d = Settings()
     parser = argparse.ArgumentParser(
