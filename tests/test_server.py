@@ -445,6 +445,16 @@ def test_concurrent_uploads_of_the_same_name(server, cli):
     assert leftovers(server) == []
 
 
+def test_a_file_part_without_a_file_name_is_the_upload(server, cli):
+    """httpx (and browsers, for an empty name) send the file part with no filename: it is
+    still the file, not a form field refused as far too long."""
+    with open(JFK, "rb") as f:
+        response = post(server, {"file": ("", f)}, {"model": "tiny.en"})
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == cli[JFK.name]["result"]["text"].strip()
+    assert leftovers(server) == []
+
+
 def test_full_queue_answers_429(server, cli):
     """More requests at once than batch + queue: the extra ones get 429 with Retry-After."""
     n = MAX_BATCH + MAX_QUEUE + 4

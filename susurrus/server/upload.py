@@ -93,10 +93,12 @@ async def read_upload(
             raise ApiError(400, "malformed multipart part (no form-data name)")
         name = options[b"name"].decode("utf-8", "replace")
         state["name"] = name
-        if b"filename" in options:
+        # The 'file' part is the upload with a file name or without one (clients leave an
+        # empty name out: it was read as a form field, and refused as one far too long).
+        if b"filename" in options or name == "file":
             if name != "file" or upload.path is not None:
                 raise ApiError(400, "only one file, in the 'file' field, is accepted", param=name)
-            upload.filename = options[b"filename"].decode("utf-8", "replace")
+            upload.filename = options.get(b"filename", b"").decode("utf-8", "replace")
             fd, path = tempfile.mkstemp(prefix="upload-", dir=upload_dir)
             upload.path = path
             state["file"] = os.fdopen(fd, "wb")
