@@ -372,8 +372,12 @@ class TextDecoder(nn.Module):
             values.append(v)
         cache.cross_k, cache.cross_v = keys, values
 
-    def forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
-        """Hidden states (batch, new_tokens, n_state) of `tokens`, which continue the cache."""
+    def forward(
+        self, tokens: Tensor, cache: KVCache, cross_queries: dict[int, Tensor] | None = None
+    ) -> Tensor:
+        """Hidden states (batch, new_tokens, n_state) of `tokens`, which continue the cache.
+        `cross_queries`: for each layer it has a key of, the input of that layer's
+        cross-attention is stored under it (the alignment heads' queries are made from it)."""
         offset = cache.length
         length = tokens.shape[1]
         if offset + length > self.positional_embedding.shape[0]:
@@ -384,9 +388,10 @@ class TextDecoder(nn.Module):
             x = x + block.attn.cached_self_attention(
                 block.attn_ln(x), cache.self_k[i], cache.self_v[i], offset
             )
-            x = x + block.cross_attn.attend(
-                block.cross_attn_ln(x), cache.cross_k[i], cache.cross_v[i]
-            )
+            normed = block.cross_attn_ln(x)
+            if cross_queries is not None and i in cross_queries:
+                cross_queries[i] = normed
+            x = x + block.cross_attn.attend(normed, cache.cross_k[i], cache.cross_v[i])
             x = x + block.mlp(block.mlp_ln(x))
         cache.length = offset + length
         return self.ln(x)
@@ -488,20 +493,11 @@ class Whisper(nn.Module):
         layers = sorted({layer for layer, _ in heads})
         cache = self.decoder.new_cache(tokens.shape[0], n_ctx=tokens.shape[1])
         self.decoder.fill_cross_cache(cache, audio_features)
-        # The queries are made from the cross-attention LayerNorm's output: capture it, so the
-        # pass itself stays the ordinary decoder forward.
-        normed: dict[int, Tensor] = {}
-        hooks = [
-            self.decoder.blocks[i].cross_attn_ln.register_forward_hook(
-                lambda _module, _args, out, i=i: normed.__setitem__(i, out)
-            )
-            for i in layers
-        ]
-        try:
-            logits = self.decoder.logits(self.decoder(tokens, cache))
-        finally:
-            for hook in hooks:
-                hook.remove()
+        # The queries are made from the cross-attention LayerNorm's output, which the pass
+        # hands back. (Not forward hooks: they are the modules', and fired in the passes of
+        # every thread using the model, which overwrote each other's.)
+        normed: dict[int, Tensor] = dict.fromkeys(layers, tokens)
+        logits = self.decoder.logits(self.decoder(tokens, cache, cross_queries=normed))
         per_layer = {
             i: self.decoder.blocks[i].cross_attn.attention_logits(normed[i], cache.cross_k[i])
             for i in layers

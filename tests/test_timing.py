@@ -208,3 +208,44 @@ def test_guard_keeps_speech(base) -> None:
     result = transcribe_words(base, "jfk.flac", "en", hallucination_silence_threshold=2)
     assert result["text"] == ref["result"]["text"]
     check_words(result, ref["result"])
+
+
+@requires_shared
+def test_word_times_beside_another_thread_using_the_model(tiny_en) -> None:
+    """Word times found while another thread runs decoder passes on the same model (the
+    reference API's `model.logits`) are the ones found alone: the alignment pass's queries
+    used to be caught by forward hooks on the shared modules, which every thread's pass
+    fired (other times, or `stack expects each tensor to be equal size`)."""
+    import threading
+    import time
+
+    from susurrus import load_audio, log_mel_spectrogram, pad_or_trim
+
+    def words(result: dict) -> list[tuple]:
+        return [(w["word"], w["start"], w["end"], w["probability"])
+                for s in result["segments"] for w in s["words"]]
+
+    alone = words(tiny_en.transcribe(str(AUDIO / "jfk.flac"), word_timestamps=True))
+    mel = log_mel_spectrogram(pad_or_trim(load_audio(str(AUDIO / "en_lj_LJ001-0008.flac"))),
+                              tiny_en.dims.n_mels)
+    with torch.inference_mode():
+        features = tiny_en.embed_audio(mel[None])
+    tokens = torch.tensor([[50257, 50362, *range(300, 340)]])
+    stop = threading.Event()
+
+    def passes() -> None:
+        with torch.inference_mode():
+            while not stop.is_set():
+                tiny_en.logits(tokens, features)
+
+    other = threading.Thread(target=passes)
+    other.start()
+    try:
+        runs = []
+        started = time.monotonic()
+        while len(runs) < 4 or (time.monotonic() - started < 8 and len(runs) < 12):
+            runs.append(words(tiny_en.transcribe(str(AUDIO / "jfk.flac"), word_timestamps=True)))
+    finally:
+        stop.set()
+        other.join(60)
+    assert all(run == alone for run in runs)
