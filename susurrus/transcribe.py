@@ -202,18 +202,34 @@ class _Group:
         self._turn = 0
         self._producing = True
         self.error: BaseException | None = None
+        self.items_error: Exception | None = None  # raised by `items`: the caller's to see
+        self._stopped = threading.Event()
 
         def take_items() -> None:
             try:
                 for item in items:
-                    self._pending.put(item)
+                    if not self._offer(item):
+                        return
                     on_item()  # an engine's worker never waits on the queue: it is told
+            except Exception as exc:  # the items already taken still finish
+                self.items_error = exc
             finally:
-                self._pending.put(_END)
+                self._offer(_END)
                 on_item()
 
         self._thread = threading.Thread(target=take_items, name="susurrus-items", daemon=True)
         self._thread.start()
+
+    def _offer(self, item: Any) -> bool:
+        """Queue `item` for the sessions to come; False once the group stopped (a caller
+        that broke off: the thread must not wait on a queue nobody reads)."""
+        while not self._stopped.is_set():
+            try:
+                self._pending.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def _take(self, block: bool) -> bool:
         """Make the session of the next item, if one is there (or, with `block`, once it
@@ -287,6 +303,7 @@ class _Group:
 
     def fail(self, error: BaseException) -> None:
         self.error = error
+        self._stopped.set()  # the items' thread ends (after the item it may be reading)
 
     @property
     def finished(self) -> bool:
@@ -374,6 +391,10 @@ def transcribe_many(
             engine.run(group, until=lambda: not results.empty())
             while not results.empty():
                 yield results.get()
+        if group.items_error is not None:
+            # Reading `audios` failed: what came before it is done; the caller hears why
+            # the rest is missing.
+            raise group.items_error
     finally:
         # Stopped early (Ctrl-C, an exception, a break): nothing of it stays on the engine.
         group.fail(Cancelled("stopped"))

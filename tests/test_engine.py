@@ -198,6 +198,39 @@ def test_options_out_of_range_are_refused_when_made(option, value, message):
         TranscribeOptions.create(**{option: value})
 
 
+def test_items_that_fail_to_come_are_the_callers_and_a_break_ends_the_reading(tiny_en):
+    """transcribe_many over a generator that raises after its first item gives that item's
+    result, then raises (the error was printed by the reading thread and lost); breaking
+    off after the first result ends the reading thread and lets the engine go (it waited
+    forever on a full queue, holding both)."""
+    jfk = str(AUDIO / "jfk.flac")
+
+    def items():
+        yield jfk
+        raise OSError("listing the input folder failed")
+
+    got = []
+    with pytest.raises(OSError, match="listing the input folder failed"):
+        for item, result in susurrus.transcribe_many(tiny_en, items(), batch_size=2):
+            got.append((item, result["text"]))
+    assert len(got) == 1 and "ask what you can do for your country" in got[0][1]
+
+    engines = []
+    for _ in range(3):
+        engine = Engine(tiny_en, max_batch=2)
+        engines.append(weakref.ref(engine))
+        for _ in susurrus.transcribe_many(tiny_en, [jfk] * 8, batch_size=2, engine=engine):
+            break
+        del engine
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(t.name == "susurrus-items"
+                                              for t in threading.enumerate()):
+        time.sleep(0.1)
+    gc.collect()
+    assert not [t for t in threading.enumerate() if t.name == "susurrus-items"]
+    assert [e() for e in engines] == [None, None, None]
+
+
 def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
     for batch_size in (None, 4):
         streamed: list[dict] = []
