@@ -231,6 +231,22 @@ def test_items_that_fail_to_come_are_the_callers_and_a_break_ends_the_reading(ti
     assert [e() for e in engines] == [None, None, None]
 
 
+def test_a_callback_that_exits_fails_its_call_and_the_worker_goes_on(tiny_en, two_alone):
+    """sys.exit() in an `on_segment` callback run on an engine's worker: that call raises
+    SystemExit in its own thread, and the worker lives on for the next call (it ended, and
+    every later call on the engine waited forever)."""
+    engine = Engine(tiny_en, max_batch=2, worker=True)
+
+    def leave(segment: dict) -> None:
+        raise SystemExit("exit from on_segment")
+
+    with pytest.raises(SystemExit, match="exit from on_segment"):
+        engine.transcribe(TWO[1], temperature=0.0, on_segment=leave)
+    assert engine.worker._thread.is_alive()
+    again = engine.transcribe(TWO[1], temperature=0.0)
+    assert tokens_of(again) == tokens_of(two_alone[1])
+
+
 def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
     for batch_size in (None, 4):
         streamed: list[dict] = []

@@ -1055,7 +1055,10 @@ class Engine:
     def _deliver(source: Source, job: WindowJob) -> None:
         try:
             source.job_done(job)
-        except Exception as exc:  # one recording's failure is only its own
+        except BaseException as exc:
+            # One recording's failure is only its own, whatever its callbacks raise (a
+            # SystemExit from `on_segment` ended a worker's thread, and every caller of its
+            # engines waited forever): raised again in the thread that waits for it.
             source.fail(exc)
 
 

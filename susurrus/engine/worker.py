@@ -152,9 +152,11 @@ class Worker:
         for engine in engines:
             try:
                 busy, more = engine._work()
-            except Exception:  # never expected (a step's own failure is handled there)
+            except BaseException as exc:  # never expected (a step's failure is handled there)
+                # The thread goes on for the other engines; this one's callers hear of it.
                 log.exception("the engine worker failed to step an engine")
-                busy, more = False, True
+                engine._fail_all(exc)
+                busy, more = True, engine._has_work()
             worked = worked or busy
             if not more:
                 with self._cond:
