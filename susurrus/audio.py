@@ -203,6 +203,9 @@ def _decode_s16(container: Any, st: Any, name: str, sr: int) -> Iterator[np.ndar
         yield from convert(None)
     finally:
         container.close()
+        # `convert` refers to itself (a cycle only the garbage collector breaks): the
+        # resampler and its threads go now, not whenever that runs.
+        resampler = None
     if produced == 0:
         if last_error is not None:
             raise SusurrusError(

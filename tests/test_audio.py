@@ -405,3 +405,25 @@ def test_probe_audio_only_files(media: dict[str, Path]) -> None:
     jfk = probe(AUDIO_DIR / "jfk.flac")
     assert jfk["format"] == "flac" and jfk["duration"] == pytest.approx(11.0)
     assert "Audio: flac, 44100 Hz, stereo" in format_probe(jfk)
+
+
+def test_reading_leaves_no_decoder_threads_behind():
+    """Each read's resampler (and FFmpeg's threads in it) goes when the read ends: held in
+    a reference cycle, they stayed until the garbage collector ran, two threads a file."""
+    import gc
+    import os
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    load_audio(str(AUDIO_DIR / "jfk.flac"))  # whatever a first read starts once
+    gc.collect()
+    gc.disable()
+    try:
+        before = threads()
+        for _ in range(10):
+            load_audio(str(AUDIO_DIR / "jfk.flac"))
+        after = threads()
+    finally:
+        gc.enable()
+    assert after <= before + 1
