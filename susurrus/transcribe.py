@@ -235,7 +235,7 @@ class _Group:
         """Make the session of the next item, if one is there (or, with `block`, once it
         is); False when none was."""
         try:
-            item = self._pending.get(block=block)
+            item = self._pending.get(block=block, timeout=WAIT_S if block else None)
         except queue.Empty:
             return False
         if item is _END:
@@ -298,7 +298,9 @@ class _Group:
             self._settle(item, session)
 
     def wait(self) -> None:
-        """Nothing to decode: wait for the next item and make its session."""
+        """Nothing to decode: wait a moment for the next item and make its session. Not
+        longer: the thread waiting here drives the engine, and another thread's recording
+        that joins it meanwhile must not wait for the items to come (a slow generator)."""
         self._take(True)
 
     def fail(self, error: BaseException) -> None:
@@ -313,6 +315,7 @@ class _Group:
 
 
 _END = object()  # after a group's last item
+WAIT_S = 0.1  # longest wait for an item in the thread that drives an engine
 
 
 def _size(audio: Any) -> int:

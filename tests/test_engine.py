@@ -247,6 +247,37 @@ def test_a_callback_that_exits_fails_its_call_and_the_worker_goes_on(tiny_en, tw
     assert tokens_of(again) == tokens_of(two_alone[1])
 
 
+def test_items_that_come_slowly_do_not_hold_up_another_threads_recording(tiny_en, two_alone):
+    """One engine without a worker: a thread's transcribe_many waits for its next item (a
+    generator fed as work arrives) while it drives the engine; another thread's recording
+    joins meanwhile and is decoded then, not after that item (which here comes only once
+    the other recording is done: it used to wait for ever)."""
+    engine = Engine(tiny_en, max_batch=2)
+    other_done = threading.Event()
+
+    def items():
+        yield str(AUDIO / "en_lj_LJ001-0008.flac")
+        other_done.wait(120)
+        yield str(AUDIO / "en_lj_LJ001-0002.flac")
+
+    many: list = []
+    first = threading.Thread(target=lambda: many.extend(susurrus.transcribe_many(
+        tiny_en, items(), batch_size=2, engine=engine, temperature=0.0)))
+    first.start()
+    while not many and first.is_alive():
+        time.sleep(0.05)  # its first result: it now waits for the generator
+    other: list[dict] = []
+    second = threading.Thread(target=lambda: other.append(
+        engine.transcribe(TWO[1], temperature=0.0)))
+    second.start()
+    second.join(60)
+    done_first = bool(other)
+    other_done.set()
+    first.join(120)
+    assert done_first and tokens_of(other[0]) == tokens_of(two_alone[1])
+    assert len(many) == 2 and all(isinstance(r, dict) for _, r in many)
+
+
 def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
     for batch_size in (None, 4):
         streamed: list[dict] = []
