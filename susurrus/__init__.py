@@ -96,11 +96,19 @@ class _Package(types.ModuleType):
 
     @property
     def transcribe(self) -> Any:
+        if "_transcribe" in self.__dict__:  # set by the caller (a test's patch)
+            return self.__dict__["_transcribe"]
         return importlib.import_module(".transcribe", __name__).transcribe
 
     @transcribe.setter
     def transcribe(self, value: Any) -> None:
-        pass  # the import system naming the submodule: the function keeps the name
+        if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.transcribe":
+            return  # the import system naming the submodule: the function keeps the name
+        self.__dict__["_transcribe"] = value
+
+    @transcribe.deleter
+    def transcribe(self) -> None:
+        self.__dict__.pop("_transcribe", None)
 
 
 sys.modules[__name__].__class__ = _Package

@@ -114,20 +114,24 @@ def _language_probs(
 def check_options(options: DecodingOptions) -> None:
     """Raise ValueError for options that cannot go together, or are out of range (so
     that a request's bad value fails it alone, before any of it is decoded)."""
-    for name in ("beam_size", "best_of", "sample_len"):
+    # (best_of and sample_len 0 mean their defaults, as in the reference.)
+    for name, least in (("beam_size", 1), ("best_of", 0), ("sample_len", 0)):
         value = getattr(options, name)
         if value is not None and (isinstance(value, bool)
-                                  or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+                                  or not isinstance(value, numbers.Integral) or value < least):
+            raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
     temperature = options.temperature
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
         0 <= temperature < math.inf
     ):
         raise ValueError(f"temperature must be 0 or more, got {options.temperature!r}")
-    if options.patience is not None and not (
-        isinstance(options.patience, numbers.Real) and options.patience > 0
-    ):
-        raise ValueError(f"patience must be more than 0, got {options.patience!r}")
+    patience = options.patience
+    if patience is not None and not (isinstance(patience, numbers.Real) and patience >= 0):
+        raise ValueError(f"patience must be 0 (its default) or more, got {patience!r}")
+    if patience and options.beam_size is not None and round(options.beam_size * patience) < 1:
+        # The reference's check: the beam would keep no finished candidate.
+        raise ValueError(f"beam_size {options.beam_size} with patience {patience} keeps no "
+                         "finished candidate")
     suppress_token_ids(options.suppress_tokens)  # raises for what is not a list of ids
     if options.beam_size is not None and options.best_of is not None:
         raise ValueError("beam_size and best_of can't be given together")

@@ -407,6 +407,7 @@ def test_probe_audio_only_files(media: dict[str, Path]) -> None:
     assert "Audio: flac, 44100 Hz, stereo" in format_probe(jfk)
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads counted in /proc")
 def test_reading_leaves_no_decoder_threads_behind():
     """Each read's resampler (and FFmpeg's threads in it) goes when the read ends: held in
     a reference cycle, they stayed until the garbage collector ran, two threads a file."""

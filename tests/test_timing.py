@@ -222,7 +222,7 @@ def test_word_times_beside_another_thread_using_the_model(tiny_en) -> None:
     from susurrus import load_audio, log_mel_spectrogram, pad_or_trim
 
     def words(result: dict) -> list[tuple]:
-        return [(w["word"], w["start"], w["end"], w["probability"])
+        return [(w["word"], w["start"], w["end"], round(w["probability"], 4))
                 for s in result["segments"] for w in s["words"]]
 
     alone = words(tiny_en.transcribe(str(AUDIO / "jfk.flac"), word_timestamps=True))

@@ -536,6 +536,8 @@ class Engine:
                 )
                 self._deliver(source, job)
             else:
+                if source.finished:
+                    continue  # refused with an earlier window of this list
                 try:
                     opening = self._open(job)
                 except Exception as exc:
@@ -658,7 +660,7 @@ class Engine:
             language_probs=language_probs,
             tokenizer=tokenizer,
             initial=initial_tokens(tokenizer, options, self.n_ctx),
-            suppressed=suppress_tokens(tokenizer, options.suppress_tokens),
+            suppressed=suppress_tokens(tokenizer, options.suppress_tokens, model.dims.n_vocab),
         )
 
     def _refuse(self, source: Source, job: WindowJob, error: Exception) -> None:
@@ -1055,10 +1057,11 @@ class Engine:
     def _deliver(source: Source, job: WindowJob) -> None:
         try:
             source.job_done(job)
-        except BaseException as exc:
-            # One recording's failure is only its own, whatever its callbacks raise (a
-            # SystemExit from `on_segment` ended a worker's thread, and every caller of its
-            # engines waited forever): raised again in the thread that waits for it.
+        except (Exception, SystemExit) as exc:
+            # One recording's failure is only its own, a callback's SystemExit too (it
+            # ended a worker's thread, and every caller of its engines waited forever):
+            # raised again in the thread that waits for it. Ctrl-C is the driving
+            # thread's, whoever's callback it lands in: it goes on up.
             source.fail(exc)
 
 

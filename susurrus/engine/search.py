@@ -22,11 +22,14 @@ from ..tokenizer import Tokenizer
 NONE = -1  # "no timestamp yet" / "no limit"
 
 
-def suppress_tokens(tokenizer: Tokenizer, tokens: str | Iterable[int] | None) -> list[int]:
+def suppress_tokens(
+    tokenizer: Tokenizer, tokens: str | Iterable[int] | None, n_vocab: int | None = None
+) -> list[int]:
     """Token ids never sampled: `tokens` ("-1": the non-speech symbols) and the control
-    tokens, which are never text."""
+    tokens, which are never text. ValueError for an id beyond the vocabulary (the
+    tokenizer's, or the model's `n_vocab` where that is smaller)."""
     chosen = suppress_token_ids(tokens)
-    vocabulary = tokenizer.encoding.n_vocab
+    vocabulary = min(tokenizer.encoding.n_vocab, n_vocab or tokenizer.encoding.n_vocab)
     if outside := [t for t in chosen if t >= vocabulary]:
         raise ValueError(
             f"suppress_tokens: {outside[0]} is not a token of this model (ids 0 to "

@@ -155,8 +155,11 @@ class Worker:
             except BaseException as exc:  # never expected (a step's failure is handled there)
                 # The thread goes on for the other engines; this one's callers hear of it.
                 log.exception("the engine worker failed to step an engine")
-                engine._fail_all(exc)
-                busy, more = True, engine._has_work()
+                try:
+                    engine._fail_all(exc)
+                except BaseException:
+                    log.exception("the engine worker failed to fail an engine's callers")
+                busy, more = False, True
             worked = worked or busy
             if not more:
                 with self._cond:

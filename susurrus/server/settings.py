@@ -62,12 +62,12 @@ class Settings:
             from ..download import available_models
             from ..load import EMBEDDED
 
-            hub = self.allow_hub and is_repo_id(self.model)
-            if not hub and self.model not in {*EMBEDDED, *available_models()}:
+            # A repo id given here is configured (--no-hub limits what clients may ask for).
+            if not is_repo_id(self.model) and self.model not in {*EMBEDDED, *available_models()}:
                 raise SusurrusError(
                     f"unknown model {self.model!r}: a registry name "
                     f"({', '.join(available_models())}), a model directory, NAME=DIRECTORY"
-                    + (" or a Hugging Face repo id (ORG/NAME)" if self.allow_hub else "")
+                    " or a Hugging Face repo id (ORG/NAME)"
                 )
         if self.api_key == "":
             self.api_key = None
