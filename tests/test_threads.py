@@ -302,9 +302,9 @@ def test_a_cancelled_recording_leaves_no_window_waiting_to_join(tiny_en, monkeyp
     started_for_gone = []
     start = Engine._start
 
-    def watched_start(self, job, source):
+    def watched_start(self, job, source, opening):
         started_for_gone.append(source not in self._sources)
-        start(self, job, source)
+        start(self, job, source, opening)
 
     monkeypatch.setattr(Engine, "_start", watched_start)
     cancel = threading.Event()
