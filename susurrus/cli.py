@@ -423,6 +423,8 @@ def _distinct_outputs(paths: list[str]) -> tuple[list[str], str | None]:
     """The inputs, each file once, and the clash (a message) where two different files
     would write the same outputs (a/talk.mp3 and b/talk.wav: talk.txt, ...), of which the
     reference keeps the last without a word."""
+    from .writers import output_stem
+
     seen: dict[str, str] = {}  # real path: as given
     stems: dict[str, str] = {}  # output name: input
     kept = []
@@ -432,7 +434,7 @@ def _distinct_outputs(paths: list[str]) -> tuple[list[str], str | None]:
             continue
         seen[real] = path
         kept.append(path)
-        stem = os.path.splitext(os.path.basename(path))[0]
+        stem = output_stem(path)
         if stem in stems:
             return kept, (
                 f"{stems[stem]} and {path} would both be written as {stem}.*: transcribe "
@@ -497,6 +499,7 @@ def transcribe_main(argv: list[str]) -> int:
 
     from .options import TranscribeOptions
     from .transcribe import StateFile, read_recording, recording_is_silent, transcribe_many
+    from .writers import output_stem
 
     verbose = request["verbose"]
     batch_size = request["batch_size"]
@@ -515,8 +518,7 @@ def transcribe_main(argv: list[str]) -> int:
         return 2
 
     def state_path(path: str) -> str:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        return os.path.join(output_dir, f"{stem}.resume.json")
+        return os.path.join(output_dir, f"{output_stem(path)}.resume.json")
 
     failed = 0
     todo = []

@@ -373,7 +373,7 @@ class TextDecoder(nn.Module):
         cache.cross_k, cache.cross_v = keys, values
 
     def forward(
-        self, tokens: Tensor, cache: KVCache, cross_queries: dict[int, Tensor] | None = None
+        self, tokens: Tensor, cache: KVCache, cross_queries: dict[int, Tensor | None] | None = None
     ) -> Tensor:
         """Hidden states (batch, new_tokens, n_state) of `tokens`, which continue the cache.
         `cross_queries`: for each layer it has a key of, the input of that layer's
@@ -496,7 +496,7 @@ class Whisper(nn.Module):
         # The queries are made from the cross-attention LayerNorm's output, which the pass
         # hands back. (Not forward hooks: they are the modules', and fired in the passes of
         # every thread using the model, which overwrote each other's.)
-        normed: dict[int, Tensor] = dict.fromkeys(layers, tokens)
+        normed: dict[int, Tensor | None] = dict.fromkeys(layers)
         logits = self.decoder.logits(self.decoder(tokens, cache, cross_queries=normed))
         per_layer = {
             i: self.decoder.blocks[i].cross_attn.attention_logits(normed[i], cache.cross_k[i])

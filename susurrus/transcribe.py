@@ -285,15 +285,17 @@ class _Group:
             session.job_done(job)
         except Exception as exc:
             session.fail(exc)
-        if session.finished and (item, session) in self._active:
-            self._active.remove((item, session))
-            self._settle(item, session)
+        self._retire(item, session)
 
     def job_failed(self, job, error: BaseException) -> None:
         """One window could not be decoded: its recording fails, the others go on."""
         item, session = self._owner.pop(id(job))
         session.fail(error)
-        if (item, session) in self._active:
+        self._retire(item, session)
+
+    def _retire(self, item: Any, session: Session) -> None:
+        """A finished recording leaves the active ones, its result reported (once)."""
+        if session.finished and (item, session) in self._active:
             self._active.remove((item, session))
             self._settle(item, session)
 

@@ -84,6 +84,12 @@ def _atomic_write(path: str, write: Callable[[TextIO], None]) -> None:
             os.unlink(tmp)
 
 
+def output_stem(audio_path: str | os.PathLike) -> str:
+    """The name of a recording's outputs, without their extension: its file's name
+    without its own (talk.mp3: talk.txt, talk.srt, ...)."""
+    return os.path.splitext(os.path.basename(os.fspath(audio_path)))[0]
+
+
 class ResultWriter:
     """Writes one transcript file named after the audio file into output_dir."""
 
@@ -93,8 +99,7 @@ class ResultWriter:
         self.output_dir = os.fspath(output_dir)
 
     def output_path(self, audio_path: str | os.PathLike) -> str:
-        stem = os.path.splitext(os.path.basename(os.fspath(audio_path)))[0]
-        return os.path.join(self.output_dir, f"{stem}.{self.extension}")
+        return os.path.join(self.output_dir, f"{output_stem(audio_path)}.{self.extension}")
 
     def __call__(
         self,
