@@ -271,8 +271,8 @@ class _Group:
                 session.fail(exc)
                 job = None
             if session.finished:
-                self._active.remove((item, session))
                 self._settle(item, session)
+                self._active.remove((item, session))
                 return self.next_job()
             if job is not None:
                 self._owner[id(job)] = (item, session)
@@ -296,8 +296,10 @@ class _Group:
     def _retire(self, item: Any, session: Session) -> None:
         """A finished recording leaves the active ones, its result reported (once)."""
         if session.finished and (item, session) in self._active:
-            self._active.remove((item, session))
+            # Reported before it leaves: a group with no recording left is finished, and
+            # another thread (an engine's second lane) may be looking.
             self._settle(item, session)
+            self._active.remove((item, session))
 
     def wait(self) -> None:
         """Nothing to decode: wait a moment for the next item and make its session. Not

@@ -63,7 +63,8 @@ def two_alone(tiny_en) -> list[dict]:
 
 @pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])
 def test_two_threads_on_one_engine_get_what_each_gets_alone(tiny_en, two_alone, worker):
-    engine = Engine(tiny_en, max_batch=4, worker=worker)
+    # (One table: beside another process, two lanes would each take one recording.)
+    engine = Engine(tiny_en, max_batch=4, worker=worker, lanes=False)
     together: list[dict | None] = [None, None]
     deliverers: set[int] = set()
     callers: set[int] = set()
@@ -287,6 +288,44 @@ def test_segments_stream_out_in_order_as_they_become_final(tiny_en):
         assert streamed == result["segments"] and len(streamed) > 5
         starts = [s["start"] for s in streamed]
         assert starts == sorted(starts)
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])
+def test_two_lanes_decode_files_side_by_side_as_one_table_does(tiny_en, worker):
+    """Half the windows in a second table stepped by a thread of its own (lanes.py, as
+    beside a busy process): every file's tokens as one table gives them, a cancelled
+    recording leaves neither lane, and the lane's thread ends with the engine."""
+    files = [str(AUDIO / f) for f in (LONG, "jfk.flac", *SHORT[:3])]
+    options = dict(batch_size=4, language="en", temperature=0.0)
+    one = dict(susurrus.transcribe_many(tiny_en, files, engine=Engine(tiny_en, max_batch=4),
+                                        **options))
+    engine = Engine(tiny_en, max_batch=4, worker=worker, lanes=True)
+    two = dict(susurrus.transcribe_many(tiny_en, files, engine=engine, **options))
+    assert [tokens_of(two[f]) for f in files] == [tokens_of(one[f]) for f in files]
+    stats = engine.stats()
+    assert stats["lane_steps"] >= 10 and stats["steps"] - stats["lane_steps"] >= 10
+    assert stats["windows"] == stats["sources"] == 0
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        engine.transcribe(str(AUDIO / LONG), cancel=cancel, on_segment=lambda s: cancel.set(),
+                          **options)
+    assert "ask what you can do for your country" in engine.transcribe(
+        str(AUDIO / "jfk.flac"), **options)["text"]
+    # The cancelled recording's windows leave at each lane's next step (the second
+    # lane's thread takes it on its own).
+    for _ in range(50):
+        if engine.stats()["windows"] == 0:
+            break
+        time.sleep(0.1)
+    assert engine.stats()["windows"] == 0
+    thread, ref = engine._lanes._thread, weakref.ref(engine)
+    del engine
+    for _ in range(50):
+        gc.collect()
+        if ref() is None and not thread.is_alive():
+            break
+        time.sleep(0.1)
+    assert ref() is None and not thread.is_alive()
 
 
 def test_a_batch_takes_the_room_it_needs_and_gives_it_back(tiny_en):

@@ -277,6 +277,7 @@ def test_models_health_and_metrics(server, client):
         "susurrus_sessions",
         "susurrus_request_seconds_bucket",
         'susurrus_engine_encoded_ahead{model="tiny.en"}',
+        'susurrus_engine_lane_steps{model="tiny.en"}',
     ):
         assert name in metrics
     # The engine's own counts: it ran decoding steps for the request.

@@ -274,7 +274,7 @@ def test_beside_a_busy_process_a_second_thread_encodes_the_windows_that_wait(tin
     # A count given by the caller is exactly the engine's threads: no second one.
     assert alone["segments"] and fixed.stats()["encoded_ahead"] == 0
     with busy_loops(2):
-        engine = Engine(tiny_en, max_batch=3)
+        engine = Engine(tiny_en, max_batch=3, lanes=False)  # (two lanes: the next test)
         busy = engine.transcribe(path, **options)
         # A recording decoded one window after another offers no window before the one
         # it needs now, which this thread encodes itself.
@@ -291,6 +291,33 @@ def test_beside_a_busy_process_a_second_thread_encodes_the_windows_that_wait(tin
 
 
 @requires_shared
+def test_beside_a_busy_process_a_batch_decodes_in_two_lanes(tiny_en):
+    # One thread decodes beside the other process, and a second one steps a table of
+    # its own (engine/lanes.py): half the batch each, never waiting for each other.
+    # Which lane decodes a window changes none of its tokens.
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: the policy has nothing to choose")
+    options = {"language": "en", "temperature": 0.0, "batch_size": 4}
+    path = str(AUDIO / LONG)
+    alone = Engine(tiny_en, max_batch=4, threads=1).transcribe(path, **options)
+    with busy_loops(2):
+        engine = Engine(tiny_en, max_batch=4)
+        busy = engine.transcribe(path, **options)
+    stats = engine.stats()
+    assert stats["lane_steps"] >= 1 and stats["steps"] > stats["lane_steps"]
+    _same_tokens(busy, alone)
+    # Idle, no second lane: one table on both threads is as fast (lanes.py).
+    idle = Engine(tiny_en, max_batch=4, lanes=None)
+    idle.threads.current = idle.threads.max_threads = 2
+    assert not idle._lanes_wanted()
+    idle.threads.current = 1
+    assert idle._lanes_wanted()
+    idle.threads._until_probe = 0  # a comparison due: the second lane takes no more
+    assert not idle._lanes_wanted()
+    assert not Engine(tiny_en, max_batch=1, lanes=True)._lanes_wanted()
+
+
+@requires_shared
 def test_a_cancelled_recording_leaves_no_window_waiting_to_join(tiny_en, monkeypatch):
     # Beside a busy process a recording's windows are taken before the table has room
     # (and encoded meanwhile): once it is cancelled, none of them may start decoding.
@@ -298,7 +325,7 @@ def test_a_cancelled_recording_leaves_no_window_waiting_to_join(tiny_en, monkeyp
         pytest.skip("one torch thread: the policy has nothing to choose")
     from susurrus.engine import Cancelled
 
-    engine = Engine(tiny_en, max_batch=2)
+    engine = Engine(tiny_en, max_batch=2, lanes=False)
     started_for_gone = []
     start = Engine._start
 

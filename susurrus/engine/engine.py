@@ -7,7 +7,9 @@ finishes leaves at once and its result goes back to its source, which may offer 
 window (continuous batching). Any thread may call `run`: whichever holds the engine steps
 it for everyone, so two threads transcribing on one engine share its batches. An engine
 given a `Worker` (worker.py) is stepped on the worker's thread alone, and `run` and
-`prepare` from other threads hand their work to it and wait.
+`prepare` from other threads hand their work to it and wait. Beside another process that
+takes a core, half of the windows decode in a second table on a thread of its own
+(lanes.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..model import Whisper
 from ..screen import DeferredSteps, LogitScreen, add_in_order
 from ..tokenizer import Tokenizer, get_tokenizer
 from .ahead import Ahead, AheadEncoder
+from .lanes import Lanes
 from .search import BeamSearch, RowRules, max_initial_index, rank, suppress_tokens
 from .step import RowTable, Run, decoder_step
 from .threads import ThreadPolicy
@@ -201,6 +204,7 @@ class Engine:
         static_steps: bool | None = None,
         threads: int | str | None = None,
         worker: Worker | bool | None = None,
+        lanes: bool | None = None,
     ) -> None:
         """`static_steps`: run the step over the whole table with static shapes (see
         graphs.py); by default on a GPU when `model.cuda_graphs`, where it is captured as
@@ -212,7 +216,11 @@ class Engine:
         the count (tests/test_threads.py), so neither do the transcripts.
         `worker`: a `Worker` whose thread does all of this engine's torch work (engines
         may share one), or True for one of its own; for an engine that several threads
-        use (see worker.py). Without one, the threads that call `run` step it."""
+        use (see worker.py). Without one, the threads that call `run` step it.
+        `lanes`: whether half of the windows decode on a second thread, each lane on one
+        torch thread (see lanes.py); by default (None) while the thread policy runs the
+        steps on one thread of several (another process takes a core), True always on
+        the CPU (with room for two windows or more), False never."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
@@ -236,6 +244,13 @@ class Engine:
         # slows both many times over (their thread pools fight for the same cores).
         self._compute = threading.RLock()
         self._preparing = 0  # threads waiting for `exclusive`: the driver lets them in first
+        # Around every call into a source: with two lanes, two threads take and return
+        # windows, and a source (a session) is not made for that.
+        self._source_lock = threading.RLock()
+        self.lanes = lanes
+        self._lanes = Lanes()
+        weakref.finalize(self, self._lanes.close)
+        self._may_take: Callable[[], bool] | None = None  # a twin's: whether it may take
         # On a GPU there is nothing to choose: the device does the work.
         on_cpu = model.device.type == "cpu"
         if threads is None or threads == "auto":
@@ -248,7 +263,9 @@ class Engine:
         if on_cpu and not self.static_steps:
             self._ahead_encoder = AheadEncoder(model)
             weakref.finalize(self, self._ahead_encoder.close)
-            self.threads.quiet = lambda encoder=self._ahead_encoder: encoder.idle
+            self.threads.quiet = (
+                lambda encoder=self._ahead_encoder, lanes=self._lanes: encoder.idle and lanes.idle
+            )
         self.steps = 0  # decoding steps run, for statistics
         self.row_steps = 0  # rows advanced, summed over steps
 
@@ -270,7 +287,12 @@ class Engine:
     def prepare(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)`: torch work done for this engine outside its steps
         (making a session: reading, log-mel). On the worker's thread when the engine has
-        one, else here between two steps (see `exclusive`)."""
+        one, else here between two steps (see `exclusive`); on the second lane's thread
+        (a source it takes a window from makes a session), at once: that thread's torch
+        work runs beside the engine's steps by design, and the engine's thread may be
+        waiting for the source it holds."""
+        if self._lanes.on_thread:
+            return fn(*args, **kwargs)
         if self.worker is not None:
             return self.worker.call(fn, *args, **kwargs)
         with self.exclusive():
@@ -301,13 +323,15 @@ class Engine:
         """What the engine holds and has done: windows in its table (and rows), sources
         running on it, decoding steps and rows advanced so far (their ratio is the mean
         batch), windows encoded on the second thread (see ahead.py)."""
+        twin = self._lanes.twin
         return {
-            "windows": len(self._windows),
-            "rows": self._table.n_rows,
+            "windows": len(self._windows) + (len(twin._windows) if twin else 0),
+            "rows": self._table.n_rows + (twin._table.n_rows if twin else 0),
             "sources": len(self._sources),
-            "steps": self.steps,
-            "row_steps": self.row_steps,
+            "steps": self.steps + (twin.steps if twin else 0),
+            "row_steps": self.row_steps + (twin.row_steps if twin else 0),
             "encoded_ahead": self._ahead_encoder.encoded if self._ahead_encoder else 0,
+            "lane_steps": twin.steps if twin else 0,  # steps of the second lane's table
         }
 
     # -- running --------------------------------------------------------------------------
@@ -348,7 +372,10 @@ class Engine:
                 self._sources.append(source)
 
         def done() -> bool:
-            return source.finished or (until is not None and until())
+            # Under the sources' lock: the other lane's thread may be returning a window,
+            # and a source is finished only once its results are out.
+            with self._source_lock:
+                return source.finished or (until is not None and until())
 
         stopped = True
         try:
@@ -379,7 +406,8 @@ class Engine:
                             wait = getattr(source, "wait", None)
                             if wait is None:
                                 raise RuntimeError("a source offers no window but is not done")
-                            wait()
+                            with self._source_lock:
+                                wait()
                 finally:
                     with self._lock:
                         self._driving = False
@@ -441,7 +469,9 @@ class Engine:
             waiters = [w for w in self._waiters if not w.event.is_set()]
             more = bool(self._sources or self._windows)
         for waiter in waiters:
-            if waiter.done():
+            with self._source_lock:  # (as in `run`)
+                done = waiter.done()
+            if done:
                 waiter.event.set()
         return worked, more
 
@@ -451,8 +481,10 @@ class Engine:
         with self._lock:
             sources = list(self._sources)
             waiters = list(self._waiters)
-        for source in sources:
-            source.fail(error)
+        with self._source_lock:
+            for source in sources:
+                source.fail(error)
+                self._lanes.drop(source)
         self._new_table()
         for waiter in waiters:
             waiter.event.set()
@@ -473,18 +505,62 @@ class Engine:
         for entry in list(self._ahead):
             if entry.source is source:
                 entry.cancelled = True
+        self._lanes.drop(source)
+
+    def _fail_own(self, error: BaseException) -> None:
+        """A twin's step failed (on its lane's thread): the recordings with windows in
+        its table fail, and it starts again empty; the other lane goes on."""
+        sources = {id(w.source): w.source for w in self._windows}
+        sources.update({id(e.source): e.source for e in self._ahead})
+        with self._source_lock:
+            for source in sources.values():
+                source.fail(error)
+        self._new_table()
+        with self._lock:
+            self._lock.notify_all()
+
+    def _make_twin(self, lanes: Lanes) -> Engine:
+        """The second lane's engine: half the batch, one torch thread, this engine's
+        sources, locks and (through `lanes.on`) its say on when to take windows."""
+        twin = Engine(self.model, max_batch=self.max_batch // 2, static_steps=False,
+                      threads=1, lanes=False)
+        twin._sources = self._sources
+        twin._lock = self._lock
+        twin._source_lock = self._source_lock
+        twin._may_take = lambda: lanes.on
+        return twin
+
+    def _lanes_wanted(self) -> bool:
+        """Whether the second lane takes windows now (see lanes.py)."""
+        if self.lanes is False or self.static_steps or self.max_batch < 2:
+            return False
+        if self.model.device.type != "cpu":
+            return False
+        if self.lanes:
+            return True
+        policy = self.threads
+        return policy.adaptive and policy.current == 1 and not policy.comparing
 
     @torch.inference_mode()
     def step(self) -> bool:
         """Admit waiting windows, then advance every row by one token. False: no work."""
         self._compact()
+        lanes = self._lanes
+        seen = lanes.progress  # (what the other lane returned after this may bring more)
         with self.threads.apply():
+            if self._lanes_wanted():
+                lanes.start(self)
+            else:
+                lanes.stop_taking()
             admitted = self._admit()
         if not self._windows:
             if not self.static_steps:
                 # Nothing to decode now (a source waits for audio, or all are done): the
                 # buffers of the last batch go back rather than stay at their peak.
                 self._table.release()
+            if not lanes.idle or lanes.progress != seen:
+                lanes.wait(seen)  # the other lane decodes: its results may bring more
+                return True
             return admitted  # language detection alone is work done too
         with self.threads.step():
             logits = self._logits()
@@ -498,7 +574,7 @@ class Engine:
 
     def _admit(self) -> bool:
         """Take windows from the sources while there is room; whether any came."""
-        room = self.max_batch - len(self._windows)
+        room = self._room() - len(self._windows)
         ahead = self._encode_ahead()
         self._ahead = [entry for entry in self._ahead if not entry.cancelled]
         self._take(room + (self.AHEAD if ahead else 0) - len(self._ahead))
@@ -546,6 +622,15 @@ class Engine:
                 self._start(job, source, opening)
         return True
 
+    def _room(self) -> int:
+        """Windows this table may hold: its share of `max_batch` beside the other lane."""
+        if self._may_take is not None:  # a twin
+            return self.max_batch if self._may_take() else 0
+        twin = self._lanes.twin
+        if twin is None:
+            return self.max_batch
+        return self.max_batch - (twin.max_batch if self._lanes.on else len(twin._windows))
+
     def _take(self, count: int) -> None:
         """Up to `count` more windows from the sources, in turn (so that one long
         recording does not starve the others)."""
@@ -556,11 +641,12 @@ class Engine:
             for source in list(sources):
                 if taken >= count:
                     break
-                try:
-                    job = source.next_job()
-                except Exception as exc:  # a recording that cannot be read: only its own loss
-                    source.fail(exc)
-                    job = None
+                with self._source_lock:
+                    try:
+                        job = source.next_job()
+                    except Exception as exc:  # a recording that cannot be read: its own loss
+                        source.fail(exc)
+                        job = None
                 if job is None:
                     sources.remove(source)
                 else:
@@ -595,6 +681,7 @@ class Engine:
         policy = self.threads
         return (
             self._ahead_encoder is not None
+            and not self._lanes.on  # (the second lane's thread encodes its own)
             and policy.adaptive  # (more than one thread to choose from)
             and policy.current == 1
             and not policy.comparing
@@ -668,13 +755,14 @@ class Engine:
         recordings, that one alone), and whatever else is in the table goes on."""
         log.debug("a window was refused: %s", error)
         failed = getattr(source, "job_failed", None)
-        try:
-            if failed is None:
-                source.fail(error)
-            else:
-                failed(job, error)
-        except Exception as exc:
-            source.fail(exc)
+        with self._source_lock:
+            try:
+                if failed is None:
+                    source.fail(error)
+                else:
+                    failed(job, error)
+            except Exception as exc:
+                source.fail(exc)
         if source.finished:
             with self._lock:
                 self._drop(source)
@@ -1053,16 +1141,16 @@ class Engine:
             with self._lock:
                 self._lock.notify_all()  # callers whose recording just finished
 
-    @staticmethod
-    def _deliver(source: Source, job: WindowJob) -> None:
-        try:
-            source.job_done(job)
-        except (Exception, SystemExit) as exc:
-            # One recording's failure is only its own, a callback's SystemExit too (it
-            # ended a worker's thread, and every caller of its engines waited forever):
-            # raised again in the thread that waits for it. Ctrl-C is the driving
-            # thread's, whoever's callback it lands in: it goes on up.
-            source.fail(exc)
+    def _deliver(self, source: Source, job: WindowJob) -> None:
+        with self._source_lock:
+            try:
+                source.job_done(job)
+            except (Exception, SystemExit) as exc:
+                # One recording's failure is only its own, a callback's SystemExit too (it
+                # ended a worker's thread, and every caller of its engines waited forever):
+                # raised again in the thread that waits for it. Ctrl-C is the driving
+                # thread's, whoever's callback it lands in: it goes on up.
+                source.fail(exc)
 
 
 def _place(continued: list[int], group: int) -> list[int]:

@@ -8,7 +8,8 @@ that had run one product made base's steps 1.9x slower (OMP_WAIT_POLICY does not
 So where several threads use one engine (the server's requests, live streams fed from
 threads of their own), they hand their torch work to a `Worker` and wait: it loads the
 models, prepares the sessions (reading, log-mel) and steps the engines, and the process
-keeps one team. A program that decodes in one thread needs none.
+keeps one team. A program that decodes in one thread needs none. (The threads an engine
+starts beside a busy process, ahead.py's and lanes.py's, run one torch thread each: no team.)
 """
 
 from __future__ import annotations

@@ -77,6 +77,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.engine_lane = Gauge(
+            "susurrus_engine_lane_steps",
+            "Of those steps, the ones of the engine's second lane (a table stepped by a "
+            "thread of its own while another process takes a core)",
+            ["model"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._busy_since: float | None = None
         self._busy_total = 0.0
@@ -117,6 +124,7 @@ class Metrics:
             self.engine_steps.labels(name).set(values["steps"])
             self.engine_rows.labels(name).set(values["row_steps"])
             self.engine_ahead.labels(name).set(values["encoded_ahead"])
+            self.engine_lane.labels(name).set(values["lane_steps"])
 
     def render(self) -> bytes:
         with self._lock:
