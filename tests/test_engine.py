@@ -320,12 +320,7 @@ def test_two_lanes_decode_files_side_by_side_as_one_table_does(tiny_en, worker):
     assert engine.stats()["windows"] == 0
     thread, ref = engine._lanes._thread, weakref.ref(engine)
     del engine
-    for _ in range(50):
-        gc.collect()
-        if ref() is None and not thread.is_alive():
-            break
-        time.sleep(0.1)
-    assert ref() is None and not thread.is_alive()
+    assert _ends_once_dropped(ref, thread)
 
 
 def test_a_batch_takes_the_room_it_needs_and_gives_it_back(tiny_en):
@@ -364,12 +359,17 @@ def test_an_engine_with_a_worker_of_its_own_ends_its_thread_once_dropped(tiny_en
     assert "ask not what your country can do for you" in text
     thread, ref = engine.worker._thread, weakref.ref(engine)
     del engine
+    assert _ends_once_dropped(ref, thread)
+
+
+def _ends_once_dropped(ref: weakref.ref, thread: threading.Thread) -> bool:
+    """Whether the engine behind `ref` is collected and `thread` ends within 5 s."""
     for _ in range(50):
         gc.collect()
         if ref() is None and not thread.is_alive():
-            break
+            return True
         time.sleep(0.1)
-    assert ref() is None and not thread.is_alive()
+    return False
 
 
 @pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])
