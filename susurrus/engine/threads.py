@@ -72,6 +72,9 @@ class ThreadPolicy:
         self._every = self.PROBE_EVERY
         self._baseline: float | None = None  # mean step time at the last decision
         self._room: int | None = None  # threads the last look at the machine had room for
+        # A comparison is due because the machine changed (cores came free, steps slowed),
+        # not by the schedule: the engine's second lane (lanes.py) makes way for it.
+        self.urgent = False
         self.switches = 0
         # Whether the engine's second thread (ahead.py) is idle: its work slows the steps
         # of either count, so a comparison starts only once it holds, and only steps run
@@ -147,11 +150,13 @@ class ThreadPolicy:
         fewer = self.current < self.max_threads
         if fewer and self._until_probe % self.LOOK_EVERY == 0 and self._freed():
             self._until_probe = 0
+            self.urgent = True
         full = len(self._recent) >= self.PROBE_STEPS  # enough to compare (not yet all)
         if full and quiet and self._baseline is not None:
             # Another process just took a core: do not wait for the next comparison.
             if statistics.fmean(self._recent) > self._baseline * self.SLOWDOWN:
                 self._until_probe = 0
+                self.urgent = True
         if self._until_probe <= 0 and full:
             if not quiet:
                 # The current count's side of the comparison is timed from when the
@@ -229,6 +234,7 @@ class ThreadPolicy:
         self._baseline = mine
         self._trying = None
         self._probe = []
+        self.urgent = False
         self._every = self.PROBE_EVERY if switched else min(2 * self._every, self.MAX_EVERY)
         self._until_probe = self._every
 
