@@ -271,8 +271,7 @@ class _Group:
                 session.fail(exc)
                 job = None
             if session.finished:
-                self._settle(item, session)
-                self._active.remove((item, session))
+                self._retire(item, session)
                 return self.next_job()
             if job is not None:
                 self._owner[id(job)] = (item, session)
