@@ -323,6 +323,40 @@ def test_two_lanes_decode_files_side_by_side_as_one_table_does(tiny_en, worker):
     assert _ends_once_dropped(ref, thread)
 
 
+EXIT_WHILE_DECODING = """
+import sys, threading, time, susurrus
+from susurrus.engine import Engine
+model = susurrus.load_model("tiny.en", device="cpu")
+engine = Engine(model, max_batch=4, worker=susurrus.Worker(), lanes=True)  # never closed
+
+def run():
+    try:
+        engine.transcribe(sys.argv[1], batch_size=4, temperature=0.0)
+    except RuntimeError as exc:  # the worker closes as the program ends
+        print(exc, flush=True)
+
+threading.Thread(target=run, daemon=True).start()
+deadline = time.monotonic() + 120
+while engine.stats()["lane_steps"] < 5 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("lane steps", engine.stats()["lane_steps"], flush=True)
+"""
+
+
+def test_a_program_that_ends_while_both_lanes_decode_exits_cleanly():
+    """The program ends while a worker it never closed and the second lane are in their
+    steps: both threads stop at their step's end, no abort ("terminate called without
+    an active exception", as a CI run of a batched transcription once did when its
+    second lane's last step outlived the program)."""
+    for _ in range(2):
+        run = subprocess.run(
+            [sys.executable, "-c", EXIT_WHILE_DECODING, str(AUDIO / LONG)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert run.returncode == 0 and "terminate" not in run.stderr, run.stderr[-2000:]
+        assert "lane steps" in run.stdout
+
+
 def test_a_batch_takes_the_room_it_needs_and_gives_it_back(tiny_en):
     """The 111 s recording, cut into its windows, 3 side by side: the row table holds room
     for 3 windows of 2 beams (doubling from one window's room, it held 4 and 8 rows), a

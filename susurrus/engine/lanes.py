@@ -86,11 +86,19 @@ class Lanes:
         if self.twin is not None:
             self.twin._drop(source)
 
-    def close(self) -> None:
-        """End the thread (the engine is gone); a twin's windows are dropped with it."""
+    def close(self, timeout: float | None = 10.0) -> None:
+        """End the thread once its current step is done (the engine is gone, or the
+        program ends); a twin's windows are dropped with it. Waits for the thread: left
+        running when the interpreter ends, a daemon thread inside a torch operator is
+        unwound through C++ frames that cannot be, and the process aborts ("terminate
+        called without an active exception") after its work is done. (The engine's
+        finalizer calls this at exit too.)"""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _run(self) -> None:
         torch.set_num_threads(1)  # this thread's own count: its products never wait

@@ -14,8 +14,10 @@ starts beside a busy process, ahead.py's and lanes.py's, run one torch thread ea
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -31,6 +33,9 @@ T = TypeVar("T")
 # With sources on an engine but nothing to decode, the worker looks again this often even
 # when nobody wakes it: a source whose owner does not call `Engine.wake` still goes on.
 IDLE_LOOK_S = 0.5
+
+# Workers whose thread runs: closed when the program ends (see `_close_at_exit`).
+_running: weakref.WeakSet[Worker] = weakref.WeakSet()
 
 
 class Worker:
@@ -110,6 +115,7 @@ class Worker:
             # wait between steps).
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
+            _running.add(self)
 
     def _loop(self) -> None:
         while True:
@@ -168,3 +174,13 @@ class Worker:
                     if not engine._has_work() and engine in self._engines:
                         self._engines.remove(engine)
         return worked
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Stop every worker at its step's end before the interpreter ends: left running, a
+    daemon thread inside a torch operator is unwound through C++ frames that cannot be,
+    and the process aborts ("terminate called without an active exception") after its
+    work is done. Callers still waiting hear that the worker is closed."""
+    for worker in list(_running):
+        worker.close()
