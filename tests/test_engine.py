@@ -323,6 +323,41 @@ def test_two_lanes_decode_files_side_by_side_as_one_table_does(tiny_en, worker):
     assert _ends_once_dropped(ref, thread)
 
 
+@pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])
+def test_a_failed_step_of_the_second_lane_fails_its_recording_and_the_engine_goes_on(
+    tiny_en, monkeypatch, worker
+):
+    """The second lane's table fails while its windows are on their way in (encoding
+    runs out of memory, say): their recording fails with that error instead of waiting
+    for ever, and the engine then decodes the next recording in both lanes."""
+    real_encode = Engine._encode
+    failed: list[int] = []
+
+    def encode(self, entries):
+        if self._may_take is not None and not failed:  # the twin's, once
+            failed.append(len(entries))
+            raise RuntimeError("out of memory (injected)")
+        return real_encode(self, entries)
+
+    monkeypatch.setattr(Engine, "_encode", encode)
+    engine = Engine(tiny_en, max_batch=4, worker=worker, lanes=True)
+    outcome: dict = {}
+
+    def first() -> None:
+        try:
+            engine.transcribe(str(AUDIO / LONG), batch_size=4, temperature=0.0)
+        except RuntimeError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert failed and "out of memory (injected)" in str(outcome.get("error")), outcome
+    steps = engine.stats()["lane_steps"]
+    text = engine.transcribe(str(AUDIO / LONG), batch_size=4, temperature=0.0)["text"]
+    assert "printing" in text.lower() and engine.stats()["lane_steps"] > steps + 10
+
+
 EXIT_WHILE_DECODING = """
 import sys, threading, time, susurrus
 from susurrus.engine import Engine

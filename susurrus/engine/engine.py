@@ -280,6 +280,7 @@ class Engine:
         self._last_tokens = torch.zeros(0, dtype=torch.long, device=model.device)
         self._windows: list[_Window] = []  # in table order
         self._ahead: list[Ahead] = []  # windows taken from their sources, not yet in it
+        self._joining: list[Ahead] = []  # windows on their way in (encoded, opened)
         # While a screened step chooses: its screen, the hidden states of its screened rows
         # (the first rows of the table), and how far the screen's activations were from them.
         self._screened: tuple[LogitScreen, Tensor, Tensor] | None = None
@@ -511,7 +512,7 @@ class Engine:
         """A twin's step failed (on its lane's thread): the recordings with windows in
         its table fail, and it starts again empty; the other lane goes on."""
         sources = {id(w.source): w.source for w in self._windows}
-        sources.update({id(e.source): e.source for e in self._ahead})
+        sources.update({id(e.source): e.source for e in (*self._ahead, *self._joining)})
         with self._source_lock:
             for source in sources.values():
                 source.fail(error)
@@ -567,7 +568,7 @@ class Engine:
                 # Nothing to decode now (a source waits for audio, or all are done): the
                 # buffers of the last batch go back rather than stay at their peak.
                 self._table.release()
-            if not lanes.idle or lanes.progress != seen:
+            if lanes.moved(seen):
                 lanes.wait(seen)  # the other lane decodes: its results may bring more
                 return True
             return admitted  # language detection alone is work done too
@@ -593,10 +594,18 @@ class Engine:
             taken = self._ready_ahead(room)
         else:
             taken, self._ahead = self._ahead[:room], self._ahead[room:]
-            self._encode(taken)
-        jobs = [(entry.job, entry.source) for entry in taken]
-        if not jobs:
+        if not taken:
             return False
+        self._joining = taken  # (a failure on their way in fails their recordings too)
+        self._join(taken)
+        self._joining = []
+        return True
+
+    def _join(self, taken: list[Ahead]) -> None:
+        """Windows taken from `_ahead` (encoded, or encoded here) open their rows in the
+        table; a window that only detects the language is answered at once."""
+        self._encode(taken)
+        jobs = [(entry.job, entry.source) for entry in taken]
         decoding = [job for job, _ in jobs if job.options.task != "lang_id"]
         if decoding and not self.static_steps:
             # Room for all of them at once: buffers grown window by window would double
@@ -629,7 +638,6 @@ class Engine:
                     self._refuse(source, job, exc)
                     continue
                 self._start(job, source, opening)
-        return True
 
     def _room(self) -> int:
         """Windows this table may hold: its share of `max_batch` beside the other lane."""

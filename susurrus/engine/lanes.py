@@ -19,8 +19,10 @@ other windows share its steps: the products' kernels are chosen per row count).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +31,11 @@ if TYPE_CHECKING:
     from .engine import Engine, Source
 
 log = logging.getLogger("susurrus")
+
+# Lanes whose thread was started: each is stopped and waited for when the program ends
+# (see `_close_at_exit`).
+_started: weakref.WeakSet[Lanes] = weakref.WeakSet()
+EXIT_WAIT_S = 10.0  # longest wait at exit for a lane's step to end
 
 
 class Lanes:
@@ -65,16 +72,23 @@ class Lanes:
             if self.twin is None:
                 self.twin = owner._make_twin(self)
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="susurrus-lane", daemon=True
-                )
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="susurrus-lane", daemon=True)
+                thread.start()
+                self._thread = thread
+                _started.add(self)
             self.on = True
             self._cond.notify_all()
 
     def stop_taking(self) -> None:
         """The twin takes no more windows; those it has go on to their end."""
         self.on = False
+
+    def moved(self, seen: int) -> bool:
+        """Whether the twin holds a window or has stepped since `seen` steps: read under
+        the lane's lock, as the lane writes both (read apart, a step that ends between
+        them reads as no step at all, and the engine's thread as having nothing to do)."""
+        with self._cond:
+            return not self.idle or self.progress != seen
 
     def wait(self, seen: int) -> None:
         """Wait (briefly) for the twin's step after `seen` steps: the engine's own table
@@ -86,19 +100,16 @@ class Lanes:
         if self.twin is not None:
             self.twin._drop(source)
 
-    def close(self, timeout: float | None = 10.0) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
         """End the thread once its current step is done (the engine is gone, or the
-        program ends); a twin's windows are dropped with it. Waits for the thread: left
-        running when the interpreter ends, a daemon thread inside a torch operator is
-        unwound through C++ frames that cannot be, and the process aborts ("terminate
-        called without an active exception") after its work is done. (The engine's
-        finalizer calls this at exit too.)"""
+        program ends); a twin's windows are dropped with it. Waits up to `wait_s` for the
+        thread (the engine's finalizer does not wait: it may run on any thread)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
             thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        if wait_s > 0 and thread is not None and thread is not threading.current_thread():
+            thread.join(wait_s)
 
     def _run(self) -> None:
         torch.set_num_threads(1)  # this thread's own count: its products never wait
@@ -113,20 +124,37 @@ class Lanes:
                 if self._stop:
                     return
                 self._stepping = True
+            worked = True
             try:
                 worked = twin.step()
-            except Exception as exc:
+            except BaseException as exc:  # (a callback's SystemExit must not end the lane)
                 # A bug or a lack of memory: its table is in no known state, so the
                 # recordings with windows in it fail and it starts again empty.
                 log.exception("a decoding step of the second lane failed")
-                twin._fail_own(exc)
-                worked = True
-            with self._cond:
-                # Both at once: the engine's thread, finding the twin idle and no step
-                # done since it looked for windows itself, knows that none came meanwhile.
-                self._stepping = False
-                self.progress += 1
-                self._cond.notify_all()
-                if not worked:
+                try:
+                    twin._fail_own(exc)
+                except BaseException:
+                    log.exception("the second lane failed to fail its recordings")
+                    twin._new_table()
+            finally:
+                with self._cond:
+                    # Both at once (see `moved`): the engine's thread, finding the twin
+                    # idle and no step done since it looked for windows itself, knows
+                    # that none came meanwhile.
+                    self._stepping = False
+                    self.progress += 1
+                    self._cond.notify_all()
+            if not worked:
+                with self._cond:
                     # Nothing to take now: the sources prepare more, or all are done.
                     self._cond.wait(self.WAIT_S)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Stop every lane at its step's end before the interpreter ends: left running, a
+    daemon thread inside a torch operator is unwound through C++ frames that cannot be,
+    and the process aborts ("terminate called without an active exception") after its
+    work is done, as a CI run of a batched transcription beside a busy process did."""
+    for lanes in list(_started):
+        lanes.close(EXIT_WAIT_S)
