@@ -547,7 +547,7 @@ class Engine:
         return (
             policy.adaptive
             and policy.current == 1
-            and policy._trying is None
+            and not policy.trying
             and not policy.urgent
         )
 

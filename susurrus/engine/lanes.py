@@ -19,23 +19,18 @@ other windows share its steps: the products' kernels are chosen per row count).
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
+
+from .worker import close_at_exit
 
 if TYPE_CHECKING:
     from .engine import Engine, Source
 
 log = logging.getLogger("susurrus")
-
-# Lanes whose thread was started: each is stopped and waited for when the program ends
-# (see `_close_at_exit`).
-_started: weakref.WeakSet[Lanes] = weakref.WeakSet()
-EXIT_WAIT_S = 10.0  # longest wait at exit for a lane's step to end
 
 
 class Lanes:
@@ -75,7 +70,7 @@ class Lanes:
                 thread = threading.Thread(target=self._run, name="susurrus-lane", daemon=True)
                 thread.start()
                 self._thread = thread
-                _started.add(self)
+                close_at_exit(self)  # (stopped and waited for when the program ends)
             self.on = True
             self._cond.notify_all()
 
@@ -148,13 +143,3 @@ class Lanes:
                 with self._cond:
                     # Nothing to take now: the sources prepare more, or all are done.
                     self._cond.wait(self.WAIT_S)
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """Stop every lane at its step's end before the interpreter ends: left running, a
-    daemon thread inside a torch operator is unwound through C++ frames that cannot be,
-    and the process aborts ("terminate called without an active exception") after its
-    work is done, as a CI run of a batched transcription beside a busy process did."""
-    for lanes in list(_started):
-        lanes.close(EXIT_WAIT_S)

@@ -103,7 +103,12 @@ class ThreadPolicy:
     @property
     def comparing(self) -> bool:
         """Whether a comparison runs or is due (the engine then starts no other work)."""
-        return self._trying is not None or (self.adaptive and self._until_probe <= 0)
+        return self.trying or (self.adaptive and self._until_probe <= 0)
+
+    @property
+    def trying(self) -> bool:
+        """Whether a comparison runs: the steps now are timed on the other count."""
+        return self._trying is not None
 
     @property
     def adaptive(self) -> bool:

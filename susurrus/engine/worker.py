@@ -21,7 +21,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -34,8 +34,21 @@ T = TypeVar("T")
 # when nobody wakes it: a source whose owner does not call `Engine.wake` still goes on.
 IDLE_LOOK_S = 0.5
 
-# Workers whose thread runs: closed when the program ends (see `_close_at_exit`).
-_running: weakref.WeakSet[Worker] = weakref.WeakSet()
+
+
+class _Closing(Protocol):
+    def close(self, wait_s: float, /) -> None: ...
+
+
+# Owners of a running daemon thread that does torch work (workers, engines' second
+# lanes): each is closed, its thread waited for, when the program ends (`_close_at_exit`).
+_running: weakref.WeakSet[_Closing] = weakref.WeakSet()
+EXIT_WAIT_S = 10.0  # longest wait at exit for one thread's step to end
+
+
+def close_at_exit(owner: _Closing) -> None:
+    """Have `owner.close(EXIT_WAIT_S)` called when the program ends (while it lives)."""
+    _running.add(owner)
 
 
 class Worker:
@@ -115,7 +128,7 @@ class Worker:
             # wait between steps).
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
-            _running.add(self)
+            close_at_exit(self)
 
     def _loop(self) -> None:
         while True:
@@ -178,9 +191,10 @@ class Worker:
 
 @atexit.register
 def _close_at_exit() -> None:
-    """Stop every worker at its step's end before the interpreter ends: left running, a
-    daemon thread inside a torch operator is unwound through C++ frames that cannot be,
-    and the process aborts ("terminate called without an active exception") after its
-    work is done. Callers still waiting hear that the worker is closed."""
-    for worker in list(_running):
-        worker.close()
+    """Stop every such thread at its step's end before the interpreter ends: left
+    running, a daemon thread inside a torch operator is unwound through C++ frames that
+    cannot be, and the process aborts ("terminate called without an active exception")
+    after its work is done, as a CI run of a batched transcription beside a busy process
+    did. A worker's callers still waiting hear that it is closed."""
+    for owner in list(_running):
+        owner.close(EXIT_WAIT_S)
