@@ -196,12 +196,14 @@ def test_fixed_threads_are_never_measured(idle_start):
     assert set(used) == {1} and policy.switches == 0
 
 
-def test_a_policy_started_beside_a_busy_process_starts_on_one_thread():
+def test_a_policy_started_beside_a_busy_process_starts_on_one_thread(monkeypatch):
     with busy_loops(2):
         policy = ThreadPolicy(max_threads=2)
         with policy.apply():
             assert torch.get_num_threads() == 1  # the first window's encoding too
         assert policy.current == 1
+    # Where no other process runs (stated, not hoped for: the test machine may be busy).
+    monkeypatch.setattr(kernels, "others_running", lambda: 0)
     idle = ThreadPolicy(max_threads=2)
     idle._start()
     assert idle.current == 2
