@@ -20,7 +20,7 @@ import susurrus
 from susurrus.engine import Cancelled, Engine
 from susurrus.options import TranscribeOptions
 
-from .conftest import AUDIO, manifest, parity, requires_shared
+from .conftest import AUDIO, eventually, manifest, parity, requires_shared
 
 pytestmark = requires_shared
 
@@ -229,19 +229,15 @@ def test_items_that_fail_to_come_are_the_callers_and_a_break_ends_the_reading(ti
         for _ in susurrus.transcribe_many(tiny_en, [jfk] * 8, batch_size=2, engine=engine):
             break
         del engine
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(t.name == "susurrus-items"
-                                              for t in threading.enumerate()):
-        time.sleep(0.1)
-    assert not [t for t in threading.enumerate() if t.name == "susurrus-items"]
+    assert eventually(lambda: not [t for t in threading.enumerate()
+                                   if t.name == "susurrus-items"])
+
     # (A second lane's thread lets go of its twin's cancelled windows at its next step.)
-    deadline = time.monotonic() + 10
-    while True:
+    def collected() -> bool:
         gc.collect()
-        if [e() for e in engines] == [None, None, None] or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert [e() for e in engines] == [None, None, None]
+        return [e() for e in engines] == [None, None, None]
+
+    assert eventually(collected)
 
 
 def test_a_callback_that_exits_fails_its_call_and_the_worker_goes_on(tiny_en, two_alone):
@@ -325,11 +321,7 @@ def test_two_lanes_decode_files_side_by_side_as_one_table_does(tiny_en, worker):
         str(AUDIO / "jfk.flac"), **options)["text"]
     # The cancelled recording's windows leave at each lane's next step (the second
     # lane's thread takes it on its own).
-    for _ in range(50):
-        if engine.stats()["windows"] == 0:
-            break
-        time.sleep(0.1)
-    assert engine.stats()["windows"] == 0
+    assert eventually(lambda e=engine: e.stats()["windows"] == 0, timeout=5)
     thread, ref = engine._lanes._thread, weakref.ref(engine)
     del engine
     assert _ends_once_dropped(ref, thread)
@@ -446,12 +438,12 @@ def test_an_engine_with_a_worker_of_its_own_ends_its_thread_once_dropped(tiny_en
 
 def _ends_once_dropped(ref: weakref.ref, thread: threading.Thread) -> bool:
     """Whether the engine behind `ref` is collected and `thread` ends within 5 s."""
-    for _ in range(50):
+
+    def ended() -> bool:
         gc.collect()
-        if ref() is None and not thread.is_alive():
-            return True
-        time.sleep(0.1)
-    return False
+        return ref() is None and not thread.is_alive()
+
+    return eventually(ended, timeout=5)
 
 
 @pytest.mark.parametrize("worker", [False, True], ids=["callers-step", "worker"])
@@ -477,10 +469,7 @@ def test_cancel_stops_one_session_and_not_the_other(tiny_en, worker):
     assert "ask what you can do for your country" in other["text"]
     # Nothing of the cancelled recording stays in the tables (a window the worker took
     # before the cancel was seen leaves at its next step).
-    deadline = time.monotonic() + 10
-    while engine.stats()["windows"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.stats()["windows"] == 0
+    assert eventually(lambda: engine.stats()["windows"] == 0)
 
 
 def test_batched_windows_take_every_sequential_option(tiny_en):

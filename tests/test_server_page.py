@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from .conftest import AUDIO, requires_shared
+from .conftest import AUDIO, eventually, requires_shared
 from .serving import ROOT, ServerProcess, cli_outputs, needs_server_extra
 
 pytestmark = requires_shared
@@ -51,10 +50,7 @@ def find_chromium() -> str:
 
 def wait_until(condition, timeout: float = 20.0) -> None:
     # Not page.wait_for_function: it evaluates a string, which the page's CSP forbids.
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+    assert eventually(condition, timeout), "timed out"
 
 
 @pytest.fixture(scope="module")
